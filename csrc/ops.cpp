@@ -1,0 +1,32 @@
+// Schemas of the fused SNCA ops. The per-device kernels live in cpu/ and cuda/ and register
+// themselves with TORCH_LIBRARY_IMPL; the Triton twins are registered from Python.
+//
+// snca_forward streams the bank once and returns, per query i (s_ij = <f_i, m_j> / T, the
+// query's own row idx_i excluded):
+//   lse_same[i]   = logsumexp_{j : y_j == y_i} s_ij        (-inf when there is no such row)
+//   lse_other[i]  = logsumexp_{j : y_j != y_i} s_ij        (-inf when there is no such row)
+//   wmean_same    = sum_{same} softmax_same(s)_ij  m_j     [B, D] when with_grad, else [0, D]
+//   wmean_other   = sum_{other} softmax_other(s)_ij m_j    [B, D] when with_grad, else [0, D]
+//                   (zero rows for an empty group; d lse / d f_i = wmean / T, MATH.md)
+//   topk_values   = the k largest <f_i, m_j> (j != idx_i), descending, ties to the lower j
+//   topk_indices  = their bank rows; -1 (value -inf) where fewer than k rows are eligible
+// Accumulation is in the features' dtype (fp32 or fp64); the bank may be fp32, fp64 (with fp64
+// features), bf16 or fp16 (with fp32 features).
+#include <torch/library.h>
+
+TORCH_LIBRARY(snca_ext, m) {
+  m.def(
+      "snca_forward(Tensor features, Tensor labels, Tensor indices, Tensor bank, "
+      "Tensor bank_labels, float temperature, bool with_grad, int k) -> "
+      "(Tensor lse_same, Tensor lse_other, Tensor wmean_same, Tensor wmean_other, "
+      "Tensor topk_values, Tensor topk_indices)");
+  // The k largest <q_i, m_j> over the bank, j != exclude[i] (exclude[i] = -1 excludes nothing).
+  m.def("bank_topk(Tensor queries, Tensor bank, int k, Tensor exclude) -> (Tensor values, Tensor indices)");
+}
+
+// Lets `import snca_ext._C` load the library that carries the registrations above.
+extern "C" {
+#include <Python.h>
+static struct PyModuleDef snca_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&snca_module); }
+}

@@ -1,0 +1,79 @@
+"""Builds snca_ext._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+The CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) is found;
+set SNCA_EXT_BUILD_CUDA=0 to skip them, or =1 to insist (the build then fails without a toolkit).
+With no GPU visible, TORCH_CUDA_ARCH_LIST defaults to Ampere and Hopper ("8.0;9.0").
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit(
+        "snca_ext needs PyTorch installed before it is built: run `pip install torch` first, "
+        "then `pip install --no-build-isolation -e .` (see README.md)."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(message: str) -> None:
+    print(f"[snca_ext] {message}", file=sys.stderr)
+
+
+def _want_cuda() -> bool:
+    setting = os.environ.get("SNCA_EXT_BUILD_CUDA", "auto").lower()
+    if setting in ("0", "false", "no", "off"):
+        _log("CUDA backend: skipped (SNCA_EXT_BUILD_CUDA=0)")
+        return False
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        reasons.append("no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)")
+    if not glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")):
+        reasons.append("no CUDA sources in csrc/cuda")
+    if reasons:
+        if setting in ("1", "true", "yes", "on"):
+            sys.exit("SNCA_EXT_BUILD_CUDA=1 but the CUDA backend cannot be built: " + "; ".join(reasons))
+        _log("CUDA backend: not built (" + "; ".join(reasons) + ")")
+        return False
+    return True
+
+
+def _extension():
+    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-fopenmp"]  # BuildExtension picks the C++ standard torch needs
+    link_flags = ["-fopenmp"]
+    if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run on one thread
+        cxx_flags.remove("-fopenmp")
+        link_flags = []
+    if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        _log(f"backends: cpu, cuda (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+        return CUDAExtension(
+            "snca_ext._C",
+            sources,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=link_flags,
+        )
+    _log("backends: cpu")
+    return CppExtension("snca_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)

@@ -1,0 +1,88 @@
+"""Fake (meta) kernels and autograd formulas shared by every backend's registration of the ops.
+
+Each backend registers an op with the schema of ``snca_ext::snca_forward`` or
+``snca_ext::bank_topk`` (csrc/ops.cpp); these helpers give all of them the same shape function
+and the same backward, which never reads the bank again except for the k top rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def snca_forward_fake(features, labels, indices, bank, bank_labels, temperature, with_grad, k):
+    rows, dim = features.shape
+    grad_rows = rows if with_grad else 0
+    return (
+        features.new_empty(rows),
+        features.new_empty(rows),
+        features.new_empty(grad_rows, dim),
+        features.new_empty(grad_rows, dim),
+        features.new_empty(rows, k),
+        features.new_empty(rows, k, dtype=torch.long),
+    )
+
+
+def bank_topk_fake(queries, bank, k, exclude):
+    rows = queries.shape[0]
+    return queries.new_empty(rows, k), queries.new_empty(rows, k, dtype=torch.long)
+
+
+def _topk_rows_grad(grad_values: Tensor | None, topk_indices: Tensor, bank: Tensor, dtype) -> Tensor | None:
+    """d(sum g * <q_i, m_j>) / d q_i = sum_k g_ik m_{j_ik}: a gather of k rows per query."""
+    if grad_values is None or topk_indices.shape[1] == 0:
+        return None
+    valid = topk_indices >= 0
+    rows = bank[topk_indices.clamp(min=0)].to(dtype)
+    weights = torch.where(valid, grad_values, torch.zeros_like(grad_values))
+    return torch.einsum("bk,bkd->bd", weights, rows)
+
+
+def _snca_forward_setup(ctx, inputs, output):
+    _, _, _, bank, _, temperature, with_grad, _ = inputs
+    _, _, wmean_same, wmean_other, _, topk_indices = output
+    ctx.inv_temperature = 1.0 / temperature
+    ctx.with_grad = with_grad
+    ctx.save_for_backward(wmean_same, wmean_other, topk_indices, bank)
+    ctx.mark_non_differentiable(wmean_same, wmean_other, topk_indices)
+
+
+def _snca_forward_backward(ctx, grad_lse_same, grad_lse_other, _g_ws, _g_wo, grad_topk_values, _g_ti):
+    wmean_same, wmean_other, topk_indices, bank = ctx.saved_tensors
+    if not ctx.with_grad:
+        raise RuntimeError(
+            "snca_forward was called with with_grad=False, so it kept no gradient accumulators; "
+            "call it with with_grad=True when features require grad"
+        )
+    # d lse / d f_i = wmean_i / T (MATH.md): the backward only scales what the forward accumulated.
+    grad = (grad_lse_same[:, None] * wmean_same + grad_lse_other[:, None] * wmean_other) * ctx.inv_temperature
+    topk_grad = _topk_rows_grad(grad_topk_values, topk_indices, bank, grad.dtype)
+    if topk_grad is not None:
+        grad = grad + topk_grad
+    return grad, None, None, None, None, None, None, None
+
+
+def _bank_topk_setup(ctx, inputs, output):
+    _, bank, _, _ = inputs
+    _, indices = output
+    ctx.save_for_backward(indices, bank)
+    ctx.mark_non_differentiable(indices)
+
+
+def _bank_topk_backward(ctx, grad_values, _grad_indices):
+    indices, bank = ctx.saved_tensors
+    grad = _topk_rows_grad(grad_values, indices, bank, grad_values.dtype)
+    return grad, None, None, None
+
+
+def register_snca_forward(op_name: str) -> None:
+    """Registers the fake kernel and the autograd formula of an op with snca_forward's schema."""
+    torch.library.register_fake(op_name)(snca_forward_fake)
+    torch.library.register_autograd(op_name, _snca_forward_backward, setup_context=_snca_forward_setup)
+
+
+def register_bank_topk(op_name: str) -> None:
+    """Registers the fake kernel and the autograd formula of an op with bank_topk's schema."""
+    torch.library.register_fake(op_name)(bank_topk_fake)
+    torch.library.register_autograd(op_name, _bank_topk_backward, setup_context=_bank_topk_setup)

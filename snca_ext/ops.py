@@ -1,0 +1,327 @@
+"""Public functional API of the fused SNCA op, input checks and backend selection.
+
+The kernels are registered with the PyTorch dispatcher (csrc/ops.cpp, csrc/cpu, csrc/cuda; the
+Triton twins in snca_ext/triton), so one Python function serves every device; ``backend`` only
+chooses between implementations for the same device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from . import _autograd, reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the C++/CUDA kernels)
+
+    _C_IMPORT_ERROR: Exception | None = None
+except ImportError as error:  # the package still works with the reference backend
+    _C_IMPORT_ERROR = error
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+REDUCTIONS = ("mean", "sum", "none")
+_NEG_INF = float("-inf")
+
+if _C_IMPORT_ERROR is None:
+    _autograd.register_snca_forward("snca_ext::snca_forward")
+    _autograd.register_bank_topk("snca_ext::bank_topk")
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    if _C_IMPORT_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"snca_ext::{op}", dispatch_key)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        from . import triton as _triton  # noqa: F401
+    except ImportError:
+        return False
+    return _triton.AVAILABLE
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` in this install, fastest first (``auto`` picks the
+    first)."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cuda":
+        if _has_kernel("snca_forward", "CUDA"):
+            found.append("cuda")
+        if _triton_usable(device):
+            found.append("triton")
+    elif device.type == "cpu":
+        if _has_kernel("snca_forward", "CPU"):
+            found.append("cpu")
+        if _triton_usable(device):
+            found.append("triton")
+    found.append("reference")
+    return found
+
+
+def _missing_backend_message(backend: str, device: torch.device) -> str:
+    if backend in ("cpu", "cuda") and _C_IMPORT_ERROR is not None:
+        return (
+            f"backend={backend!r} needs the compiled extension snca_ext._C, which failed to load "
+            f"({_C_IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .`"
+        )
+    if backend == "cuda" and device.type == "cuda":
+        return "backend='cuda' was not built into snca_ext._C (no CUDA toolkit at build time); rebuild with nvcc"
+    if backend == "triton":
+        return (
+            f"backend='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 for "
+            f"CPU tensors); got a tensor on {device}"
+        )
+    return f"backend={backend!r} cannot run on tensors on {device}"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    usable = available_backends(device)
+    if backend == "auto":
+        return usable[0]
+    if backend not in usable:
+        raise RuntimeError(_missing_backend_message(backend, device))
+    return backend
+
+
+def _op(name: str, backend: str):
+    if backend == "triton":
+        from . import triton as _triton
+
+        return getattr(_triton, name)
+    return getattr(torch.ops.snca_ext, name)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_tensor(value, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_index_tensor(value, name: str, length: int, length_name: str) -> Tensor:
+    value = _check_tensor(value, name)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D with {length_name}={length} entries, got shape {tuple(value.shape)}")
+    return value.long()
+
+
+def _check_features_and_bank(features, bank, features_name: str) -> None:
+    features = _check_tensor(features, features_name)
+    bank = _check_tensor(bank, "bank")
+    if features.dim() != 2:
+        raise ValueError(f"{features_name} must be 2-D [B, D], got shape {tuple(features.shape)}")
+    if features.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{features_name} must be float32 or float64, got {features.dtype}")
+    if bank.dim() != 2:
+        raise ValueError(f"bank must be 2-D [N, D], got shape {tuple(bank.shape)}")
+    if bank.shape[0] == 0:
+        raise ValueError("bank must have at least one row, got an empty bank")
+    if bank.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"bank must have D={features.shape[1]} columns like {features_name}, got {bank.shape[1]}"
+        )
+    allowed = {torch.float32: (torch.float32, torch.bfloat16, torch.float16), torch.float64: (torch.float64,)}
+    if bank.dtype not in allowed[features.dtype]:
+        raise TypeError(
+            f"bank dtype {bank.dtype} does not go with {features_name} dtype {features.dtype}: "
+            f"expected one of {[str(d) for d in allowed[features.dtype]]}"
+        )
+    if bank.requires_grad:
+        raise ValueError(
+            "bank must not require grad: the bank is updated by momentum, not by gradient "
+            "(pass bank.detach() if that is what you mean)"
+        )
+    if bank.device != features.device:
+        raise ValueError(f"bank is on {bank.device} but {features_name} is on {features.device}")
+
+
+def _check_rows_in_bank(rows: Tensor, name: str, bank_rows: int) -> None:
+    if rows.numel() == 0:
+        return
+    low, high = int(rows.min()), int(rows.max())
+    if low < -1 or high >= bank_rows:
+        bad = low if low < -1 else high
+        raise ValueError(f"{name} must be in [-1, N={bank_rows}), got {bad}")
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return temperature
+
+
+def _check_k(k, name: str, bank_rows: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 0 or k > bank_rows:
+        raise ValueError(f"{name} must be in [0, N={bank_rows}], got {k}")
+    return k
+
+
+def _prepare(features, indices, bank, bank_labels, temperature, labels, backend):
+    _check_features_and_bank(features, bank, "features")
+    batch, bank_rows = features.shape[0], bank.shape[0]
+    indices = _check_index_tensor(indices, "indices", batch, "B")
+    bank_labels = _check_index_tensor(bank_labels, "bank_labels", bank_rows, "N")
+    temperature = _check_temperature(temperature)
+    for name, tensor in (("indices", indices), ("bank_labels", bank_labels)):
+        if tensor.device != features.device:
+            raise ValueError(f"{name} is on {tensor.device} but features is on {features.device}")
+    _check_rows_in_bank(indices, "indices", bank_rows)
+    if labels is None:
+        if bool((indices < 0).any()):
+            raise ValueError(
+                "labels must be given when a query has no bank row (indices contains -1): "
+                "its class cannot be read from bank_labels"
+            )
+        labels = bank_labels[indices]
+    else:
+        labels = _check_index_tensor(labels, "labels", batch, "B")
+        if labels.device != features.device:
+            raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    return indices, bank_labels, labels, temperature, _resolve_backend(backend, features.device)
+
+
+def _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad):
+    """(lse_same, lse_other, topk_values, topk_indices) from the chosen backend."""
+    if backend == "reference":
+        return reference.snca_stats_reference(
+            features, indices, bank, bank_labels, temperature, labels=labels, topk=topk
+        )
+    with_grad = want_grad and torch.is_grad_enabled() and features.requires_grad
+    lse_same, lse_other, _, _, values, rows = _op("snca_forward", backend)(
+        features, labels, indices, bank, bank_labels, temperature, with_grad, topk
+    )
+    return lse_same, lse_other, values, rows
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def snca_loss(
+    features: Tensor,
+    indices: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    temperature: float,
+    *,
+    margin: float = 0.0,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """The SNCA loss of a batch against the memory bank, in one streaming pass.
+
+    ``loss_i = -log(P_i e^-margin / (P_i e^-margin + Q_i))`` with ``P_i``, ``Q_i`` the same-class
+    and other-class sums of ``exp(<f_i, m_j> / T)`` over the bank, the query's own row
+    ``indices[i]`` excluded (MATH.md). ``margin`` is in logit units. A row with no positive
+    contributes 0; ``reduction="mean"`` divides the sum by B (the original's convention).
+    ``indices[i] = -1`` marks a query with no bank row, which then needs ``labels``.
+    The bank gets no gradient.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(margin, bool) or not isinstance(margin, Real) or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    indices, bank_labels, labels, temperature, backend = _prepare(
+        features, indices, bank, bank_labels, temperature, labels, backend
+    )
+    lse_same, lse_other, _, _ = _stats(
+        features, indices, bank, bank_labels, temperature, labels, 0, backend, want_grad=True
+    )
+    return loss_from_lse(lse_same, lse_other, float(margin), reduction)
+
+
+def loss_from_lse(lse_same: Tensor, lse_other: Tensor, margin: float = 0.0, reduction: str = "mean") -> Tensor:
+    """SNCA loss from the per-query same-class and other-class log-sum-exps (logit units).
+
+    ``softplus(lse_other - lse_same + margin)``, which is ``-log(P e^-mu / (P e^-mu + Q))``
+    without cancellation; 0 (and a zero gradient) for a row with no positive.
+    """
+    has_positive = lse_same != _NEG_INF
+    # Rows without a positive go through softplus with a harmless 0, so their gradient is 0, not NaN.
+    gap = torch.where(has_positive, lse_other - lse_same + margin, torch.zeros_like(lse_same))
+    threshold = 50.0 if gap.dtype == torch.float64 else 20.0
+    per_row = torch.where(has_positive, F.softplus(gap, threshold=threshold), torch.zeros_like(gap))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / per_row.shape[0]
+
+
+def snca_stats(
+    features: Tensor,
+    indices: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    temperature: float,
+    *,
+    labels: Tensor | None = None,
+    topk: int = 0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-query statistics of one pass over the bank.
+
+    Returns ``(lse_same[B], lse_other[B], topk_values[B, k], topk_indices[B, k])``: the
+    log-sum-exps of ``<f_i, m_j> / T`` over same-class and other-class rows (-inf for an empty
+    group), and the k largest inner products ``<f_i, m_j>`` (not divided by T), descending, ties
+    to the lower bank row; the query's own row is excluded everywhere. Where fewer than k rows are
+    eligible the tail is -inf with index -1. Differentiable in ``features``.
+    """
+    indices, bank_labels, labels, temperature, backend = _prepare(
+        features, indices, bank, bank_labels, temperature, labels, backend
+    )
+    topk = _check_k(topk, "topk", bank.shape[0])
+    return _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad=True)
+
+
+def bank_topk(
+    queries: Tensor,
+    bank: Tensor,
+    k: int,
+    *,
+    exclude: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The k bank rows with the largest inner product with each query, in one streaming pass.
+
+    Returns ``(values[B, k], indices[B, k])`` sorted by value descending, ties to the lower bank
+    row. ``exclude[i]`` (optional, -1 for none) is a bank row that query i must not return (its
+    own row). Where fewer than k rows are eligible the tail is -inf with index -1.
+    """
+    _check_features_and_bank(queries, bank, "queries")
+    k = _check_k(k, "k", bank.shape[0])
+    batch, bank_rows = queries.shape[0], bank.shape[0]
+    if exclude is None:
+        exclude = torch.full((batch,), -1, dtype=torch.long, device=queries.device)
+    else:
+        exclude = _check_index_tensor(exclude, "exclude", batch, "B")
+        if exclude.device != queries.device:
+            raise ValueError(f"exclude is on {exclude.device} but queries is on {queries.device}")
+        _check_rows_in_bank(exclude, "exclude", bank_rows)
+    backend = _resolve_backend(backend, queries.device)
+    if backend == "reference":
+        return reference.bank_topk_reference(queries, bank, k, exclude=exclude)
+    return _op("bank_topk", backend)(queries, bank, k, exclude)

@@ -1,0 +1,3 @@
+"""Triton kernels of the fused SNCA op (filled in by the GPU backend work)."""
+
+AVAILABLE = False
