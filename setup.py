@@ -49,7 +49,7 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", "ops.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # BuildExtension picks the C++ standard torch needs
     link_flags = ["-fopenmp"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run on one thread
@@ -70,7 +70,9 @@ def _extension():
             extra_link_args=link_flags,
         )
     _log("backends: cpu")
-    return CppExtension("snca_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    return CppExtension(
+        "snca_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+    )
 
 
 setup(

@@ -45,7 +45,7 @@ def _triton_usable(device: torch.device) -> bool:
     if device.type not in ("cpu", "cuda"):
         return False
     try:
-        from . import triton as _triton  # noqa: F401
+        from . import triton as _triton
     except ImportError:
         return False
     return _triton.AVAILABLE
@@ -77,7 +77,9 @@ def _missing_backend_message(backend: str, device: torch.device) -> str:
             f"({_C_IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .`"
         )
     if backend == "cuda" and device.type == "cuda":
-        return "backend='cuda' was not built into snca_ext._C (no CUDA toolkit at build time); rebuild with nvcc"
+        return (
+            "backend='cuda' was not built into snca_ext._C (no CUDA toolkit at build time); rebuild with nvcc"
+        )
     if backend == "triton":
         return (
             f"backend='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 for "
@@ -119,7 +121,9 @@ def _check_index_tensor(value, name: str, length: int, length_name: str) -> Tens
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
     if value.dim() != 1 or value.shape[0] != length:
-        raise ValueError(f"{name} must be 1-D with {length_name}={length} entries, got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must be 1-D with {length_name}={length} entries, got shape {tuple(value.shape)}"
+        )
     return value.long()
 
 
@@ -253,7 +257,9 @@ def snca_loss(
     return loss_from_lse(lse_same, lse_other, float(margin), reduction)
 
 
-def loss_from_lse(lse_same: Tensor, lse_other: Tensor, margin: float = 0.0, reduction: str = "mean") -> Tensor:
+def loss_from_lse(
+    lse_same: Tensor, lse_other: Tensor, margin: float = 0.0, reduction: str = "mean"
+) -> Tensor:
     """SNCA loss from the per-query same-class and other-class log-sum-exps (logit units).
 
     ``softplus(lse_other - lse_same + margin)``, which is ``-log(P e^-mu / (P e^-mu + Q))``
