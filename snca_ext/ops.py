@@ -39,35 +39,39 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"snca_ext::{op}", dispatch_key)
 
 
+# Looked up once: torch.compile cannot trace the dispatcher query, and it never changes.
+_COMPILED_FOR = {"cpu": _has_kernel("snca_forward", "CPU"), "cuda": _has_kernel("snca_forward", "CUDA")}
+# Fastest first, per device type; `auto` takes the first usable one.
+_PREFERENCE = {"cpu": ("cpu", "triton", "reference"), "cuda": ("cuda", "triton", "reference")}
+_triton_ok: dict[str, bool] = {}
+
+
 def _triton_usable(device: torch.device) -> bool:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if device.type not in ("cpu", "cuda"):
-        return False
-    try:
-        from . import triton as _triton
-    except ImportError:
-        return False
-    return _triton.AVAILABLE
+    if device.type not in _triton_ok:
+        try:
+            from . import triton as _triton
+
+            _triton_ok[device.type] = bool(_triton.AVAILABLE)
+        except ImportError:
+            _triton_ok[device.type] = False
+    return _triton_ok[device.type]
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend in ("cpu", "cuda"):
+        return device.type == backend and _COMPILED_FOR[backend]
+    return device.type in ("cpu", "cuda") and _triton_usable(device)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` in this install, fastest first (``auto`` picks the
     first)."""
     device = torch.device(device)
-    found = []
-    if device.type == "cuda":
-        if _has_kernel("snca_forward", "CUDA"):
-            found.append("cuda")
-        if _triton_usable(device):
-            found.append("triton")
-    elif device.type == "cpu":
-        if _has_kernel("snca_forward", "CPU"):
-            found.append("cpu")
-        if _triton_usable(device):
-            found.append("triton")
-    found.append("reference")
-    return found
+    return [b for b in _PREFERENCE.get(device.type, ("reference",)) if _usable(b, device)]
 
 
 def _missing_backend_message(backend: str, device: torch.device) -> str:
@@ -91,10 +95,9 @@ def _missing_backend_message(backend: str, device: torch.device) -> str:
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    usable = available_backends(device)
     if backend == "auto":
-        return usable[0]
-    if backend not in usable:
+        return next(b for b in _PREFERENCE.get(device.type, ("reference",)) if _usable(b, device))
+    if not _usable(backend, device):
         raise RuntimeError(_missing_backend_message(backend, device))
     return backend
 
@@ -160,6 +163,12 @@ def _check_features_and_bank(features, bank, features_name: str) -> None:
 def _check_rows_in_bank(rows: Tensor, name: str, bank_rows: int) -> None:
     if rows.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        # A data-dependent branch would break the graph; the check stays, on the device.
+        torch._assert_async(
+            ((rows >= -1) & (rows < bank_rows)).all(), f"{name} must be in [-1, N={bank_rows})"
+        )
+        return
     low, high = int(rows.min()), int(rows.max())
     if low < -1 or high >= bank_rows:
         bad = low if low < -1 else high
@@ -194,12 +203,15 @@ def _prepare(features, indices, bank, bank_labels, temperature, labels, backend)
             raise ValueError(f"{name} is on {tensor.device} but features is on {features.device}")
     _check_rows_in_bank(indices, "indices", bank_rows)
     if labels is None:
-        if bool((indices < 0).any()):
-            raise ValueError(
-                "labels must be given when a query has no bank row (indices contains -1): "
-                "its class cannot be read from bank_labels"
-            )
-        labels = bank_labels[indices]
+        message = (
+            "labels must be given when a query has no bank row (indices contains -1): "
+            "its class cannot be read from bank_labels"
+        )
+        if torch.compiler.is_compiling():
+            torch._assert_async((indices >= 0).all(), message)
+        elif bool((indices < 0).any()):
+            raise ValueError(message)
+        labels = bank_labels[indices.clamp(min=0)]
     else:
         labels = _check_index_tensor(labels, "labels", batch, "B")
         if labels.device != features.device:

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import snca_ext
+
+
+def _backends_under_test() -> list[tuple[str, str]]:
+    """(backend, device) pairs that the shared op tests run on: every compiled backend on its
+    device. The Triton interpreter on CPU is covered by tests/test_triton.py at smaller sizes."""
+    pairs = [("cpu", "cpu")] if "cpu" in snca_ext.available_backends("cpu") else []
+    if torch.cuda.is_available():
+        pairs += [(b, "cuda") for b in snca_ext.available_backends("cuda") if b != "reference"]
+    return pairs
+
+
+BACKENDS_UNDER_TEST = _backends_under_test()
+
+
+@pytest.fixture(params=BACKENDS_UNDER_TEST, ids=[f"{b}-{d}" for b, d in BACKENDS_UNDER_TEST])
+def backend_device(request) -> tuple[str, str]:
+    return request.param
