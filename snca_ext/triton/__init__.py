@@ -13,7 +13,7 @@ except ImportError:
     AVAILABLE = False
 
 if AVAILABLE:
-    from .snca_forward import bank_topk, snca_forward
+    from .snca_triton import bank_topk, snca_forward
 else:
 
     def snca_forward(features, labels, indices, bank, bank_labels, temperature, with_grad, k):

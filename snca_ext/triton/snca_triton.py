@@ -357,8 +357,7 @@ _FORWARD_SCHEMA = (
 _TOPK_SCHEMA = "(Tensor queries, Tensor bank, int k, Tensor exclude) -> (Tensor, Tensor)"
 
 
-@triton_op("snca_ext::snca_forward_triton", mutates_args=(), schema=_FORWARD_SCHEMA)
-def snca_forward(
+def _snca_forward_impl(
     features: Tensor,
     labels: Tensor,
     indices: Tensor,
@@ -406,8 +405,7 @@ def snca_forward(
     return lse_same, lse_other, wmean_same, wmean_other, values, rows
 
 
-@triton_op("snca_ext::bank_topk_triton", mutates_args=(), schema=_TOPK_SCHEMA)
-def bank_topk(queries: Tensor, bank: Tensor, k: int, exclude: Tensor) -> tuple[Tensor, Tensor]:
+def _bank_topk_impl(queries: Tensor, bank: Tensor, k: int, exclude: Tensor) -> tuple[Tensor, Tensor]:
     """Triton ``snca_ext::bank_topk``: the k largest <q_i, m_j>, j != exclude[i]."""
     _check(queries, bank, exclude, k, "queries")
     queries = queries.detach()
@@ -419,5 +417,9 @@ def bank_topk(queries: Tensor, bank: Tensor, k: int, exclude: Tensor) -> tuple[T
     return _combine_topk(top_values, top_rows, k, queries.dtype)
 
 
+snca_forward = triton_op("snca_ext::snca_forward_triton", mutates_args=(), schema=_FORWARD_SCHEMA)(
+    _snca_forward_impl
+)
+bank_topk = triton_op("snca_ext::bank_topk_triton", mutates_args=(), schema=_TOPK_SCHEMA)(_bank_topk_impl)
 _autograd.register_snca_forward("snca_ext::snca_forward_triton")
 _autograd.register_bank_topk("snca_ext::bank_topk_triton")

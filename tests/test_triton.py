@@ -1,0 +1,483 @@
+"""The Triton backend (snca_ext/triton) against the float64 reference.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, which
+must be set before triton is first imported); the sizes are small because the interpreter is
+slow. With a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.nn import functional as F
+
+import snca_ext
+from snca_ext import reference
+
+pytest.importorskip("triton")
+from snca_ext.triton import snca_triton as kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TEMPERATURES = [1.0, 0.05, 0.01, 0.005]
+# (B, N, D): B = 1, N = 1, N off every tile size (16 for fp64, 64 for fp32), D = 3 and 130.
+SHAPES = [(1, 1, 3), (1, 70, 130), (5, 97, 3), (7, 300, 16)]
+EPS32 = torch.finfo(torch.float32).eps
+
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not INTERPRETED,
+    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1 set before triton is imported",
+)
+
+
+def make_problem(batch, bank_rows, dim, *, classes=4, dtype=torch.float64, seed=0):
+    """Unit-norm features and bank; each query is a noisy copy of its own bank row, as in training."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(bank_rows, dim, generator=gen, dtype=torch.float64), dim=1)
+    bank_labels = torch.randint(0, classes, (bank_rows,), generator=gen)
+    indices = torch.randint(0, bank_rows, (batch,), generator=gen)
+    noise = 0.3 * torch.randn(batch, dim, generator=gen, dtype=torch.float64)
+    features = F.normalize(bank[indices] + noise, dim=1)
+    return (
+        features.to(device=DEVICE, dtype=dtype),
+        indices.to(DEVICE),
+        bank.to(device=DEVICE, dtype=dtype),
+        bank_labels.to(DEVICE),
+    )
+
+
+def assert_at_least_as_accurate(ours, ref, gt, tol):
+    """|ours - gt| <= |ref - gt| + tol elementwise, with gt's infinities matched exactly."""
+    ours, ref, gt = ours.double(), ref.double(), gt.double()
+    finite = torch.isfinite(gt)
+    assert torch.equal(ours[~finite], gt[~finite])
+    err_ours = (ours - gt)[finite].abs()
+    err_ref = (ref - gt)[finite].abs()
+    bad = err_ours > err_ref + tol
+    assert not bad.any(), (
+        f"worse than same-dtype PyTorch: ours {err_ours[bad]}, ref {err_ref[bad]}, tol {tol}"
+    )
+
+
+def triton_forward(*args):
+    return torch.ops.snca_ext.snca_forward_triton(*args)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_triton_backend_is_listed():
+    assert "triton" in snca_ext.available_backends(DEVICE)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_stats_float64_match_reference(shape, temperature):
+    features, indices, bank, bank_labels = make_problem(*shape)
+    k = min(5, shape[1])
+    ours = snca_ext.snca_stats(features, indices, bank, bank_labels, temperature, topk=k, backend="triton")
+    expected = reference.snca_stats_reference(features, indices, bank, bank_labels, temperature, topk=k)
+    for got, want in zip(ours[:3], expected[:3], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours[3], expected[3])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_stats_float32_as_accurate_as_pytorch(shape, temperature):
+    features, indices, bank, bank_labels = make_problem(*shape, dtype=torch.float32)
+    k = min(5, shape[1])
+    ours = snca_ext.snca_stats(features, indices, bank, bank_labels, temperature, topk=k, backend="triton")
+    ref = reference.snca_stats_reference(features, indices, bank, bank_labels, temperature, topk=k)
+    gt = reference.snca_stats_reference(
+        features.double(), indices, bank.double(), bank_labels, temperature, topk=k
+    )
+    assert ours[0].dtype == ours[2].dtype == torch.float32
+    # Logits reach 1/T, so a few fp32 ulps of 1/T is the rounding noise of any fp32 GEMM.
+    for got, same_dtype, truth in zip(ours[:3], ref[:3], gt[:3], strict=True):
+        assert_at_least_as_accurate(got, same_dtype, truth, tol=4 * EPS32 / temperature)
+    # Random unit vectors leave gaps far above fp32 noise between neighbours: the rows must agree.
+    torch.testing.assert_close(ours[3], gt[3])
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.05, 0.005])
+def test_half_precision_banks(bank_dtype, temperature):
+    features, indices, bank, bank_labels = make_problem(6, 150, 130, dtype=torch.float32, seed=3)
+    bank = bank.to(bank_dtype)
+    args = (features, indices, bank, bank_labels, temperature)
+    ours = snca_ext.snca_stats(*args, topk=4, backend="triton")
+    ref = reference.snca_stats_reference(*args, topk=4)
+    # Ground truth: float64 arithmetic on the values the bank actually stores.
+    gt = reference.snca_stats_reference(
+        features.double(), indices, bank.double(), bank_labels, temperature, topk=4
+    )
+    for got, same_dtype, truth in zip(ours[:3], ref[:3], gt[:3], strict=True):
+        assert_at_least_as_accurate(got, same_dtype, truth, tol=4 * EPS32 / temperature)
+    torch.testing.assert_close(ours[3], gt[3])
+
+    grad_ours = features.clone().requires_grad_()
+    snca_ext.snca_loss(grad_ours, indices, bank, bank_labels, temperature, backend="triton").backward()
+    grad_ref = features.clone().requires_grad_()
+    reference.snca_loss_reference(grad_ref, indices, bank, bank_labels, temperature).backward()
+    grad_gt = features.double().requires_grad_()
+    reference.snca_loss_reference(grad_gt, indices, bank.double(), bank_labels, temperature).backward()
+    assert_at_least_as_accurate(grad_ours.grad, grad_ref.grad, grad_gt.grad, tol=8 * EPS32 / temperature)
+
+
+def test_weighted_means_are_the_softmax_averages():
+    """The op's own contract (csrc/ops.cpp): wmean_* are softmax-weighted means of bank rows within
+    each group, [B, D] with with_grad and [0, D] without."""
+    features, indices, bank, bank_labels = make_problem(5, 97, 16, seed=1)
+    labels = bank_labels[indices]
+    labels[0] = 7  # a class with no bank row: empty same-class group, zero row
+    out = triton_forward(features, labels, indices, bank, bank_labels, 0.05, True, 0)
+    logits = features @ bank.T / 0.05
+    same = labels[:, None] == bank_labels[None, :]
+    own = torch.arange(97)[None, :].to(DEVICE) == indices[:, None]
+    for group, wmean in ((same & ~own, out[2]), (~same & ~own, out[3])):
+        weights = torch.softmax(logits.masked_fill(~group, float("-inf")), dim=1).nan_to_num(0.0)
+        torch.testing.assert_close(wmean, weights @ bank, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[2][0], torch.zeros(16, dtype=torch.float64, device=DEVICE))
+    assert out[4].shape == (5, 0) and out[5].dtype == torch.long
+    without = triton_forward(features, labels, indices, bank, bank_labels, 0.05, False, 0)
+    assert without[2].shape == without[3].shape == (0, 16)
+    torch.testing.assert_close(without[0], out[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- loss and gradients
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize(("margin", "reduction"), [(0.0, "mean"), (0.5, "none")])
+def test_loss_and_gradient_float64(temperature, margin, reduction):
+    features, indices, bank, bank_labels = make_problem(6, 200, 130, seed=2)
+    ours_in = features.clone().requires_grad_()
+    ours = snca_ext.snca_loss(
+        ours_in, indices, bank, bank_labels, temperature, margin=margin, reduction=reduction, backend="triton"
+    )
+    ref_in = features.clone().requires_grad_()
+    ref = reference.snca_loss_reference(
+        ref_in, indices, bank, bank_labels, temperature, margin=margin, reduction=reduction
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    upstream = torch.linspace(0.5, 1.5, ours.numel(), dtype=torch.float64, device=DEVICE).reshape(ours.shape)
+    (ours * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.005])
+def test_gradient_float32_as_accurate_as_pytorch(temperature):
+    features, indices, bank, bank_labels = make_problem(6, 200, 130, dtype=torch.float32, seed=4)
+    grads = []
+    for fn, dtype in (
+        (lambda *a: snca_ext.snca_loss(*a, backend="triton"), torch.float32),
+        (reference.snca_loss_reference, torch.float32),
+        (reference.snca_loss_reference, torch.float64),
+    ):
+        x = features.to(dtype, copy=True).requires_grad_()
+        fn(x, indices, bank.to(dtype), bank_labels, temperature).backward()
+        grads.append(x.grad)
+    assert_at_least_as_accurate(*grads, tol=8 * EPS32 / temperature)
+
+
+def test_topk_gradient_flows_through_stats():
+    features, indices, bank, bank_labels = make_problem(4, 90, 16, seed=5)
+    ours_in = features.clone().requires_grad_()
+    ref_in = features.clone().requires_grad_()
+    ours = snca_ext.snca_stats(ours_in, indices, bank, bank_labels, 0.1, topk=3, backend="triton")
+    ref = reference.snca_stats_reference(ref_in, indices, bank, bank_labels, 0.1, topk=3)
+    (ours[0].sum() + 2 * ours[1].sum() + ours[2].sum()).backward()
+    (ref[0].sum() + 2 * ref[1].sum() + ref[2].sum()).backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def _loss_and_grad(backend_fn, features, *args, **kwargs):
+    x = features.clone().requires_grad_()
+    loss = backend_fn(x, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _compare_with_reference(features, indices, bank, bank_labels, temperature, labels=None):
+    k = min(3, bank.shape[0])
+    ours = snca_ext.snca_stats(
+        features, indices, bank, bank_labels, temperature, labels=labels, topk=k, backend="triton"
+    )
+    want = reference.snca_stats_reference(
+        features, indices, bank, bank_labels, temperature, labels=labels, topk=k
+    )
+    for got, expected in zip(ours, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    ours_loss = _loss_and_grad(
+        lambda *a, **kw: snca_ext.snca_loss(*a, **kw, backend="triton"),
+        features,
+        indices,
+        bank,
+        bank_labels,
+        temperature,
+        labels=labels,
+    )
+    ref_loss = _loss_and_grad(
+        reference.snca_loss_reference, features, indices, bank, bank_labels, temperature, labels=labels
+    )
+    for got, expected in zip(ours_loss, ref_loss, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    return ours, ours_loss
+
+
+def test_rows_without_positive():
+    features, indices, bank, bank_labels = make_problem(5, 80, 16, seed=6)
+    bank_labels[indices[0]] = 99  # query 0's class has only its own row
+    (lse_same, *_), (_, grad) = _compare_with_reference(features, indices, bank, bank_labels, 0.05)
+    assert lse_same[0] == float("-inf") and torch.isfinite(lse_same[1:]).all()
+    assert torch.equal(grad[0], torch.zeros_like(grad[0]))
+
+
+def test_all_rows_one_class():
+    features, indices, bank, bank_labels = make_problem(4, 80, 16, seed=7)
+    bank_labels.zero_()
+    (_, lse_other, *_), (loss, _) = _compare_with_reference(features, indices, bank, bank_labels, 0.05)
+    assert (lse_other == float("-inf")).all()
+    assert loss == 0
+
+
+def test_duplicate_indices_and_rows_without_bank_row():
+    features, indices, bank, bank_labels = make_problem(6, 120, 16, seed=8)
+    indices = torch.tensor([3, 3, -1, 3, 50, -1], device=DEVICE)
+    labels = torch.tensor([1, 1, 2, 1, 0, 3], device=DEVICE)
+    bank_labels[3] = 1
+    bank_labels[50] = 0
+    _compare_with_reference(features, indices, bank, bank_labels, 0.01, labels=labels)
+
+
+@pytest.mark.parametrize("own_row", [0, -1])
+def test_bank_of_one_row(own_row):
+    features, _, bank, bank_labels = make_problem(1, 1, 3, seed=9)
+    indices = torch.tensor([own_row], device=DEVICE)
+    labels = bank_labels.clone()
+    (lse_same, lse_other, values, rows), _ = _compare_with_reference(
+        features, indices, bank, bank_labels, 0.05, labels=labels
+    )
+    if own_row == 0:  # its own row is the whole bank: nothing is eligible
+        assert lse_same == lse_other == float("-inf") and rows.item() == -1 and values.item() == float("-inf")
+    else:
+        assert torch.isfinite(lse_same) and lse_other == float("-inf") and rows.item() == 0
+
+
+def test_nan_feature_row_gives_nan_lse():
+    features, indices, bank, bank_labels = make_problem(4, 100, 16, seed=10)
+    features[2] = float("nan")
+    lse_same, lse_other, _, rows = snca_ext.snca_stats(
+        features, indices, bank, bank_labels, 0.05, topk=3, backend="triton"
+    )
+    assert torch.isnan(lse_same[2]) and torch.isnan(lse_other[2])
+    want = reference.snca_stats_reference(features, indices, bank, bank_labels, 0.05, topk=3)
+    keep = torch.tensor([0, 1, 3], device=DEVICE)
+    torch.testing.assert_close(lse_same[keep], want[0][keep], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse_other[keep], want[1][keep], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rows[keep], want[3][keep])
+    loss = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.05, reduction="none", backend="triton")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[keep]).all()
+
+
+def test_non_contiguous_inputs():
+    features, indices, bank, bank_labels = make_problem(5, 97, 16, dtype=torch.float32, seed=11)
+    wide = torch.zeros(5, 32, device=DEVICE)
+    wide[:, ::2] = features
+    column_major = bank.T.contiguous().T
+    ours = snca_ext.snca_stats(
+        wide[:, ::2], indices, column_major, bank_labels, 0.05, topk=4, backend="triton"
+    )
+    plain = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, topk=4, backend="triton")
+    for got, want in zip(ours, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- top-k
+
+
+def _tied_bank(copies=3, rows=40, dim=16, seed=12):
+    """Bank rows repeated ``copies`` times, on a grid of 1/4 so every inner product is exact in
+    any summation order: the ties are real ties in every backend."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(-3, 4, (rows, dim), generator=gen).double() / 4
+    queries = torch.randint(-3, 4, (6, dim), generator=gen).double() / 4
+    return queries.to(DEVICE), base.repeat(copies, 1).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_bank_topk_ties_go_to_the_lower_row(dtype):
+    queries, bank = _tied_bank()
+    query_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    queries, bank = queries.to(query_dtype), bank.to(dtype)
+    exclude = torch.tensor([0, 40, -1, 79, 5, 119], device=DEVICE)
+    values, rows = snca_ext.bank_topk(queries, bank, 8, exclude=exclude, backend="triton")
+    want_values, want_rows = reference.bank_topk_reference(
+        queries.double(), bank.double(), 8, exclude=exclude
+    )
+    assert values.dtype == query_dtype
+    torch.testing.assert_close(values.double(), want_values, rtol=0, atol=0)
+    torch.testing.assert_close(rows, want_rows)
+    assert (rows != exclude[:, None]).all()
+
+
+def test_bank_topk_pads_when_too_few_rows():
+    queries, _, bank, _ = make_problem(3, 5, 8, seed=13)
+    exclude = torch.tensor([1, -1, 4], device=DEVICE)
+    values, rows = snca_ext.bank_topk(queries, bank, 5, exclude=exclude, backend="triton")
+    want_values, want_rows = reference.bank_topk_reference(queries, bank, 5, exclude=exclude)
+    torch.testing.assert_close(values, want_values, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows, want_rows)
+    assert rows[0, -1] == -1 and values[0, -1] == float("-inf") and (rows[1] >= 0).all()
+    no_exclude = snca_ext.bank_topk(queries, bank, 2, backend="triton")
+    torch.testing.assert_close(no_exclude[1], reference.bank_topk_reference(queries, bank, 2)[1])
+
+
+def test_bank_topk_large_k_spans_splits():
+    features, indices, bank, _ = make_problem(3, 700, 8, dtype=torch.float32, seed=14)
+    values, rows = snca_ext.bank_topk(features, bank, 40, exclude=indices, backend="triton")
+    want_values, want_rows = reference.bank_topk_reference(
+        features.double(), bank.double(), 40, exclude=indices
+    )
+    torch.testing.assert_close(rows, want_rows)
+    torch.testing.assert_close(values.double(), want_values, rtol=0, atol=4 * EPS32)
+
+
+# ----------------------------------------------------------------------------- launch path
+
+
+class _LaunchSpy:
+    """Records every kernel launch of snca_ext.triton and forwards it to the real kernel."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        launcher = torch.library.wrap_triton(kernel)
+        spy = self
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    spy.launches.append((kernel, grid, kwargs))
+                    return launcher[grid](*args, **kwargs)
+
+                return launch
+
+        return _Grid()
+
+
+def test_results_come_from_the_split_kernel(monkeypatch):
+    """The ops launch the one @triton.jit kernel with the planned split-KV grid (several splits
+    here), the same call on a GPU and in the interpreter, and its output is what they return."""
+    spy = _LaunchSpy()
+    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    features, indices, bank, bank_labels = make_problem(5, 300, 16, dtype=torch.float32, seed=15)
+    snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, topk=3, backend="triton")
+    snca_ext.bank_topk(features, bank, 2, backend="triton")
+    assert len(spy.launches) == 2
+    plan = kernels._Plan(5, 300, 16, False, 3, False, features.device)
+    assert plan.splits > 1
+    for kernel, grid, options in spy.launches:
+        assert kernel is kernels._snca_partials_kernel
+        assert grid == plan.grid
+        assert options["INPUT_PRECISION"] == "ieee"
+    assert spy.launches[0][2]["WITH_LSE"] and not spy.launches[1][2]["WITH_LSE"]
+    # No device branches besides the program count: the plan and launch code never mention one.
+    for fn in (kernels._launch, kernels._Plan, kernels._snca_forward_impl, kernels._bank_topk_impl):
+        source = inspect.getsource(fn)
+        for device_test in ("device.type", '"cpu"', "is_cuda", "TRITON_INTERPRET", "knobs"):
+            assert device_test not in source, (fn, device_test)
+
+    # With the kernel's partials replaced by garbage the op's answer changes: nothing else computes it.
+    class _Corrupting(_LaunchSpy):
+        def __call__(self, kernel):
+            class _Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+                        for partial in args[9:13]:  # max_same, sum_same, max_other, sum_other
+                            partial.fill_(0.25)
+
+                    return launch
+
+            return _Grid()
+
+    monkeypatch.setattr(kernels, "wrap_triton", _Corrupting())
+    lse_same = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, backend="triton")[0]
+    assert not torch.allclose(
+        lse_same, reference.snca_stats_reference(features, indices, bank, bank_labels, 0.05)[0]
+    )
+
+
+def test_tf32_follows_pytorch_setting(monkeypatch):
+    spy = _LaunchSpy()
+    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    features, indices, bank, bank_labels = make_problem(2, 40, 16, dtype=torch.float32)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, backend="triton")
+    assert [launch[2]["INPUT_PRECISION"] for launch in spy.launches] == ["tf32", "ieee"]
+
+
+@pytest.mark.parametrize("programs", [1, 1000])
+def test_split_count_does_not_change_the_answer(monkeypatch, programs):
+    monkeypatch.setattr(kernels, "_device_programs", lambda device: programs)
+    features, indices, bank, bank_labels = make_problem(3, 300, 8, seed=16)
+    plan = kernels._Plan(3, 300, 8, True, 4, True, features.device)
+    assert plan.splits == (2 if programs == 1 else 19)
+    _compare_with_reference(features, indices, bank, bank_labels, 0.01)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("op_name", ["snca_forward_triton", "bank_topk_triton"])
+def test_opcheck(op_name):
+    features, indices, bank, bank_labels = make_problem(3, 50, 8, dtype=torch.float32, seed=17)
+    features.requires_grad_()
+    if op_name == "snca_forward_triton":
+        args = (features, bank_labels[indices], indices, bank, bank_labels, 0.1, True, 3)
+    else:
+        args = (features, bank, 3, indices)
+    tests = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if not INTERPRETED:
+        # AOT dispatch decomposes the triton_op into its kernels; the interpreter cannot launch a
+        # kernel on the fake tensors that this traces with, a compiled kernel can.
+        tests.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(getattr(torch.ops.snca_ext, op_name).default, args, test_utils=tests)
+
+
+def test_torch_compile_fullgraph():
+    features, indices, bank, bank_labels = make_problem(4, 100, 16, dtype=torch.float32, seed=18)
+
+    def loss_fn(x):
+        return snca_ext.snca_loss(x, indices, bank, bank_labels, 0.1, backend="triton")
+
+    torch._dynamo.reset()
+    # Inductor compiles the kernel itself on a GPU; the interpreter runs only through dynamo.
+    compiled = torch.compile(loss_fn, backend="eager" if INTERPRETED else "inductor", fullgraph=True)
+    x_compiled = features.clone().requires_grad_()
+    loss = compiled(x_compiled)
+    loss.backward()
+    x_eager = features.clone().requires_grad_()
+    expected = loss_fn(x_eager)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
