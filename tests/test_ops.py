@@ -62,9 +62,11 @@ def test_stats_float64_match_reference(backend_device, shape, temperature):
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("margin", [0.0, 0.5])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_loss_and_gradient_float64_match_reference(backend_device, temperature, margin, reduction):
+# 4 classes: dense same-class weights; 300 classes: sparse (the CPU kernel switches strategy).
+@pytest.mark.parametrize("classes", [4, 300])
+def test_loss_and_gradient_float64_match_reference(backend_device, temperature, margin, reduction, classes):
     backend, device = backend_device
-    features, indices, bank, bank_labels = make_problem(6, 1031, 130, device=device, seed=1)
+    features, indices, bank, bank_labels = make_problem(6, 1031, 130, classes=classes, device=device, seed=1)
     ours_in = features.clone().requires_grad_()
     ref_in = features.clone().requires_grad_()
     ours = snca_ext.snca_loss(
@@ -97,9 +99,10 @@ def test_float32_at_least_as_accurate_as_plain_pytorch(backend_device):
 
 
 @pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_bank_at_least_as_accurate_as_plain_pytorch(backend_device, bank_dtype):
+@pytest.mark.parametrize("classes", [3, 50])
+def test_low_precision_bank_at_least_as_accurate_as_plain_pytorch(backend_device, bank_dtype, classes):
     backend, device = backend_device
-    features, indices, bank, bank_labels = make_problem(8, 2500, 128, classes=7, device=device, seed=3)
+    features, indices, bank, bank_labels = make_problem(8, 2500, 128, classes=classes, device=device, seed=3)
     bank_low = bank.to(bank_dtype)
     features32 = features.float().requires_grad_()
     for temperature in (0.05, 0.01):

@@ -21,6 +21,8 @@ namespace snca_ext {
 namespace {
 
 constexpr int64_t kTileRows = 512;
+// Below one same-class entry in this many, the same-class weighted sum skips the dense GEMM.
+constexpr int64_t kDenseSameRatio = 8;
 
 // The row kernels below are inlined into each instruction-set clone (SNCA_CLONES), so each clone
 // vectorises them for its own ISA instead of calling one baseline copy.
@@ -63,6 +65,7 @@ template <typename acc_t>
 struct RowTileResult {
   acc_t max_same, max_other;
   bool has_nan;
+  int64_t same_count;  // same-class rows in the tile (own row excluded)
 };
 
 // The row loops keep kLanes independent partial results and combine them at the end: a single
@@ -77,16 +80,17 @@ SNCA_INLINE RowTileResult<acc_t> row_max(const acc_t* dot, const int64_t* bank_l
                                          int64_t self_col, int64_t n, acc_t inv_t) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_same[kLanes], max_other[kLanes];
-  int32_t has_nan[kLanes];
+  int32_t has_nan[kLanes], same_count[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     max_same[l] = max_other[l] = neg_inf;
-    has_nan[l] = 0;
+    has_nan[l] = same_count[l] = 0;
   }
   auto step = [&](int64_t j, int64_t l) SNCA_LAMBDA_INLINE {
     const acc_t s = dot[j] * inv_t;
     const bool same = bank_labels[j] == label;
     const bool valid = j != self_col;
     has_nan[l] |= static_cast<int32_t>(s != s);
+    same_count[l] += static_cast<int32_t>(valid & same);
     const acc_t s_same = (valid & same) ? s : neg_inf;
     const acc_t s_other = (valid & !same) ? s : neg_inf;
     max_same[l] = s_same > max_same[l] ? s_same : max_same[l];
@@ -97,11 +101,12 @@ SNCA_INLINE RowTileResult<acc_t> row_max(const acc_t* dot, const int64_t* bank_l
     for (int64_t l = 0; l < kLanes; ++l) step(j0 + l, l);
   }
   for (int64_t j = j0; j < n; ++j) step(j, 0);
-  RowTileResult<acc_t> result{neg_inf, neg_inf, false};
+  RowTileResult<acc_t> result{neg_inf, neg_inf, false, 0};
   for (int64_t l = 0; l < kLanes; ++l) {
     result.max_same = std::max(result.max_same, max_same[l]);
     result.max_other = std::max(result.max_other, max_other[l]);
     result.has_nan |= has_nan[l] != 0;
+    result.same_count += same_count[l];
   }
   return result;
 }
@@ -320,6 +325,8 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
                                          : at::Tensor();
       at::Tensor tile_buffer = convert_tiles ? at::empty({kTileRows, dim}, acc_options)
                                              : at::Tensor();
+      std::vector<int64_t> self_cols(rows);
+      std::vector<RowTileResult<acc_t>> tile_max(rows);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t start = tile * kTileRows;
         const int64_t n = std::min(kTileRows, bank_rows - start);
@@ -336,43 +343,66 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
         LseState<acc_t>* lse = opt.with_lse ? &lse_states[w] : nullptr;
         acc_t* weighted_ptr = opt.with_grad ? lse->weighted.template data_ptr<acc_t>() : nullptr;
 
+        // Pass 1 for every query first: the tile's same-class count decides how the
+        // same-class weighted sum is formed below.
+        int64_t same_total = 0;
         for (int64_t i = 0; i < rows; ++i) {
           const acc_t* row_dots = dot_ptr + i * dot_stride;
-          const int64_t self_col = (self_ptr[i] >= start && self_ptr[i] < start + n)
-                                       ? self_ptr[i] - start
-                                       : -1;
-          if (opt.k > 0) topk_states[w].scan(i, row_dots, n, start, self_col);
+          self_cols[i] = (self_ptr[i] >= start && self_ptr[i] < start + n) ? self_ptr[i] - start : -1;
+          if (opt.k > 0) topk_states[w].scan(i, row_dots, n, start, self_cols[i]);
           if (!opt.with_lse) continue;
+          tile_max[i] = row_max_dispatch(row_dots, bank_label_ptr + start, label_ptr[i], self_cols[i], n,
+                                         inv_t);
+          same_total += tile_max[i].same_count;
+        }
+        if (!opt.with_lse) continue;
+        // With many classes the same-class weights are almost all zero (1 in 1000 on ImageNet):
+        // adding those few bank rows directly beats a dense B x tile x D GEMM over the zeros.
+        const bool sparse_same = opt.with_grad && same_total * kDenseSameRatio < rows * n;
+        const acc_t* tile_data = opt.with_grad ? tile_rows.template data_ptr<acc_t>() : nullptr;
 
-          const RowTileResult<acc_t> tile_max = row_max_dispatch(
-              row_dots, bank_label_ptr + start, label_ptr[i], self_col, n, inv_t);
-          lse->has_nan[i] |= tile_max.has_nan;
-          const acc_t new_max_same = std::max(lse->max_same[i], tile_max.max_same);
-          const acc_t new_max_other = std::max(lse->max_other[i], tile_max.max_other);
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t* row_dots = dot_ptr + i * dot_stride;
+          lse->has_nan[i] |= tile_max[i].has_nan;
+          const acc_t new_max_same = std::max(lse->max_same[i], tile_max[i].max_same);
+          const acc_t new_max_other = std::max(lse->max_other[i], tile_max[i].max_other);
+          acc_t* p_same = opt.with_grad ? weight_ptr + i * weight_stride : nullptr;
+          acc_t* p_other = opt.with_grad ? weight_ptr + (rows + i) * weight_stride : nullptr;
           acc_t tile_sum_same, tile_sum_other;
-          row_exp_sums_dispatch(row_dots, bank_label_ptr + start, label_ptr[i], self_col, n, inv_t,
-                                new_max_same, new_max_other, &tile_sum_same, &tile_sum_other,
-                                opt.with_grad ? weight_ptr + i * weight_stride : nullptr,
-                                opt.with_grad ? weight_ptr + (rows + i) * weight_stride : nullptr);
+          row_exp_sums_dispatch(row_dots, bank_label_ptr + start, label_ptr[i], self_cols[i], n, inv_t,
+                                new_max_same, new_max_other, &tile_sum_same, &tile_sum_other, p_same,
+                                p_other);
           const acc_t scale_same = rescale_factor(lse->max_same[i], new_max_same);
           const acc_t scale_other = rescale_factor(lse->max_other[i], new_max_other);
           lse->sum_same[i] = lse->sum_same[i] * scale_same + tile_sum_same;
           lse->sum_other[i] = lse->sum_other[i] * scale_other + tile_sum_other;
           lse->max_same[i] = new_max_same;
           lse->max_other[i] = new_max_other;
-          if (opt.with_grad) {
-            acc_t* same_row = weighted_ptr + i * dim;
-            acc_t* other_row = weighted_ptr + (rows + i) * dim;
-            if (scale_same != acc_t(1)) {
-              for (int64_t d = 0; d < dim; ++d) same_row[d] *= scale_same;
-            }
-            if (scale_other != acc_t(1)) {
-              for (int64_t d = 0; d < dim; ++d) other_row[d] *= scale_other;
+          if (!opt.with_grad) continue;
+          acc_t* same_row = weighted_ptr + i * dim;
+          acc_t* other_row = weighted_ptr + (rows + i) * dim;
+          if (scale_same != acc_t(1)) {
+            for (int64_t d = 0; d < dim; ++d) same_row[d] *= scale_same;
+          }
+          if (scale_other != acc_t(1)) {
+            for (int64_t d = 0; d < dim; ++d) other_row[d] *= scale_other;
+          }
+          if (sparse_same && tile_max[i].same_count > 0) {
+            for (int64_t j = 0; j < n; ++j) {
+              const acc_t weight = p_same[j];
+              if (weight == acc_t(0)) continue;
+              const acc_t* bank_row = tile_data + j * dim;
+              for (int64_t d = 0; d < dim; ++d) same_row[d] += weight * bank_row[d];
             }
           }
         }
         if (opt.with_grad) {
-          lse->weighted.addmm_(weights.narrow(1, 0, n), tile_rows);
+          at::Tensor tile_weights = weights.narrow(1, 0, n);
+          if (sparse_same) {
+            lse->weighted.narrow(0, rows, rows).addmm_(tile_weights.narrow(0, rows, rows), tile_rows);
+          } else {
+            lse->weighted.addmm_(tile_weights, tile_rows);
+          }
         }
       }
     }
