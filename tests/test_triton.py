@@ -318,8 +318,11 @@ def _tied_bank(copies=3, rows=40, dim=16, seed=12):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_bank_topk_ties_go_to_the_lower_row(dtype):
-    queries, bank = _tied_bank()
+@pytest.mark.parametrize(("copies", "distinct", "programs"), [(3, 40, 4), (24, 5, 1)])
+def test_bank_topk_ties_go_to_the_lower_row(monkeypatch, dtype, copies, distinct, programs):
+    # programs=1: two long splits, so ties also meet across tiles inside one program.
+    monkeypatch.setattr(kernels, "_device_programs", lambda device: programs)
+    queries, bank = _tied_bank(copies, distinct)
     query_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     queries, bank = queries.to(query_dtype), bank.to(dtype)
     exclude = torch.tensor([0, 40, -1, 79, 5, 119], device=DEVICE)
