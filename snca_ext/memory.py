@@ -1,0 +1,215 @@
+"""The memory bank of SNCA: one L2-normalised feature per training example, updated by momentum.
+
+``MemoryBank`` holds the N x D bank and its labels as buffers (so it travels in a ``state_dict``
+and loads with ``weights_only=True``) and runs the loss and the kNN search through the fused op.
+``SNCACriterion`` is a drop-in replacement for the original project's pair
+``LinearAverage`` + ``NCACrossEntropy``: one module that takes ``(features, indices)`` and returns
+the loss, updating the bank during the backward exactly when the original did.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .ops import bank_topk, snca_loss
+
+BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def initial_bank(
+    size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None, generator=None
+) -> Tensor:
+    """The original initialisation: uniform in [-a, a] with a = 1 / sqrt(D / 3), not normalised.
+
+    That ``a`` gives every coordinate variance 1 / D, so a random row has norm close to 1 and its
+    similarities with unit features are on the same scale as those of trained rows.
+    """
+    bound = 1.0 / math.sqrt(dim / 3)
+    bank = torch.rand(size, dim, generator=generator, device=device)
+    return bank.mul_(2 * bound).sub_(bound).to(dtype)
+
+
+class MomentumSchedule:
+    """Memory momentum by epoch: ``base`` until the first milestone, then each milestone's value.
+
+    ``MomentumSchedule(0.5, {80: 0.8, 120: 0.9})`` is the ImageNet recipe.
+    """
+
+    def __init__(self, base: float, milestones: Mapping[int, float] | None = None) -> None:
+        values = {"base": base, **{f"milestone {k}": v for k, v in (milestones or {}).items()}}
+        for name, value in values.items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"memory momentum ({name}) must be in [0, 1), got {value}")
+        self.base = float(base)
+        self.milestones = dict(sorted((int(k), float(v)) for k, v in (milestones or {}).items()))
+
+    @classmethod
+    def parse(cls, base: float, text: str) -> MomentumSchedule:
+        """From the command-line form ``"80:0.8,120:0.9"`` (empty for a constant momentum)."""
+        milestones = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            epoch, sep, value = item.partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                milestones[int(epoch)] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"memory momentum schedule must look like '80:0.8,120:0.9' (epoch:momentum), got {text!r}"
+                ) from None
+        return cls(base, milestones)
+
+    def __call__(self, epoch: int) -> float:
+        momentum = self.base
+        for start, value in self.milestones.items():
+            if epoch >= start:
+                momentum = value
+        return momentum
+
+    def __repr__(self) -> str:
+        return f"MomentumSchedule({self.base}, {self.milestones})"
+
+
+class MemoryBank(nn.Module):
+    """N x D bank of L2-normalised features with per-row labels, the SNCA loss and kNN on it.
+
+    ``update`` must run after the step's loss has been computed (and, when the loss is
+    differentiated, after ``backward``): the loss of a step sees the bank of the previous step, as
+    in the original, where the update sits in the backward of ``LinearAverage``.
+    """
+
+    bank: Tensor
+    labels: Tensor
+
+    def __init__(
+        self,
+        labels: Tensor,
+        dim: int,
+        *,
+        temperature: float,
+        momentum: float = 0.5,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.numel() == 0:
+            raise ValueError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
+        if dtype not in BANK_DTYPES.values():
+            raise TypeError(f"dtype must be one of {list(BANK_DTYPES)}, got {dtype}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        bank = initial_bank(labels.numel(), dim, dtype=dtype, generator=generator)
+        self.register_buffer("bank", bank.to(device))
+        self.register_buffer("labels", labels.long().to(device))
+
+    @property
+    def size(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.bank.shape[1]
+
+    def loss(
+        self,
+        features: Tensor,
+        indices: Tensor,
+        *,
+        margin: float = 0.0,
+        labels: Tensor | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> Tensor:
+        """SNCA loss of ``features`` (their own rows ``indices`` excluded); ``margin`` in logit
+        units, as ``snca_ext.snca_loss``."""
+        return snca_loss(
+            features,
+            indices,
+            self.bank,
+            self.labels,
+            self.temperature,
+            margin=margin,
+            labels=labels,
+            reduction=reduction,
+            backend=backend,
+        )
+
+    @torch.no_grad()
+    def update(self, features: Tensor, indices: Tensor, momentum: float | None = None) -> None:
+        """``m_idx <- normalize(momentum * m_idx + (1 - momentum) * f)`` for each row in the batch."""
+        momentum = self.momentum if momentum is None else float(momentum)
+        indices = indices.to(self.bank.device).long()
+        mixed = self.bank[indices].float().mul_(momentum)
+        mixed.add_(features.detach().to(mixed.device, torch.float32), alpha=1.0 - momentum)
+        self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
+
+    @torch.no_grad()
+    def fill(self, features: Tensor) -> None:
+        """Replaces the whole bank (e.g. by features recomputed from the trained network)."""
+        if features.shape != self.bank.shape:
+            raise ValueError(
+                f"features must have the bank's shape {tuple(self.bank.shape)}, got {tuple(features.shape)}"
+            )
+        self.bank.copy_(features.to(self.bank.device, self.bank.dtype))
+
+    def topk(
+        self, queries: Tensor, k: int, *, exclude: Tensor | None = None, backend: str = "auto"
+    ) -> tuple[Tensor, Tensor]:
+        """The k most similar bank rows per query, descending (``snca_ext.bank_topk``)."""
+        return bank_topk(queries, self.bank, k, exclude=exclude, backend=backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, dim={self.dim}, dtype={self.bank.dtype}, "
+            f"temperature={self.temperature}, momentum={self.momentum}"
+        )
+
+
+class SNCACriterion(nn.Module):
+    """Drop-in for the original ``LinearAverage`` + ``NCACrossEntropy`` pair, through the fused op.
+
+    Where the original code does::
+
+        lemniscate = LinearAverage(low_dim, ndata, T, momentum)
+        criterion = NCACrossEntropy(labels, margin / T)
+        loss = criterion(lemniscate(features, indices), indices)
+
+    write ``criterion = SNCACriterion(low_dim, labels, T, momentum, margin=margin / T)`` and
+    ``loss = criterion(features, indices)``. The bank never leaves the op (no B x N matrix), and it
+    is updated when the gradient of ``features`` has been computed, as the original's backward did.
+    ``margin`` is in logit units like the original's criterion argument.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        labels: Tensor,
+        temperature: float = 0.05,
+        momentum: float = 0.5,
+        *,
+        margin: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.memory = MemoryBank(labels, input_size, temperature=temperature, momentum=momentum, dtype=dtype)
+        self.margin = float(margin)
+        self.backend = backend
+
+    def forward(self, features: Tensor, indices: Tensor) -> Tensor:
+        loss = self.memory.loss(features, indices, margin=self.margin, backend=self.backend)
+        if features.requires_grad and torch.is_grad_enabled():
+            # Updating now would change a tensor the op saved for its backward; a hook on the
+            # features runs once their gradient is complete, which is where the original updated.
+            snapshot, rows = features.detach(), indices.detach()
+            features.register_hook(lambda _grad: self.memory.update(snapshot, rows))
+        return loss

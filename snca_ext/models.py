@@ -1,0 +1,79 @@
+"""Embedding networks: a ``low_dim`` linear head and L2 normalisation on a backbone.
+
+The ResNets are torchvision's with ``fc`` replaced by a ``Linear(features, low_dim)``, so their
+``state_dict`` keys are torchvision's, which are also the original SNCA project's: its
+checkpoints load once the ``module.`` prefix of DataParallel is stripped.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models import resnet
+
+RESNETS = {
+    "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (resnet.Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (resnet.Bottleneck, [3, 8, 36, 3]),
+}
+ARCHS = (*RESNETS, "cifar_resnet18", "digits_cnn")
+
+
+class EmbeddingResNet(resnet.ResNet):
+    """torchvision ResNet whose ``fc`` outputs ``low_dim`` features, L2-normalised."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(super().forward(x), dim=1)
+
+
+def cifar_resnet18(low_dim: int = 128) -> EmbeddingResNet:
+    """ResNet18 for 32 x 32 inputs: a 3 x 3 stride-1 stem and no max-pool, so layer4 still sees
+    4 x 4 maps instead of 1 x 1."""
+    model = EmbeddingResNet(resnet.BasicBlock, [2, 2, 2, 2], num_classes=low_dim)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8 x 8 digits: three 3 x 3 conv blocks, global average pool,
+    a ``low_dim`` linear head, L2 normalisation."""
+
+    def __init__(self, low_dim: int = 128, width: int = 32) -> None:
+        super().__init__()
+
+        def block(channels_in: int, channels_out: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels_out),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.features = nn.Sequential(
+            *block(1, width),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(4 * width, low_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.fc(self.features(x)), dim=1)
+
+
+def build_model(arch: str, low_dim: int = 128) -> nn.Module:
+    """The embedding network ``arch`` (one of ``ARCHS``) with a ``low_dim`` normalised output."""
+    if isinstance(low_dim, bool) or not isinstance(low_dim, int) or low_dim < 1:
+        raise ValueError(f"low_dim must be a positive int, got {low_dim!r}")
+    if arch in RESNETS:
+        block, layers = RESNETS[arch]
+        return EmbeddingResNet(block, layers, num_classes=low_dim)
+    if arch == "cifar_resnet18":
+        return cifar_resnet18(low_dim)
+    if arch == "digits_cnn":
+        return DigitsCNN(low_dim)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")

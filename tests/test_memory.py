@@ -1,0 +1,146 @@
+"""MemoryBank, its momentum schedule, and the drop-in criterion against the original algorithm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from snca_ext.memory import MemoryBank, MomentumSchedule, SNCACriterion, initial_bank
+from snca_ext.reference import snca_loss_original, snca_loss_reference
+
+
+def _features(rows: int, dim: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=generator), dim=1)
+
+
+def test_initial_bank_is_the_original_uniform_init():
+    dim = 48
+    bank = initial_bank(5000, dim, generator=torch.Generator().manual_seed(0))
+    bound = 1.0 / math.sqrt(dim / 3)
+    assert bank.shape == (5000, dim) and bank.dtype == torch.float32
+    assert float(bank.abs().max()) <= bound
+    assert float(bank.abs().max()) > 0.99 * bound  # spans the whole interval
+    # Variance 1/D per coordinate: rows have norm about 1, so they are not renormalised.
+    assert abs(float(bank.norm(dim=1).mean()) - 1.0) < 0.02
+    again = initial_bank(5000, dim, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bank, again, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_update_is_momentum_then_renormalise(dtype):
+    labels = torch.arange(40) % 4
+    memory = MemoryBank(labels, 16, temperature=0.05, momentum=0.5, dtype=dtype)
+    before = memory.bank.clone()
+    features = _features(3, 16, 1)
+    rows = torch.tensor([7, 0, 33])
+    memory.update(features, rows, momentum=0.8)
+    expected = F.normalize(0.8 * before[rows].float() + 0.2 * features, dim=1)
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(memory.bank[rows].float(), expected, rtol=0, atol=tolerance)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(memory.bank[untouched], before[untouched])
+    assert memory.bank.dtype == dtype
+
+
+def test_update_uses_the_bank_momentum_by_default():
+    memory = MemoryBank(torch.zeros(10, dtype=torch.long), 8, temperature=0.1, momentum=0.0)
+    features = _features(2, 8, 2)
+    memory.update(features, torch.tensor([1, 4]))
+    torch.testing.assert_close(memory.bank[[1, 4]], features)
+
+
+def test_momentum_schedule_imagenet_recipe():
+    schedule = MomentumSchedule.parse(0.5, "80:0.8,120:0.9")
+    assert [schedule(epoch) for epoch in (0, 79, 80, 119, 120, 129)] == [0.5, 0.5, 0.8, 0.8, 0.9, 0.9]
+    assert MomentumSchedule.parse(0.3, "")(500) == 0.3
+
+
+@pytest.mark.parametrize("text", ["80", "80:x", "a:0.8", "80:1.5"])
+def test_momentum_schedule_rejects_bad_text(text):
+    with pytest.raises(ValueError, match="momentum"):
+        MomentumSchedule.parse(0.5, text)
+
+
+def test_loss_matches_the_reference_with_margin():
+    labels = torch.arange(97) % 5
+    memory = MemoryBank(labels, 24, temperature=0.07, generator=torch.Generator().manual_seed(3))
+    memory.update(_features(97, 24, 4), torch.arange(97), momentum=0.0)
+    features = _features(13, 24, 5)
+    rows = torch.randperm(97, generator=torch.Generator().manual_seed(6))[:13]
+    ours = memory.loss(features, rows, margin=0.5)
+    expected = snca_loss_reference(
+        features.double(), rows, memory.bank.double(), labels, 0.07, margin=0.5
+    ).float()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_topk_excludes_the_query_row():
+    memory = MemoryBank(torch.arange(20) % 2, 8, temperature=0.1)
+    memory.fill(_features(20, 8, 7))
+    values, rows = memory.topk(memory.bank[:4].clone(), 3, exclude=torch.arange(4))
+    assert not bool((rows == torch.arange(4)[:, None]).any())
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+
+
+def test_memory_bank_argument_errors():
+    with pytest.raises(ValueError, match="labels must be a non-empty 1-D tensor"):
+        MemoryBank(torch.zeros(0, dtype=torch.long), 8, temperature=0.1)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.0)
+    memory = MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.1)
+    with pytest.raises(ValueError, match=r"bank's shape \(4, 8\), got \(3, 8\)"):
+        memory.fill(torch.zeros(3, 8))
+
+
+def test_state_dict_round_trip_keeps_bank_and_labels():
+    source = MemoryBank(torch.arange(30) % 3, 8, temperature=0.1, generator=torch.Generator().manual_seed(1))
+    target = MemoryBank(torch.zeros(30, dtype=torch.long), 8, temperature=0.1)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.bank, source.bank) and torch.equal(target.labels, source.labels)
+
+
+def _original_update(memory: torch.Tensor, features: torch.Tensor, rows: torch.Tensor, momentum: float):
+    """The original LinearAverageOp.backward's bank update."""
+    mixed = memory[rows] * momentum + features * (1 - momentum)
+    memory[rows] = mixed / mixed.pow(2).sum(1, keepdim=True).pow(0.5)
+
+
+def test_criterion_is_a_drop_in_for_the_original_pair():
+    """Same loss, same feature gradient, and the bank updated after backward as the original."""
+    dim, size, temperature, momentum, margin = 16, 60, 0.1, 0.5, 0.2
+    labels = torch.arange(size) % 6
+    criterion = SNCACriterion(dim, labels, temperature, momentum, margin=margin / temperature)
+    original_memory = criterion.memory.bank.clone()
+    rows = torch.tensor([3, 17, 42, 59, 0])
+    for step in range(3):  # several steps: the bank must evolve the same way
+        base = _features(5, dim, 10 + step)
+        ours_features = base.clone().requires_grad_(True)
+        theirs_features = base.clone().requires_grad_(True)
+        ours = criterion(ours_features, rows)
+        bank_before_backward = criterion.memory.bank.clone()
+        theirs = snca_loss_original(
+            theirs_features, rows, original_memory, labels, temperature, margin=margin / temperature
+        )
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(criterion.memory.bank, bank_before_backward), "the bank changed before backward"
+        ours.backward()
+        theirs.backward()
+        _original_update(original_memory, base, rows, momentum)
+        torch.testing.assert_close(ours_features.grad, theirs_features.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(criterion.memory.bank, original_memory, rtol=1e-5, atol=1e-6)
+
+
+def test_criterion_does_not_update_without_gradient():
+    criterion = SNCACriterion(8, torch.arange(12) % 3, 0.1, 0.5)
+    before = criterion.memory.bank.clone()
+    with torch.no_grad():
+        criterion(_features(4, 8, 0), torch.arange(4))
+    criterion(_features(4, 8, 0), torch.arange(4))  # features without requires_grad
+    assert torch.equal(criterion.memory.bank, before)
