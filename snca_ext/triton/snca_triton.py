@@ -213,9 +213,10 @@ class _Plan:
         else:
             # tl.dot needs every side >= 16. Two [BLOCK_B, D] accumulators or a wide top-k state
             # cost registers, so those configurations take fewer queries per program.
-            heavy = (with_grad and self.block_d >= 128) or self.topk > 32
+            heavy = (with_grad and self.block_d >= 128) or self.topk > 32 or self.block_d > 256
             self.block_b = 32 if heavy else 64
-            self.block_n = 64
+            # Wide rows take shorter tiles, so the pipelined bank tiles still fit in shared memory.
+            self.block_n = 64 if self.block_d <= 128 else 32
             self.num_warps = 8 if self.block_d >= 128 else 4
         self.query_blocks = triton.cdiv(batch, self.block_b)
         num_tiles = triton.cdiv(bank_rows, self.block_n)
@@ -227,6 +228,8 @@ class _Plan:
 
     @property
     def grid(self) -> tuple[int, int]:
+        # Query blocks vary fastest, so the programs that read the same bank split run side by
+        # side and share its tiles through L2.
         return (self.query_blocks, self.splits)
 
 
