@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,6 +73,11 @@ _TOLERANT_PICKLE = SimpleNamespace(
 )
 
 
+def _last_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, loaded on the CPU.
 
@@ -84,12 +90,18 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsupported is None:  # not a pickle of allowed objects that failed: a damaged file
+            raise CheckpointError(
+                f"--resume {path} could not be read as a torch checkpoint (corrupt or not a "
+                f"checkpoint: {_last_line(error)})"
+            ) from error
         if not trust:
             raise CheckpointError(
-                f"--resume {path} holds pickled Python objects, so it cannot be loaded with "
-                f"weights_only=True (the original SNCA project's checkpoints pickle their memory "
-                f"module). If you trust where the file comes from, pass --trust-checkpoint: "
-                f"unpickling can run arbitrary code. ({str(error).splitlines()[0]})"
+                f"--resume {path} holds pickled Python objects ({unsupported.group(1)}), so it cannot "
+                f"be loaded with weights_only=True (the original SNCA project's checkpoints pickle "
+                f"their memory module). If you trust where the file comes from, pass "
+                f"--trust-checkpoint: unpickling can run arbitrary code."
             ) from error
         try:
             state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TOLERANT_PICKLE)

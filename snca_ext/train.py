@@ -472,10 +472,6 @@ class Trainer:
         # the epoch's order replays and the batches already done are skipped.
         loader = self._loader(self.data.train, shuffle=True, skip_batches=self.step)
         total_steps = len(self.data.train) // args.batch_size
-        if total_steps == 0:
-            raise UsageError(
-                f"--batch-size {args.batch_size} is larger than the training set ({len(self.data.train)})"
-            )
         margin_logits = args.margin / args.temperature  # the original divides the margin by T
         self.model.train()
         started = time.perf_counter()
@@ -648,6 +644,11 @@ def run(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         seed_everything(args.seed)
         data = build_data(args.dataset, args.data)
+        if args.batch_size > len(data.train):
+            raise UsageError(
+                f"--batch-size must be at most the training set size {len(data.train)} (the last "
+                f"incomplete batch is dropped), got {args.batch_size}"
+            )
         trainer = Trainer(args, data, device)
         if checkpoint is not None:
             if native:

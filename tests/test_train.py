@@ -1,0 +1,316 @@
+"""``python -m snca_ext.train`` end to end: digits, a tiny CIFAR-10 folder and ImageFolder tree,
+resume, kill-and-resume, NaN, failed saves, checkpoint trust and every bad argument.
+
+Runs are short (1-3 epochs) and use one thread, so the file stays fast on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import make_cifar_folder, make_image_folder
+
+from snca_ext import checkpoint as checkpoint_module
+from snca_ext.checkpoint import load_checkpoint
+from snca_ext.memory import MemoryBank
+from snca_ext.models import build_model
+from snca_ext.train import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
+
+FAST = ["--threads", "1", "--no-progress"]
+STEPS_PER_DIGITS_EPOCH = 1347 // 64
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def _digits(out: Path, *extra: str) -> int:
+    return run(["--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch digits run: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert _digits(out, "--epochs", "2") == EXIT_OK
+    return out
+
+
+def test_digits_run_writes_every_file(two_epoch_run):
+    out = two_epoch_run
+    rows = _rows(out)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert set(rows[0]) == {"epoch", "lr", "memory_momentum", "loss", "knn1_top1"}
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["knn_k"] == 30 and summary["recomputed_bank"] is True
+    assert summary["top1"] > 85.0 and summary["top5"] >= summary["top1"]
+    state = load_checkpoint(out / "checkpoint.pt")  # weights_only=True
+    assert state["epoch"] == 2 and state["step"] == 0 and state["args"]["temperature"] == 0.1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_evaluate_reproduces_the_final_kNN(two_epoch_run, capsys):
+    summary = json.loads((two_epoch_run / "summary.json").read_text())
+    capsys.readouterr()
+    checkpoint = str(two_epoch_run / "checkpoint.pt")
+    assert run(["-e", "--resume", checkpoint, "--recompute-bank", *FAST]) == EXIT_OK
+    assert f"top-1 {summary['top1']:.2f}%" in capsys.readouterr().out
+    # Without --recompute-bank, -e votes with the checkpoint's memory bank, as the original's -e.
+    assert run(["-e", "--resume", checkpoint, *FAST]) == EXIT_OK
+    assert "K=30, sigma=0.1, memory bank" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "stop_after",
+    [STEPS_PER_DIGITS_EPOCH, STEPS_PER_DIGITS_EPOCH + 9],
+    ids=["at-epoch-end", "mid-epoch"],
+)
+def test_stop_and_resume_continue_the_same_curve(two_epoch_run, tmp_path, stop_after):
+    assert _digits(tmp_path, "--epochs", "2", "--stop-after-steps", str(stop_after)) == EXIT_STOPPED
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == divmod(stop_after, STEPS_PER_DIGITS_EPOCH)
+    # The resumed run takes its recipe from the checkpoint and its run directory from --resume.
+    assert run(["--resume", str(tmp_path / "checkpoint.pt"), *FAST]) == EXIT_OK
+    assert (tmp_path / "metrics.csv").read_text() == (two_epoch_run / "metrics.csv").read_text()
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    reference = load_checkpoint(two_epoch_run / "checkpoint.pt")
+    for key, value in reference["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert torch.equal(resumed["memory"]["bank"], reference["memory"]["bank"])
+    ours = json.loads((tmp_path / "summary.json").read_text())
+    theirs = json.loads((two_epoch_run / "summary.json").read_text())
+    assert (ours["top1"], ours["top5"]) == (theirs["top1"], theirs["top5"])
+
+
+def test_resume_with_more_epochs_extends_the_run(two_epoch_run, tmp_path):
+    checkpoint = tmp_path / "copy.pt"
+    checkpoint.write_bytes((two_epoch_run / "checkpoint.pt").read_bytes())
+    out = tmp_path / "extended"
+    assert run(["--resume", str(checkpoint), "--epochs", "3", "--out", str(out), *FAST]) == EXIT_OK
+    rows, reference = _rows(out), _rows(two_epoch_run)
+    assert rows[:2] == reference and rows[2]["epoch"] == "3"
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
+
+
+def test_ctrl_c_saves_and_the_run_resumes(tmp_path):
+    """SIGINT to the real CLI: exit 130 with a checkpoint; --resume finishes the run."""
+    command = [sys.executable, "-m", "snca_ext.train", "--out", str(tmp_path), "--epochs", "40", *FAST]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.csv").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no epoch finished in 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED, stderr
+    assert "SIGINT: stopping after this step" in stderr and "--resume" in stdout
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    done = state["epoch"]
+    assert 1 <= done < 40
+    interrupted_rows = _rows(tmp_path)
+    assert len(interrupted_rows) == done
+    finish = str(done + 1)
+    assert run(["--resume", str(tmp_path), "--epochs", finish, *FAST]) == EXIT_OK
+    rows = _rows(tmp_path)
+    assert rows[:done] == interrupted_rows and rows[-1]["epoch"] == finish
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"count": 0}
+    original_loss = MemoryBank.loss
+
+    def loss_turning_nan(self, *args, **kwargs):
+        calls["count"] += 1
+        loss = original_loss(self, *args, **kwargs)
+        return loss * float("nan") if calls["count"] > STEPS_PER_DIGITS_EPOCH + 3 else loss
+
+    monkeypatch.setattr(MemoryBank, "loss", loss_turning_nan)
+    assert _digits(tmp_path, "--epochs", "3") == EXIT_DIVERGED
+    error = capsys.readouterr().err
+    assert "the loss became nan at epoch 2, step 4" in error and "last good checkpoint is kept" in error
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert len(_rows(tmp_path)) == 1 and (tmp_path / "curves.png").exists()
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+    saves = {"count": 0}
+
+    def failing_second_save(obj, file, *args, **kwargs):
+        saves["count"] += 1
+        if saves["count"] == 2:
+            file.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_second_save)
+    assert (
+        _digits(tmp_path, "--epochs", "2", "--stop-after-steps", str(2 * STEPS_PER_DIGITS_EPOCH)) == EXIT_OK
+    )
+    assert "could not save" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # epoch 2's save failed
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint.pt"]
+
+
+def test_cifar10_folder_end_to_end(tmp_path, capsys):
+    data = make_cifar_folder(tmp_path / "data", per_batch=8, test_size=6)
+    out = tmp_path / "run"
+    argv = ["--dataset", "cifar10", "--data", str(data), "--epochs", "1", "-b", "8", "-j", "0"]
+    assert run([*argv, "--out", str(out), *FAST]) == EXIT_OK
+    assert len(_rows(out)) == 1 and (out / "curves.png").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == "cifar_resnet18" and summary["test_examples"] == 6
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["args"]["weight_decay"] == 5e-4 and state["args"]["lr_step"] == 50
+    assert state["memory"]["bank"].shape == (40, 128)
+
+
+def test_image_folder_end_to_end_with_a_worker(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=(4, 1))
+    out = tmp_path / "run"
+    argv = ["--dataset", "imagefolder", "--data", str(data), "--epochs", "1", "-b", "4", "-j", "1"]
+    assert run([*argv, "--low-dim", "16", "--out", str(out), *FAST]) == EXIT_OK
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arch"] == "resnet18" and summary["test_examples"] == 3
+    args = load_checkpoint(out / "checkpoint.pt")["args"]
+    assert (args["temperature"], args["batch_size"], args["memory_schedule"]) == (0.05, 4, "80:0.8,120:0.9")
+
+
+BAD_ARGUMENTS = [
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    (["--temperature", "-0.1"], "argument -t/--temperature/--nce-t: expected a number > 0, got '-0.1'"),
+    (["--lr", "nan"], "argument --lr: expected a finite a number > 0, got 'nan'"),
+    (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
+    (["--memory-momentum", "1"], "argument --memory-momentum/--nce-m: expected a number in [0, 1), got '1'"),
+    (["--memory-schedule", "80"], "argument --memory-schedule: memory momentum schedule must look like"),
+    (["--workers", "-1"], "argument -j/--workers: expected an integer >= 0, got '-1'"),
+    (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+    (["--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
+    (["--bank-dtype", "int8"], "argument --bank-dtype: invalid choice: 'int8'"),
+    (["--margin", "2.5"], "--margin is in cosine units and must be < 2"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--evaluate"], "--evaluate needs --resume CHECKPOINT"),
+    (["--data", "/somewhere"], "--data is not used by --dataset digits"),
+    (["--dataset", "cifar10"], "--dataset cifar10 needs --data PATH"),
+    (["--batch-size", "5000"], "--batch-size must be at most the training set size 1347"),
+    (["--resume", "/no/such/checkpoint.pt"], "--resume /no/such/checkpoint.pt: no such checkpoint file"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_give_a_clear_error(tmp_path, capsys, argv, message):
+    try:
+        status = run([*argv, "--out", str(tmp_path / "run"), *FAST])
+    except SystemExit as exit_:  # argparse's own checks
+        status = exit_.code
+    assert status == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_folders_give_a_clear_error(tmp_path, capsys):
+    assert run(["--dataset", "cifar10", "--data", str(tmp_path), *FAST]) == EXIT_USAGE
+    assert (
+        "has no cifar-10-batches-py/ folder; expected the CIFAR-10 python version" in capsys.readouterr().err
+    )
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    assert run(["--dataset", "imagefolder", "--data", str(tmp_path), *FAST]) == EXIT_USAGE
+    assert "train/ is not a valid image tree" in capsys.readouterr().err
+
+
+def test_a_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"definitely not a zip file")
+    assert run(["--resume", str(path), *FAST]) == EXIT_USAGE
+    assert f"--resume {path} could not be read as a torch checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- original format
+
+ORIGINAL_MODULE = """
+import torch
+from torch import nn
+
+
+class LinearAverage(nn.Module):
+    def __init__(self, input_size, output_size, T=0.05, momentum=0.5):
+        super().__init__()
+        self.register_buffer("params", torch.tensor([T, momentum]))
+        self.register_buffer("memory", torch.nn.functional.normalize(torch.randn(output_size, input_size)))
+"""
+
+
+def _original_checkpoint(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """A checkpoint as the original main.py saves it: DataParallel ``module.`` keys and the whole
+    ``LinearAverage`` module pickled, from a ``lib`` package that is then uninstalled."""
+    package = tmp_path / "original_code" / "lib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "LinearAverage.py").write_text(ORIGINAL_MODULE)
+    monkeypatch.syspath_prepend(str(package.parent))
+    from lib.LinearAverage import LinearAverage
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 128)
+    lemniscate = LinearAverage(128, 1347, 0.1, 0.5)
+    state = {
+        "epoch": 2,
+        "arch": "digits_cnn",
+        "state_dict": {f"module.{key}": value for key, value in model.state_dict().items()},
+        "lemniscate": lemniscate,
+        "best_prec1": 12.5,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
+    }
+    path = tmp_path / "original.pth.tar"
+    torch.save(state, path)
+    monkeypatch.delitem(sys.modules, "lib.LinearAverage")
+    monkeypatch.delitem(sys.modules, "lib")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(package.parent)])
+    return path, {"model": model.state_dict(), "memory": lemniscate.memory.clone()}
+
+
+def test_original_checkpoint_needs_trust(tmp_path, monkeypatch, capsys):
+    path, _ = _original_checkpoint(tmp_path, monkeypatch)
+    assert run(["-e", "--resume", str(path), *FAST]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "cannot be loaded with weights_only=True" in error and "--trust-checkpoint" in error
+
+
+def test_original_checkpoint_loads_with_trust(tmp_path, monkeypatch, capsys):
+    path, expected = _original_checkpoint(tmp_path, monkeypatch)
+    state = load_checkpoint(path, trust=True)
+    parts = checkpoint_module.from_original(state)
+    assert set(parts["model"]) == set(expected["model"])  # the module. prefix is gone
+    assert torch.equal(parts["bank"], expected["memory"])  # read without the original code installed
+    assert run(["-e", "--resume", str(path), "--trust-checkpoint", *FAST]) == EXIT_OK
+    assert "after 2 epochs on 450 test examples" in capsys.readouterr().out
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (str(_RunsCode.target),))
+
+
+def test_untrusted_checkpoint_code_never_runs(tmp_path, capsys):
+    _RunsCode.target = tmp_path / "created_by_unpickling"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "snca_ext.train/1", "payload": _RunsCode()}, path)
+    assert run(["--resume", str(path), *FAST]) == EXIT_USAGE
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert not _RunsCode.target.exists()
