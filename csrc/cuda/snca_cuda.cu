@@ -954,7 +954,6 @@ void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* na
 
 void check_common(const at::Tensor& features, const at::Tensor& bank, const at::Tensor& self_rows,
                   int64_t k, const char* features_name, const char* self_name) {
-  TORCH_CHECK(features.is_cuda(), features_name, " must be a CUDA tensor, got ", features.device());
   check_on_device(bank, features, "bank", features_name);
   check_on_device(self_rows, features, self_name, features_name);
   TORCH_CHECK(features.dim() == 2, features_name, " must be 2-D [B, D], got ", features.dim(),
@@ -993,6 +992,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
                   const at::Tensor& indices_in, const at::Tensor& bank_in,
                   const at::Tensor& bank_labels_in, double temperature, bool with_grad, int64_t k) {
+  TORCH_CHECK(features_in.is_cuda(), "features must be a CUDA tensor, got ", features_in.device());
   const c10::cuda::CUDAGuard guard(features_in.device());
   check_common(features_in, bank_in, indices_in, k, "features", "indices");
   check_on_device(labels_in, features_in, "labels", "features");
@@ -1036,6 +1036,7 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
 std::tuple<at::Tensor, at::Tensor> bank_topk_cuda(const at::Tensor& queries_in,
                                                   const at::Tensor& bank_in, int64_t k,
                                                   const at::Tensor& exclude_in) {
+  TORCH_CHECK(queries_in.is_cuda(), "queries must be a CUDA tensor, got ", queries_in.device());
   const c10::cuda::CUDAGuard guard(queries_in.device());
   check_common(queries_in, bank_in, exclude_in, k, "queries", "exclude");
   const at::Tensor queries = queries_in.contiguous();
