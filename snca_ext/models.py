@@ -41,7 +41,7 @@ class DigitsCNN(nn.Module):
     """A small CNN for scikit-learn's 8 x 8 digits: three 3 x 3 conv blocks, global average pool,
     a ``low_dim`` linear head, L2 normalisation."""
 
-    def __init__(self, low_dim: int = 128, width: int = 32) -> None:
+    def __init__(self, low_dim: int = 128, width: int = 64) -> None:
         super().__init__()
 
         def block(channels_in: int, channels_out: int) -> list[nn.Module]:

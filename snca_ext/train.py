@@ -38,7 +38,7 @@ from .memory import BANK_DTYPES, MemoryBank, MomentumSchedule
 from .models import ARCHS, build_model
 
 # The paper's recipe per dataset (the original main.py / cifar.py); digits is this package's own,
-# sized to reach >= 99% kNN top-1 in about a minute on two CPU cores.
+# sized to reach >= 99% kNN top-1 in under a minute on two CPU cores (99.56% in ~45 s).
 RECIPES: dict[str, dict[str, Any]] = {
     "imagefolder": {
         "arch": "resnet18",

@@ -1,0 +1,6 @@
+"""``python -m snca_ext``: the same as ``python -m snca_ext.train``."""
+
+from .train import main
+
+if __name__ == "__main__":
+    main()
