@@ -125,7 +125,7 @@ def _number(kind, minimum=None, maximum=None, *, min_open=False, max_open=False,
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what or kind.__name__}, got {text!r}") from None
         if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite {what}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {what} (finite), got {text!r}")
         low_ok = minimum is None or (value > minimum if min_open else value >= minimum)
         high_ok = maximum is None or (value < maximum if max_open else value <= maximum)
         if not (low_ok and high_ok):

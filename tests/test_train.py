@@ -193,7 +193,7 @@ def test_image_folder_end_to_end_with_a_worker(tmp_path):
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
     (["--temperature", "-0.1"], "argument -t/--temperature/--nce-t: expected a number > 0, got '-0.1'"),
-    (["--lr", "nan"], "argument --lr: expected a finite a number > 0, got 'nan'"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0 (finite), got 'nan'"),
     (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
     (["--memory-momentum", "1"], "argument --memory-momentum/--nce-m: expected a number in [0, 1), got '1'"),
     (["--memory-schedule", "80"], "argument --memory-schedule: memory momentum schedule must look like"),
