@@ -12,6 +12,13 @@ import sys
 
 from setuptools import setup
 
+# torch finds nvcc on PATH first; a wrapper script there (e.g. /usr/local/bin/nvcc) would make it
+# look for the CUDA libraries under /usr/local. The toolkit's conventional home wins when present.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists(
+    "/usr/local/cuda/bin/nvcc"
+):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

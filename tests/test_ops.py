@@ -285,6 +285,34 @@ def test_topk_in_float32_matches_reference(backend_device, k):
     torch.testing.assert_close(rows, ref_rows)
 
 
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_topk_bfloat16_filter_returns_the_exact_result(monkeypatch, bank_dtype):
+    """bank_topk on CPU ranks tiles with a bfloat16 GEMM and rescores survivors exactly; rows a few
+    bfloat16 ulps apart must still come back exactly as the all-float32 path returns them."""
+    gen = torch.Generator().manual_seed(21)
+    base = F.normalize(torch.randn(40, 64, generator=gen), dim=1)
+    # 60 scaled copies of each base row: similarities 1e-6 apart (relative), far below bfloat16's
+    # resolution (4e-3) and well above float32's. Without the error bound the filter drops rows.
+    scales = 1 + 1e-6 * (torch.randperm(2400, generator=gen).double()[:, None] - 1200)
+    bank = (base.double().repeat(60, 1) * scales).to(bank_dtype)
+    queries = base[:9] * torch.linspace(0.5, 3.0, 9)[:, None]  # norms other than 1 too
+    exclude = torch.arange(9) * 7
+    for k in (10, 50):
+        monkeypatch.delenv("SNCA_EXT_CPU_TOPK_FILTER", raising=False)
+        filtered = snca_ext.bank_topk(queries, bank, k, exclude=exclude, backend="cpu")
+        monkeypatch.setenv("SNCA_EXT_CPU_TOPK_FILTER", "0")
+        exact = snca_ext.bank_topk(queries, bank, k, exclude=exclude, backend="cpu")
+        torch.testing.assert_close(filtered[0], exact[0], rtol=1e-6, atol=1e-6)
+        if bank_dtype == torch.float32:
+            torch.testing.assert_close(filtered[1], exact[1])
+        # (A bfloat16/float16 bank rounds many copies to one value: mathematically tied rows that
+        # GEMM kernels may score an ulp apart, so only the values are compared there.)
+        ref_values, _ = reference.bank_topk_reference(queries.double(), bank.double(), k, exclude=exclude)
+        torch.testing.assert_close(filtered[0].double(), ref_values, rtol=1e-5, atol=1e-5)
+        rescored = (queries.double() @ bank.double().T).gather(1, filtered[1])
+        torch.testing.assert_close(rescored, ref_values, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_of_the_whole_bank_pads_the_excluded_row(backend_device):
     backend, device = backend_device
     features, indices, bank, bank_labels = make_problem(3, 6, 4, device=device, seed=13)
@@ -339,6 +367,17 @@ def test_nan_feature_gives_nan_in_that_row_only(backend_device):
     assert torch.isfinite(per_row[[0, 1, 3]]).all()
     values, _ = snca_ext.bank_topk(features, bank, 3, backend=backend)
     assert torch.isfinite(values[[0, 1, 3]]).all()
+
+
+def test_nan_in_the_excluded_own_row_does_not_leak(backend_device):
+    backend, device = backend_device
+    features, indices, bank, bank_labels = make_problem(3, 500, 8, device=device, seed=20)
+    bank = bank.clone()
+    bank[indices[1]] = float("nan")
+    ours = snca_ext.snca_stats(features[1:2], indices[1:2], bank, bank_labels, 0.05, topk=3, backend=backend)
+    expected = reference.snca_stats_reference(features[1:2], indices[1:2], bank, bank_labels, 0.05, topk=3)
+    assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[1]).all()
+    assert_stats_equal(ours, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_integer_label_dtypes_are_accepted(backend_device):
