@@ -9,13 +9,13 @@ Nothing here ever downloads.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
@@ -48,6 +48,28 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+class ClassSubset(IndexedDataset):
+    """The examples of ``parent`` at ``rows``, yielding ``(image, label, position in the subset)``
+    (so the position is the bank row); ``rows[position]`` is the example's index in ``parent``.
+    Labels keep their class ids."""
+
+    def __init__(self, parent: IndexedDataset, rows: Tensor) -> None:
+        super().__init__(Subset(parent.dataset, rows.tolist()), parent.targets[rows])
+        self.parent = parent
+        self.rows = rows
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """``"5,6,7"`` -> ``(5, 6, 7)`` (sorted, no duplicates); ``""`` -> ``()``."""
+    try:
+        classes = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"expected comma-separated class ids like '5,6,7,8,9', got {text!r}") from None
+    if any(c < 0 for c in classes):
+        raise ValueError(f"class ids must be >= 0, got {text!r}")
+    return tuple(sorted(classes))
+
+
 @dataclass
 class DataBundle:
     """What training needs: the augmented training set, the same images with the test transform
@@ -61,6 +83,32 @@ class DataBundle:
     @property
     def train_labels(self) -> Tensor:
         return self.train.targets
+
+    def select_classes(self, classes: Sequence[int]) -> DataBundle:
+        """The same data restricted to the examples of ``classes`` (train, train_plain and test),
+        with the class ids and ``num_classes`` unchanged; yielded indices are positions in the
+        subset (``ClassSubset.rows`` maps them back)."""
+        wanted = torch.tensor(sorted(set(classes)), dtype=torch.long)
+        bad = [c for c in wanted.tolist() if not 0 <= c < self.num_classes]
+        if bad:
+            raise DataError(f"class ids must be in [0, {self.num_classes}), got {bad}")
+
+        def subset(dataset: IndexedDataset) -> ClassSubset:
+            return ClassSubset(dataset, torch.isin(dataset.targets, wanted).nonzero().flatten())
+
+        return DataBundle(
+            train=subset(self.train),
+            train_plain=subset(self.train_plain),
+            test=subset(self.test),
+            num_classes=self.num_classes,
+        )
+
+    def split_holdout(self, holdout: Sequence[int]) -> tuple[DataBundle, DataBundle]:
+        """``(seen, novel)``: the bundle without the ``holdout`` classes (to train on) and the
+        bundle of only those (the novel-class evaluation)."""
+        held = set(holdout)
+        seen = [c for c in range(self.num_classes) if c not in held]
+        return self.select_classes(seen), self.select_classes(sorted(held))
 
 
 # ----------------------------------------------------------------------------- digits

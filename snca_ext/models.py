@@ -1,5 +1,11 @@
 """Embedding networks: a ``low_dim`` linear head and L2 normalisation on a backbone.
 
+``forward(x)`` returns the normalised features. A model built with ``classes > 0`` also has a
+``classifier`` (``Linear(low_dim, classes)`` on the embedding before normalisation, the softmax
+baseline of ``--loss softmax``); ``forward(x, logits=True)`` then returns ``(features, logits)``, so
+both the features and the classifier's logits come out of one call of the module (a DDP wrapper
+sees the whole forward).
+
 The ResNets are torchvision's with ``fc`` replaced by a ``Linear(features, low_dim)``, so their
 ``state_dict`` keys are torchvision's, which are also the original SNCA project's: its
 checkpoints load once the ``module.`` prefix of DataParallel is stripped.
@@ -21,11 +27,24 @@ RESNETS = {
 ARCHS = (*RESNETS, "cifar_resnet18", "digits_cnn")
 
 
+def _outputs(embedding: Tensor, classifier: nn.Module | None, logits: bool) -> Tensor | tuple[Tensor, Tensor]:
+    features = F.normalize(embedding, dim=1)
+    if not logits:
+        return features
+    if classifier is None:
+        raise ValueError("logits=True needs a model with a classifier head (build_model(..., classes > 0))")
+    return features, classifier(embedding)
+
+
 class EmbeddingResNet(resnet.ResNet):
     """torchvision ResNet whose ``fc`` outputs ``low_dim`` features, L2-normalised."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(super().forward(x), dim=1)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.classifier: nn.Linear | None = None
+
+    def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return _outputs(super().forward(x), self.classifier, logits)
 
 
 def cifar_resnet18(low_dim: int = 128) -> EmbeddingResNet:
@@ -60,20 +79,28 @@ class DigitsCNN(nn.Module):
             nn.Flatten(),
         )
         self.fc = nn.Linear(4 * width, low_dim)
+        self.classifier: nn.Linear | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.fc(self.features(x)), dim=1)
+    def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return _outputs(self.fc(self.features(x)), self.classifier, logits)
 
 
-def build_model(arch: str, low_dim: int = 128) -> nn.Module:
-    """The embedding network ``arch`` (one of ``ARCHS``) with a ``low_dim`` normalised output."""
+def build_model(arch: str, low_dim: int = 128, classes: int = 0) -> nn.Module:
+    """The embedding network ``arch`` (one of ``ARCHS``) with a ``low_dim`` normalised output and,
+    when ``classes > 0``, a linear classifier head on the embedding (the softmax baseline)."""
     if isinstance(low_dim, bool) or not isinstance(low_dim, int) or low_dim < 1:
         raise ValueError(f"low_dim must be a positive int, got {low_dim!r}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
+        raise ValueError(f"classes must be an int >= 0, got {classes!r}")
     if arch in RESNETS:
         block, layers = RESNETS[arch]
-        return EmbeddingResNet(block, layers, num_classes=low_dim)
-    if arch == "cifar_resnet18":
-        return cifar_resnet18(low_dim)
-    if arch == "digits_cnn":
-        return DigitsCNN(low_dim)
-    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        model = EmbeddingResNet(block, layers, num_classes=low_dim)
+    elif arch == "cifar_resnet18":
+        model = cifar_resnet18(low_dim)
+    elif arch == "digits_cnn":
+        model = DigitsCNN(low_dim)
+    else:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if classes:
+        model.classifier = nn.Linear(low_dim, classes)
+    return model
