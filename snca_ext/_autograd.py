@@ -40,11 +40,13 @@ def _topk_rows_grad(grad_values: Tensor | None, topk_indices: Tensor, bank: Tens
 
 
 def _snca_forward_setup(ctx, inputs, output):
-    _, _, _, bank, _, temperature, with_grad, _ = inputs
+    _, _, _, bank, _, temperature, with_grad, k = inputs
     _, _, wmean_same, wmean_other, _, topk_indices = output
     ctx.inv_temperature = 1.0 / temperature
     ctx.with_grad = with_grad
-    ctx.save_for_backward(wmean_same, wmean_other, topk_indices, bank)
+    # The bank is saved only for the top-k rows' gradient, so without a top-k it may be updated
+    # in place between the forward and the backward.
+    ctx.save_for_backward(wmean_same, wmean_other, topk_indices, bank if k > 0 else None)
     ctx.mark_non_differentiable(wmean_same, wmean_other, topk_indices)
 
 
@@ -57,7 +59,7 @@ def _snca_forward_backward(ctx, grad_lse_same, grad_lse_other, _g_ws, _g_wo, gra
         )
     # d lse / d f_i = wmean_i / T (MATH.md): the backward only scales what the forward accumulated.
     grad = (grad_lse_same[:, None] * wmean_same + grad_lse_other[:, None] * wmean_other) * ctx.inv_temperature
-    topk_grad = _topk_rows_grad(grad_topk_values, topk_indices, bank, grad.dtype)
+    topk_grad = None if bank is None else _topk_rows_grad(grad_topk_values, topk_indices, bank, grad.dtype)
     if topk_grad is not None:
         grad = grad + topk_grad
     return grad, None, None, None, None, None, None, None

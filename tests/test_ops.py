@@ -380,6 +380,21 @@ def test_nan_in_the_excluded_own_row_does_not_leak(backend_device):
     assert_stats_equal(ours, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_bank_may_be_updated_between_forward_and_backward(backend_device):
+    """The one-pass gradient needs nothing from the bank in the backward, so a momentum update
+    right after the loss (before backward) is allowed and does not change the gradient."""
+    backend, device = backend_device
+    features, indices, bank, bank_labels = make_problem(5, 400, 8, device=device, seed=22)
+    features = features.clone().requires_grad_()
+    loss = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, backend=backend)
+    expected_in = features.detach().clone().requires_grad_()
+    expected = reference.snca_loss_reference(expected_in, indices, bank, bank_labels, 0.1)
+    (expected_grad,) = torch.autograd.grad(expected, expected_in)
+    bank.mul_(0.5)  # an in-place update of the bank before the backward
+    (grad,) = torch.autograd.grad(loss, features)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_integer_label_dtypes_are_accepted(backend_device):
     backend, device = backend_device
     features, indices, bank, bank_labels = make_problem(4, 300, 8, device=device, seed=16)
