@@ -46,11 +46,17 @@ def knn_scores(
         raise ValueError(f"sigma must be > 0, got {sigma}")
     k = min(k, bank.shape[0])
     values, rows = bank_topk(queries, bank, k, exclude=exclude, backend=backend)
+    return knn_votes(values, rows, bank_labels, num_classes, sigma)
+
+
+def knn_votes(values: Tensor, rows: Tensor, bank_labels: Tensor, num_classes: int, sigma: float) -> Tensor:
+    """[B, num_classes] summed vote weights of given top-k neighbours (``bank_topk``'s output:
+    values descending, row -1 for a missing neighbour), as ``knn_scores``."""
     found = rows >= 0
     weights = torch.exp((values - values[:, :1]) / sigma)
     weights = torch.where(found, weights, torch.zeros_like(weights))
     votes = bank_labels.to(rows.device)[rows.clamp(min=0)]
-    scores = torch.zeros(queries.shape[0], num_classes, dtype=weights.dtype, device=queries.device)
+    scores = torch.zeros(rows.shape[0], num_classes, dtype=weights.dtype, device=rows.device)
     return scores.scatter_add_(1, votes, weights)
 
 
