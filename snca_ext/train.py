@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import FORMAT, CheckpointError, from_original, load_checkpoint, save_checkpoint
-from .data import DATASETS, DataBundle, DataError, build_data
+from .data import DATASETS, DataBundle, DataError, build_data, parse_classes
+from .fewshot import novel_class_evaluation
 from .knn import KnnResult, compute_features, knn_evaluate
 from .memory import BANK_DTYPES, MemoryBank, MomentumSchedule
 from .models import ARCHS, build_model
@@ -97,6 +99,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "bank_dtype": "float32",
     "seed": 0,
     "backend": "auto",
+    "loss": "snca",
+    "holdout_classes": "",  # canonical "5,6,7,8,9"; "" trains on every class
 }
 # What defines a run: taken from the checkpoint on --resume unless given on the command line.
 RUN_KEYS = (*RECIPES["digits"], *COMMON_DEFAULTS, "dataset", "data")
@@ -151,6 +155,23 @@ def _schedule(text: str) -> str:
     return text
 
 
+def _class_list(text: str) -> str:
+    try:
+        return ",".join(map(str, parse_classes(text)))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _shot_list(text: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        shots = ()
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 like '1,5', got {text!r}")
+    return shots
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m snca_ext.train",
@@ -187,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--knn-k", type=POSITIVE_INT, help="neighbours of the final kNN evaluation (30)")
     add("--knn-sigma", type=POSITIVE_FLOAT, help="kNN vote temperature (default: --temperature)")
     add("--monitor-k", type=POSITIVE_INT, help="neighbours of the per-epoch kNN monitor (1)")
+    add(
+        "--loss",
+        choices=("snca", "softmax"),
+        help="snca (default), or softmax: the baseline, a linear classifier on the embedding trained by "
+        "cross-entropy, evaluated on the same normalised embedding",
+    )
+    add(
+        "--holdout-classes",
+        type=_class_list,
+        metavar="C,C,...",
+        help="train without these classes; the final evaluation adds kNN and N-way K-shot accuracy on "
+        "them (novel classes)",
+    )
+    add("--fewshot-ways", type=POSITIVE_INT, default=5, help="classes per few-shot episode (5)")
+    add("--fewshot-shots", type=_shot_list, default=(1, 5), help="support examples per class (1,5)")
+    add("--fewshot-episodes", type=POSITIVE_INT, default=1000, help="few-shot episodes (1000)")
     add(
         "--recompute-bank",
         action=argparse.BooleanOptionalAction,
@@ -335,7 +372,14 @@ class Trainer:
         self.data = data
         self.device = device
         self.out = Path(args.out)
-        self.model = build_model(args.arch, args.low_dim).to(device)
+        # --loss softmax: a classifier over the classes present in training (all but the held-out
+        # ones), so head_labels maps a class id to its output.
+        seen = torch.unique(data.train_labels)
+        self.head_labels = torch.full((data.num_classes,), -1, dtype=torch.long)
+        self.head_labels[seen] = torch.arange(len(seen))
+        self.head_labels = self.head_labels.to(device)
+        head = len(seen) if args.loss == "softmax" else 0
+        self.model = build_model(args.arch, args.low_dim, classes=head).to(device)
         bank_generator = torch.Generator().manual_seed(args.seed)
         self.memory = MemoryBank(
             data.train_labels,
@@ -462,6 +506,15 @@ class Trainer:
             **common,
         )
 
+    def _loss(self, images: torch.Tensor, indices: torch.Tensor, margin_logits: float):
+        """The step's features and loss: SNCA against the bank, or with --loss softmax the
+        cross-entropy of the classifier head (the bank then only serves the kNN monitor)."""
+        if self.args.loss == "softmax":
+            features, logits = self.model(images, logits=True)
+            return features, F.cross_entropy(logits, self.head_labels[self.memory.labels[indices]])
+        features = self.model(images)
+        return features, self.memory.loss(features, indices, margin=margin_logits, backend=self.args.backend)
+
     def train_epoch(self, stop: StopSignal, progress: bool) -> bool:
         """Trains the rest of the current epoch; False if it stopped early (on request)."""
         args, epoch = self.args, self.epoch
@@ -487,8 +540,7 @@ class Trainer:
         with bar:
             for images, _, indices in loader:
                 images, indices = images.to(self.device, non_blocking=True), indices.to(self.device)
-                features = self.model(images)
-                loss = self.memory.loss(features, indices, margin=margin_logits, backend=args.backend)
+                features, loss = self._loss(images, indices, margin_logits)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise Diverged(
@@ -644,6 +696,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         seed_everything(args.seed)
         data = build_data(args.dataset, args.data)
+        data, novel = _holdout(data, args.holdout_classes)
         if args.batch_size > len(data.train):
             raise UsageError(
                 f"--batch-size must be at most the training set size {len(data.train)} (the last "
@@ -666,6 +719,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.evaluate:
         result, recomputed = trainer.final_evaluation(progress)
         print(_summary_line(args, result, recomputed, trainer.epoch))
+        if novel is not None:
+            _novel_evaluation(trainer, novel, progress)
         return EXIT_OK
 
     trainer.out.mkdir(parents=True, exist_ok=True)
@@ -730,10 +785,55 @@ def run(argv: Sequence[str] | None = None) -> int:
         "train_seconds_this_invocation": round(train_seconds, 2),
         "wall_seconds_this_invocation": round(time.perf_counter() - wall_started, 2),
     }
-    _write_text_atomic(trainer.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(_summary_line(args, result, recomputed, trainer.epoch))
+    summary["loss"] = args.loss
+    if novel is not None:
+        summary["novel_classes"] = _novel_evaluation(trainer, novel, progress)
+    _write_text_atomic(trainer.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
     return EXIT_OK
+
+
+def _holdout(data: DataBundle, holdout_classes: str) -> tuple[DataBundle, DataBundle | None]:
+    """``(data to train on, novel-class data or None)`` for ``--holdout-classes``."""
+    holdout = parse_classes(holdout_classes)
+    if not holdout:
+        return data, None
+    if max(holdout) >= data.num_classes or data.num_classes - len(holdout) < 2 or len(holdout) < 2:
+        raise UsageError(
+            f"--holdout-classes must name at least 2 of the {data.num_classes} class ids 0..."
+            f"{data.num_classes - 1} and leave at least 2 to train on, got {holdout_classes}"
+        )
+    return data.split_holdout(holdout)
+
+
+def _novel_evaluation(trainer: Trainer, novel: DataBundle, progress: bool) -> dict[str, Any]:
+    args = trainer.args
+    report = novel_class_evaluation(
+        trainer.model,
+        novel,
+        k=args.knn_k,
+        sigma=args.knn_sigma,
+        device=trainer.device,
+        batch_size=args.batch_size,
+        ways=args.fewshot_ways,
+        shots=args.fewshot_shots,
+        episodes=args.fewshot_episodes,
+        seed=args.seed,
+        backend=args.backend,
+        progress=progress,
+    )
+    print(
+        f"novel classes {report['classes']} (never trained on): kNN (K={args.knn_k}) on "
+        f"{report['test_examples']} test images against a bank of their {report['bank_size']} "
+        f"training images: top-1 {report['knn_top1']:.2f}%"
+    )
+    for row in report["fewshot"]:
+        print(
+            f"novel classes {row['ways']}-way {row['shots']}-shot ({row['episodes']} episodes, "
+            f"nearest class mean): {row['mean']:.2f}% ± {row['ci95']:.2f} (95% interval)"
+        )
+    return report
 
 
 def _summary_line(args: argparse.Namespace, result: KnnResult, recomputed: bool, epochs: int) -> str:
