@@ -1,0 +1,140 @@
+"""``python -m snca_ext.export``: the features written are the network's, in the documented layout,
+for every class selection and both file formats; bad input is refused without leaving a file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from snca_ext.checkpoint import load_checkpoint, save_checkpoint
+from snca_ext.data import build_data
+from snca_ext.export import (
+    EXPORT_FORMAT,
+    ExportError,
+    load_features,
+    load_trained_model,
+    read_safetensors,
+    run,
+    write_safetensors,
+)
+from snca_ext.knn import compute_features
+from snca_ext.train import EXIT_OK
+from snca_ext.train import run as train
+
+FAST = ["--threads", "1", "--no-progress"]
+HOLDOUT = (5, 6, 7, 8, 9)
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("holdout")
+    argv = ["--out", str(out), "--epochs", "1", "--holdout-classes", "5,6,7,8,9", "--fewshot-episodes", "20"]
+    assert train([*argv, *FAST]) == EXIT_OK
+    return out / "checkpoint.pt"
+
+
+def _export(checkpoint: Path, out: Path, *extra: str) -> int:
+    return run(
+        ["--checkpoint", str(checkpoint), "--out", str(out), "--threads", "1", "--no-progress", *extra]
+    )
+
+
+def test_train_split_round_trips_with_the_network_features(holdout_run, tmp_path):
+    out = tmp_path / "train.safetensors"
+    # 100 does not divide 1347: the last, short batch is streamed too.
+    assert _export(holdout_run, out, "--split", "train", "--batch-size", "100") == 0
+    exported = load_features(out)
+    model, _ = load_trained_model(holdout_run)
+    bundle = build_data("digits")
+    expected = compute_features(
+        model, DataLoader(bundle.train_plain, batch_size=512), 1347, torch.device("cpu")
+    )
+    torch.testing.assert_close(exported["features"], expected, rtol=1e-5, atol=1e-5)
+    assert exported["features"].dtype == torch.float32 and exported["features"].shape == (1347, 128)
+    torch.testing.assert_close(exported["features"].norm(dim=1), torch.ones(1347))
+    assert torch.equal(exported["labels"], bundle.train_plain.targets)
+    assert torch.equal(exported["indices"], torch.arange(1347))
+    meta = exported["metadata"]
+    assert meta["format"] == EXPORT_FORMAT and meta["split"] == "train" and meta["classes"] == "all"
+    assert meta["holdout_classes"] == "5,6,7,8,9" and meta["loss"] == "snca" and meta["low_dim"] == "128"
+    # The documented layout, byte for byte: u64 header length, JSON header, the three arrays.
+    raw = out.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    assert header["features"] == {"dtype": "F32", "shape": [1347, 128], "data_offsets": [0, 1347 * 128 * 4]}
+    assert header["indices"]["data_offsets"][1] == len(raw) - 8 - length
+    assert (8 + length) % 8 == 0
+
+
+def test_pt_holds_the_same_tensors_and_loads_weights_only(holdout_run, tmp_path):
+    assert _export(holdout_run, tmp_path / "a.safetensors", "--split", "test") == 0
+    assert _export(holdout_run, tmp_path / "a.pt", "--split", "test") == 0
+    content = torch.load(tmp_path / "a.pt", weights_only=True)
+    streamed = load_features(tmp_path / "a.safetensors")
+    for name in ("features", "labels", "indices"):
+        assert torch.equal(content[name], streamed[name]), name
+    assert content["metadata"] == streamed["metadata"] and len(content["labels"]) == 450
+
+
+def test_novel_and_seen_classes_keep_their_dataset_indices(holdout_run, tmp_path):
+    assert _export(holdout_run, tmp_path / "all.pt", "--split", "test") == 0
+    assert _export(holdout_run, tmp_path / "novel.pt", "--split", "test", "--classes", "novel") == 0
+    assert _export(holdout_run, tmp_path / "seen.pt", "--split", "test", "--classes", "seen") == 0
+    everything, novel, seen = (load_features(tmp_path / f"{name}.pt") for name in ("all", "novel", "seen"))
+    assert set(novel["labels"].tolist()) == set(HOLDOUT)
+    assert set(seen["labels"].tolist()) == {0, 1, 2, 3, 4}
+    assert sorted(novel["indices"].tolist() + seen["indices"].tolist()) == list(range(450))
+    for part in (novel, seen):
+        torch.testing.assert_close(part["features"], everything["features"][part["indices"]])
+        assert torch.equal(part["labels"], everything["labels"][part["indices"]])
+
+
+def test_official_safetensors_reader_agrees(holdout_run, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    out = tmp_path / "test.safetensors"
+    assert _export(holdout_run, out, "--split", "test") == 0
+    theirs = safetensors_torch.load_file(str(out))
+    ours = load_features(out)
+    assert set(theirs) == {"features", "labels", "indices"}
+    for name, tensor in theirs.items():
+        assert torch.equal(tensor, ours[name]), name
+
+
+def test_wrong_row_count_leaves_no_file(tmp_path):
+    out = tmp_path / "bad.safetensors"
+    batches = (torch.randn(4, 8) for _ in range(2))
+    with pytest.raises(ValueError, match="expected 10 feature rows, the batches held 8"):
+        write_safetensors(out, batches, 10, 8, torch.zeros(10), torch.arange(10), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_file_is_refused(tmp_path):
+    out = tmp_path / "f.safetensors"
+    write_safetensors(out, [torch.randn(5, 3)], 5, 3, torch.zeros(5), torch.arange(5), {"k": "v"})
+    tensors, metadata = read_safetensors(out)
+    assert tensors["features"].shape == (5, 3) and metadata == {"k": "v"}
+    out.write_bytes(out.read_bytes()[:-8])
+    with pytest.raises(ExportError, match="does not fit its offsets"):
+        load_features(out)
+    out.write_bytes(b"\x00" * 4)
+    with pytest.raises(ExportError, match="too short"):
+        load_features(out)
+
+
+def test_bad_arguments_exit_2(holdout_run, tmp_path, capsys):
+    state = load_checkpoint(holdout_run)
+    state["args"]["holdout_classes"] = ""
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(state, plain)
+    assert _export(plain, tmp_path / "x.pt", "--classes", "novel") == 2
+    assert "--classes novel needs a run trained with --holdout-classes" in capsys.readouterr().err
+    assert _export(holdout_run, tmp_path / "x.npy") == 2
+    assert "--out must end in .safetensors or .pt" in capsys.readouterr().err
+    assert _export(tmp_path / "missing.pt", tmp_path / "x.pt") == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
