@@ -175,7 +175,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 def global_mean(value: Tensor) -> float:
     """The mean over ranks of a scalar (each rank's loss is the mean over its own queries)."""
-    total = all_reduce(value.detach().float().reshape(1).clone())
+    total = all_reduce(value.detach().double().reshape(1).clone())
     return float(total) / dist.get_world_size()
 
 

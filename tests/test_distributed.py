@@ -1,0 +1,311 @@
+"""Distributed SNCA on gloo with 2 CPU processes: the replicated and the sharded bank against the
+single-process op, banks across ranks, a rank that dies, and a 2-rank digits run via torchrun.
+
+The ranks are real processes (this file run as a script with torchrun's environment variables);
+they save what they computed and the assertions run here, against the single-process op. Every
+wait is bounded, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import snca_ext
+from snca_ext.memory import MemoryBank
+
+WORLD = 2
+ROOT = Path(__file__).resolve().parents[1]
+# Per rank: unequal batch sizes (the all-gathers pad), an odd bank (unequal blocks 19 / 18).
+BATCH = (6, 5)
+N, D, CLASSES, T = 37, 7, 4, 0.1
+TOPK = (5, 25)  # 25 > a block's 18-19 rows: the padded merge
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env(rank: int, port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(WORLD),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def _launch(scenario: str, out: Path, timeout: float = 120.0) -> list[subprocess.CompletedProcess]:
+    """Runs this file as ``WORLD`` ranks of ``scenario``; kills them all past ``timeout``. Each
+    result's ``seconds`` is how long that rank ran."""
+    port, started = _free_port(), time.monotonic()
+    logs = [(out / f"rank{rank}.out", out / f"rank{rank}.err") for rank in range(WORLD)]
+    processes = []
+    for rank, (stdout, stderr) in enumerate(logs):
+        with open(stdout, "w") as out_file, open(stderr, "w") as err_file:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, scenario, str(out)],
+                    env=_env(rank, port),
+                    stdout=out_file,
+                    stderr=err_file,
+                )
+            )
+    seconds: list[float | None] = [None] * WORLD
+    try:
+        while None in seconds and time.monotonic() - started < timeout:
+            for rank, process in enumerate(processes):
+                if seconds[rank] is None and process.poll() is not None:
+                    seconds[rank] = time.monotonic() - started
+            time.sleep(0.05)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    results = []
+    for process, (stdout, stderr), took in zip(processes, logs, seconds, strict=True):
+        result = subprocess.CompletedProcess(
+            process.args, process.returncode, stdout.read_text(), stderr.read_text()
+        )
+        result.seconds = took  # None: killed at the timeout
+        results.append(result)
+    return results
+
+
+# ----------------------------------------------------------------------------- shared data
+
+
+def _problem(dtype: torch.dtype):
+    """The global batch and bank, identical on every rank and in the test process."""
+    generator = torch.Generator().manual_seed(7)
+    bank = F.normalize(torch.randn(N, D, generator=generator, dtype=torch.float64), dim=1)
+    bank[30] = bank[3]  # a tie across the two blocks: the lower row must win
+    bank_labels = torch.randint(0, CLASSES - 1, (N,), generator=generator)
+    bank_labels[36] = CLASSES - 1  # class 3: one row, on rank 1 only
+    total = sum(BATCH)
+    features = F.normalize(torch.randn(total, D, generator=generator, dtype=torch.float64), dim=1)
+    features[0] = bank[3]
+    indices = torch.randperm(N, generator=generator)[:total]
+    indices[1] = 36  # its class has no other row: no positive, lse_same = -inf
+    indices[2] = -1  # no bank row
+    indices[7] = 3  # same-class rows only... on both blocks; excluded row on rank 0
+    labels = bank_labels[indices.clamp(min=0)]
+    labels[2] = CLASSES - 1  # no own row; its single positive (row 36) lives on rank 1
+    return features.to(dtype), indices, bank.to(dtype), bank_labels, labels
+
+
+def _rank_slice(rank: int) -> slice:
+    return slice(sum(BATCH[:rank]), sum(BATCH[: rank + 1]))
+
+
+def _steps():
+    """Features and rows of STEPS global batches (distinct rows within a batch)."""
+    generator = torch.Generator().manual_seed(11)
+    total = sum(BATCH)
+    return [
+        (
+            F.normalize(torch.randn(total, D, generator=generator), dim=1),
+            torch.randperm(N, generator=generator)[:total],
+        )
+        for _ in range(STEPS)
+    ]
+
+
+# ----------------------------------------------------------------------------- rank side
+
+
+def _rank_ops(out: Path) -> None:
+    from snca_ext import distributed as sd
+
+    env = sd.init_from_env("cpu", timeout_s=60)
+    rank, mine = env.rank, _rank_slice(env.rank)
+    saved = {}
+    for dtype in (torch.float64, torch.float32):
+        features, indices, bank, bank_labels, labels = _problem(dtype)
+        start, end = sd.shard_range(N, rank, WORLD)
+        name = str(dtype).removeprefix("torch.")
+        for mode in ("replicated", "sharded"):
+            local = features[mine].clone().requires_grad_(True)
+            if mode == "replicated":
+                lse_same, lse_other, _, _ = snca_ext.snca_stats(
+                    local, indices[mine], bank, bank_labels, T, labels=labels[mine]
+                )
+                loss = snca_ext.loss_from_lse(lse_same, lse_other)
+            else:
+                lse_same, lse_other = sd.sharded_snca_stats(
+                    local, indices[mine], bank[start:end], bank_labels[start:end], T,
+                    labels=labels[mine], start=start,
+                )  # fmt: skip
+                loss = snca_ext.loss_from_lse(lse_same, lse_other)
+            loss.backward()
+            saved[f"{name}/{mode}"] = {
+                "lse_same": lse_same.detach(),
+                "lse_other": lse_other.detach(),
+                "loss": loss.detach(),
+                "grad": local.grad,
+            }
+        for k in TOPK:
+            exclude = indices[mine]
+            values, rows = sd.sharded_topk(features[mine], bank[start:end], k, start=start, exclude=exclude)
+            saved[f"{name}/topk{k}"] = {"values": values, "rows": rows}
+    torch.save(saved, out / f"ops{rank}.pt")
+    sd.shutdown()
+
+
+def _rank_banks(out: Path) -> None:
+    from snca_ext import distributed as sd
+
+    env = sd.init_from_env("cpu", timeout_s=60)
+    labels = _problem(torch.float32)[3]
+    banks = {
+        mode: sd.memory_bank_class(env, mode == "sharded")(
+            labels, D, temperature=T, momentum=0.5, generator=torch.Generator().manual_seed(3)
+        )
+        for mode in ("replicated", "sharded")
+    }
+    mine = _rank_slice(env.rank)
+    for features, indices in _steps():
+        for bank in banks.values():
+            local = features[mine].clone().requires_grad_(True)
+            bank.loss(local, indices[mine]).backward()
+            bank.update(local.detach(), indices[mine])
+    saved = {
+        "replicated": banks["replicated"].bank.clone(),
+        "block": banks["sharded"].bank.clone(),
+        "gathered": banks["sharded"].state_dict()["bank"],
+    }
+    torch.save(saved, out / f"banks{env.rank}.pt")
+    sd.shutdown()
+
+
+def _rank_dies(out: Path) -> None:
+    """Rank 1 dies (or hangs) after joining; rank 0's next collective must fail, not wait."""
+    from snca_ext import distributed as sd
+
+    hang = out.name == "hang"
+    env = sd.init_from_env("cpu", timeout_s=5)
+    if env.rank == 1:
+        if hang:  # alive but silent, longer than the 5 s timeout
+            time.sleep(15)
+        os._exit(17)
+    features, indices, _, bank_labels, _ = _problem(torch.float32)
+    memory = sd.ShardedMemoryBank(bank_labels, D, temperature=T) if not hang else None
+    try:
+        if memory is None:
+            sd.all_reduce(torch.ones(1))
+        else:
+            for _ in range(50):  # the peer's exit is noticed at the latest at the timeout
+                memory.loss(features[:3], indices[:3])
+    except sd.PeerFailure as error:
+        print(f"PeerFailure: {error}", file=sys.stderr)
+        sys.exit(3)
+
+
+SCENARIOS = {"ops": _rank_ops, "banks": _rank_banks, "dies": _rank_dies}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def ops_results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ops")
+    for result in _launch("ops", out):
+        assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(out / f"ops{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize("mode", ["replicated", "sharded"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+def test_loss_and_gradient_equal_the_single_process_op(ops_results, mode, dtype, tol):
+    features, indices, bank, bank_labels, labels = _problem(dtype)
+    features.requires_grad_(True)
+    lse_same, lse_other, _, _ = snca_ext.snca_stats(features, indices, bank, bank_labels, T, labels=labels)
+    loss = snca_ext.loss_from_lse(lse_same, lse_other)
+    loss.backward()
+    assert torch.isneginf(lse_same[1]) and lse_same[2].isfinite()  # the edge cases are in the batch
+    name = str(dtype).removeprefix("torch.")
+    close = {"rtol": tol, "atol": tol}
+    # Each rank's loss is the mean over its own queries; weighted by the rank's share of the global
+    # batch (DDP's average when the batches are equal) they make the global mean, and so do the
+    # scaled gradients of each rank's rows.
+    shares = [size / sum(BATCH) for size in BATCH]
+    total = sum(
+        share * saved[f"{name}/{mode}"]["loss"] for share, saved in zip(shares, ops_results, strict=True)
+    )
+    torch.testing.assert_close(total, loss.detach(), **close)
+    for rank, saved in enumerate(ops_results):
+        got, mine = saved[f"{name}/{mode}"], _rank_slice(rank)
+        assert got["grad"].dtype == dtype
+        torch.testing.assert_close(got["lse_same"], lse_same[mine].detach(), **close)
+        torch.testing.assert_close(got["lse_other"], lse_other[mine].detach(), **close)
+        torch.testing.assert_close(got["grad"] * shares[rank], features.grad[mine], **close)
+
+
+@pytest.mark.parametrize("k", TOPK)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_sharded_topk_equals_the_single_process_search(ops_results, k, dtype):
+    features, indices, bank, _, _ = _problem(dtype)
+    values, rows = snca_ext.bank_topk(features, bank, k, exclude=indices)
+    name = str(dtype).removeprefix("torch.")
+    for rank, saved in enumerate(ops_results):
+        got, mine = saved[f"{name}/topk{k}"], _rank_slice(rank)
+        assert torch.equal(got["rows"], rows[mine])  # including the tie: row 3 before row 30
+        # The same inner products up to the summation order of a differently blocked GEMM.
+        torch.testing.assert_close(
+            got["values"], values[mine], rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6
+        )
+    assert rows[0, 0] == 3 and rows[0, 1] == 30  # the tie is really exercised
+
+
+def test_banks_identical_across_ranks_and_to_one_process(tmp_path):
+    for result in _launch("banks", tmp_path):
+        assert result.returncode == 0, result.stderr[-3000:]
+    saved = [torch.load(tmp_path / f"banks{rank}.pt") for rank in range(WORLD)]
+    labels = _problem(torch.float32)[3]
+    reference = MemoryBank(labels, D, temperature=T, momentum=0.5, generator=torch.Generator().manual_seed(3))
+    initial = reference.bank.clone()
+    for features, indices in _steps():
+        reference.update(features, indices)
+    assert not torch.equal(reference.bank, initial)
+    assert torch.equal(saved[0]["replicated"], saved[1]["replicated"])
+    torch.testing.assert_close(saved[0]["replicated"], reference.bank, rtol=0, atol=1e-7)
+    torch.testing.assert_close(torch.cat([s["block"] for s in saved]), reference.bank, rtol=0, atol=1e-7)
+    assert [s["block"].shape[0] for s in saved] == [19, 18]
+    for s in saved:
+        assert torch.equal(s["gathered"], torch.cat([t["block"] for t in saved]))
+
+
+@pytest.mark.parametrize("how", ["dies", "hang"])
+def test_a_dead_rank_makes_the_others_fail_clearly(tmp_path, how):
+    out = tmp_path / how
+    out.mkdir()
+    rank0, rank1 = _launch("dies", out, timeout=90)
+    assert rank0.returncode == 3, rank0.stderr[-3000:]
+    assert "PeerFailure: rank 0 of 2" in rank0.stderr and "Another rank has probably died" in rank0.stderr
+    if how == "dies":
+        assert rank1.returncode == 17
+    else:  # rank 0 gave up at its timeout while rank 1 was still silent
+        assert rank0.seconds is not None and rank1.seconds is not None and rank0.seconds < rank1.seconds
+        assert "Timed out" in rank0.stderr
+
+
+if __name__ == "__main__":
+    SCENARIOS[sys.argv[1]](Path(sys.argv[2]))
