@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -46,6 +47,19 @@ def assert_stats_equal(ours, expected, *, rtol, atol):
 
 def test_cpu_backend_is_built():
     assert "cpu" in snca_ext.available_backends("cpu"), snca_ext.ops._C_IMPORT_ERROR
+
+
+@pytest.mark.skipif(
+    torch.version.cuda is None
+    or not os.path.exists("/usr/local/cuda/bin/nvcc")
+    or os.environ.get("SNCA_EXT_BUILD_CUDA") == "0",
+    reason="needs a CUDA build of torch and the CUDA toolkit at /usr/local/cuda",
+)
+def test_cuda_kernels_are_built_where_the_toolkit_is():
+    """CI has nvcc but no GPU: the CUDA sources must still have been compiled and registered, so
+    that a CUDA build break or a silently skipped CUDA build fails here."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("snca_ext::snca_forward", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("snca_ext::bank_topk", "CUDA")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
