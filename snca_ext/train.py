@@ -7,12 +7,17 @@ recipe for that dataset; every recipe value is a flag. The run directory (``--ou
 
 Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder or checkpoint,
 130 stopped by Ctrl-C / SIGTERM / ``--stop-after-steps`` (a checkpoint to ``--resume`` from was
-written).
+written), 3 another rank of a distributed run failed or timed out.
+
+Under ``torchrun`` with several processes it trains data-parallel (DDP): ``--batch-size`` is the
+global batch, split over the ranks; the bank is replicated, or with ``--bank-sharding`` split in
+row blocks over the ranks (snca_ext/distributed.py). Rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -29,14 +34,17 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import FORMAT, CheckpointError, from_original, load_checkpoint, save_checkpoint
 from .data import DATASETS, DataBundle, DataError, build_data, parse_classes
 from .fewshot import novel_class_evaluation
 from .knn import KnnResult, compute_features, knn_evaluate
-from .memory import BANK_DTYPES, MemoryBank, MomentumSchedule
+from .memory import BANK_DTYPES, MomentumSchedule
 from .models import ARCHS, build_model
 
 # The paper's recipe per dataset (the original main.py / cifar.py); digits is this package's own,
@@ -107,6 +115,7 @@ RUN_KEYS = (*RECIPES["digits"], *COMMON_DEFAULTS, "dataset", "data")
 METRIC_FIELDS = ("epoch", "lr", "memory_momentum", "loss", "knn1_top1")
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+EXIT_PEER_FAILED = 3
 
 
 class UsageError(ValueError):
@@ -254,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars (they are off anyway when not a terminal)",
     )
+    add(
+        "--bank-sharding",
+        action="store_true",
+        help="under torchrun: split the memory bank in row blocks over the ranks (bank memory per "
+        "rank / world size) instead of a whole copy per rank",
+    )
+    add(
+        "--dist-timeout",
+        type=POSITIVE_FLOAT,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
+        "with an error (a rank died or hung) (600)",
+    )
     return parser
 
 
@@ -367,8 +389,16 @@ class Trainer:
     """One run: model, bank, optimizer, schedules and the position in the run, checkpointed
     together so a resumed run continues the same curve."""
 
-    def __init__(self, args: argparse.Namespace, data: DataBundle, device: torch.device) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        data: DataBundle,
+        device: torch.device,
+        dist_env: distributed.DistEnv | None = None,
+    ) -> None:
         self.args = args
+        self.dist = dist_env  # None: one process
+        self.is_main = dist_env is None or dist_env.is_main
         self.data = data
         self.device = device
         self.out = Path(args.out)
@@ -380,8 +410,14 @@ class Trainer:
         self.head_labels = self.head_labels.to(device)
         head = len(seen) if args.loss == "softmax" else 0
         self.model = build_model(args.arch, args.low_dim, classes=head).to(device)
+        # The forward of training goes through DDP under torchrun; checkpoints keep the bare model.
+        self.net = self.model
+        if dist_env is not None:
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None
+            )
         bank_generator = torch.Generator().manual_seed(args.seed)
-        self.memory = MemoryBank(
+        self.memory = distributed.memory_bank_class(dist_env, args.bank_sharding)(
             data.train_labels,
             args.low_dim,
             temperature=args.temperature,
@@ -477,8 +513,11 @@ class Trainer:
 
     def save(self) -> None:
         path = self.out / "checkpoint.pt"
+        state = self.state_dict()  # on every rank: a sharded bank is gathered collectively
+        if not self.is_main:
+            return
         try:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(state, path)
         except Exception as error:  # keep training: the previous checkpoint is intact
             print(
                 f"warning: could not save {path} ({error}); the previous checkpoint is kept", file=sys.stderr
@@ -497,6 +536,20 @@ class Trainer:
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **common)
         order = torch.randperm(len(dataset), generator=self.shuffle_generator).tolist()
+        if self.dist is not None:
+            # The single-process order in whole global batches; rank r takes every world-th example,
+            # so global batch i is the single-process batch i at any world size (and on resume).
+            rest = order[skip_batches * args.batch_size :]
+            rest = rest[: len(rest) - len(rest) % args.batch_size]
+            sampler = DistributedSampler(rest, self.dist.world_size, self.dist.rank, shuffle=False)
+            common["batch_size"] = args.batch_size // self.dist.world_size
+            return DataLoader(
+                Subset(dataset, rest),
+                sampler=sampler,
+                drop_last=True,
+                generator=self.shuffle_generator,
+                **common,
+            )
         # drop_last: a last batch of one example would break batch norm.
         return DataLoader(
             dataset,
@@ -510,9 +563,9 @@ class Trainer:
         """The step's features and loss: SNCA against the bank, or with --loss softmax the
         cross-entropy of the classifier head (the bank then only serves the kNN monitor)."""
         if self.args.loss == "softmax":
-            features, logits = self.model(images, logits=True)
+            features, logits = self.net(images, logits=True)
             return features, F.cross_entropy(logits, self.head_labels[self.memory.labels[indices]])
-        features = self.model(images)
+        features = self.net(images)
         return features, self.memory.loss(features, indices, margin=margin_logits, backend=self.args.backend)
 
     def train_epoch(self, stop: StopSignal, progress: bool) -> bool:
@@ -541,7 +594,8 @@ class Trainer:
             for images, _, indices in loader:
                 images, indices = images.to(self.device, non_blocking=True), indices.to(self.device)
                 features, loss = self._loss(images, indices, margin_logits)
-                loss_value = float(loss.detach())
+                # The global batch's loss: every rank must agree to raise Diverged.
+                loss_value = float(loss.detach()) if self.dist is None else distributed.global_mean(loss)
                 if not math.isfinite(loss_value):
                     raise Diverged(
                         f"the loss became {loss_value} at epoch {epoch + 1}, step {self.step + 1} "
@@ -566,25 +620,14 @@ class Trainer:
                 )
                 if args.stop_after_steps is not None and self.steps_this_run >= args.stop_after_steps:
                     stop.requested = True
-                if stop.requested and self.step < total_steps:
+                if self.agree_to_stop(stop) and self.step < total_steps:
                     return False
         return True
 
     def finish_epoch(self, progress: bool) -> dict[str, Any]:
         """kNN monitor against the bank, schedule step, metrics row, checkpoint."""
         args = self.args
-        monitor = knn_evaluate(
-            self.model,
-            self._loader(self.data.test, shuffle=False),
-            self.memory.bank,
-            self.memory.labels,
-            self.data.num_classes,
-            k=args.monitor_k,
-            sigma=args.knn_sigma,
-            device=self.device,
-            backend=args.backend,
-            progress=progress,
-        )
+        monitor = self._knn(self.memory.bank, args.monitor_k, progress)
         row = {
             "epoch": self.epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -597,30 +640,67 @@ class Trainer:
         self.epoch += 1
         self.step, self.epoch_loss_sum, self.epoch_seen = 0, 0.0, 0
         self.save()
-        write_metrics(self.metrics, self.out / "metrics.csv")
+        if self.is_main:
+            write_metrics(self.metrics, self.out / "metrics.csv")
         return row
 
     def final_evaluation(self, progress: bool) -> tuple[KnnResult, bool]:
         args = self.args
         bank = self.memory.bank
-        if args.recompute_bank:
+        if args.recompute_bank and self.dist is not None:
+            sharded = isinstance(self.memory, distributed.ShardedMemoryBank)
+            bank = distributed.bank_features(
+                self.model,
+                self.data.train_plain,
+                sharded=sharded,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=self.device,
+            )
+        elif args.recompute_bank:
             plain = self._loader(self.data.train_plain, shuffle=False)
             bank = compute_features(
                 self.model, plain, len(self.data.train_plain), self.device, progress=progress
             )
-        result = knn_evaluate(
+        result = self._knn(bank, args.knn_k, progress)
+        return result, bool(args.recompute_bank)
+
+    def _knn(self, bank: torch.Tensor, k: int, progress: bool) -> KnnResult:
+        """kNN accuracy of the test set against ``bank``; under torchrun the test set is split over
+        the ranks and the counts summed (``bank`` is this rank's block when the bank is sharded)."""
+        args = self.args
+        if self.dist is not None:
+            return distributed.knn_evaluate_distributed(
+                self.model,
+                self.data.test,
+                self.memory,
+                self.data.num_classes,
+                k=k,
+                sigma=args.knn_sigma,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                device=self.device,
+                bank=bank,
+                backend=args.backend,
+            )
+        return knn_evaluate(
             self.model,
             self._loader(self.data.test, shuffle=False),
             bank,
             self.memory.labels,
             self.data.num_classes,
-            k=args.knn_k,
+            k=k,
             sigma=args.knn_sigma,
             device=self.device,
             backend=args.backend,
             progress=progress,
         )
-        return result, bool(args.recompute_bank)
+
+    def agree_to_stop(self, stop: StopSignal) -> bool:
+        """Whether to stop now; under torchrun every rank stops when any was asked to."""
+        if self.dist is not None:
+            stop.requested = distributed.any_rank(stop.requested, self.device)
+        return stop.requested
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -679,6 +759,23 @@ def _load_resume(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    """The command line; under torchrun with several processes, one rank of the distributed run."""
+    if not distributed.launched_distributed():
+        return _run(argv, None)
+    raw = build_parser().parse_args(argv)
+    env = distributed.init_from_env(raw.device, raw.dist_timeout)
+    try:
+        # One log per job: rank 0's (errors and warnings of every rank still go to stderr).
+        with contextlib.redirect_stdout(None) if not env.is_main else contextlib.nullcontext():
+            return _run(argv, env)
+    except distributed.PeerFailure as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_PEER_FAILED
+    finally:
+        distributed.shutdown()
+
+
+def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     wall_started = time.perf_counter()
     parser = build_parser()
     raw = parser.parse_args(argv)
@@ -691,7 +788,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                 args.out = str(Path(args.resume).parent)
             else:
                 args.out = str(Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        device = resolve_device(args.device)
+        if env is not None:  # the ranks' clocks may straddle a second
+            args.out = distributed.broadcast_object(args.out)
+        device = resolve_device(args.device) if env is None else env.device
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         seed_everything(args.seed)
@@ -702,7 +801,14 @@ def run(argv: Sequence[str] | None = None) -> int:
                 f"--batch-size must be at most the training set size {len(data.train)} (the last "
                 f"incomplete batch is dropped), got {args.batch_size}"
             )
-        trainer = Trainer(args, data, device)
+        if env is not None and args.batch_size % env.world_size:
+            raise UsageError(
+                f"--batch-size (the global batch) must be a multiple of the {env.world_size} ranks, "
+                f"got {args.batch_size}"
+            )
+        if args.bank_sharding and env is None:
+            raise UsageError("--bank-sharding needs a distributed run: torchrun --nproc_per_node N ...")
+        trainer = Trainer(args, data, device, env)
         if checkpoint is not None:
             if native:
                 trainer.load_state_dict(checkpoint)
@@ -723,7 +829,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             _novel_evaluation(trainer, novel, progress)
         return EXIT_OK
 
-    trainer.out.mkdir(parents=True, exist_ok=True)
+    if trainer.is_main:
+        trainer.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = trainer.out / "checkpoint.pt"
     print(
         f"run {trainer.out}: {args.dataset}, {args.arch}, N={len(data.train)} train / {len(data.test)} test, "
@@ -750,7 +857,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                     f"kNN-{args.monitor_k} {row['knn1_top1']:.2f}%  lr {row['lr']:g}  {seconds:.1f} s",
                     flush=True,
                 )
-                if stop.requested and trainer.epoch < args.epochs:
+                if trainer.agree_to_stop(stop) and trainer.epoch < args.epochs:
                     print(f"stopped after epoch {trainer.epoch}: continue with --resume {checkpoint_path}")
                     status = EXIT_STOPPED
                     break
@@ -766,7 +873,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print("aborted by a second Ctrl-C; the last saved checkpoint is kept", file=sys.stderr)
         status = EXIT_STOPPED
     train_seconds = time.perf_counter() - train_started
-    if trainer.metrics:
+    if trainer.metrics and trainer.is_main:
         plot_curves(trainer.metrics, trainer.out / "curves.png", f"SNCA {args.dataset} {args.arch}")
     if status != EXIT_OK:
         return status
@@ -789,7 +896,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     summary["loss"] = args.loss
     if novel is not None:
         summary["novel_classes"] = _novel_evaluation(trainer, novel, progress)
-    _write_text_atomic(trainer.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if trainer.is_main:
+        _write_text_atomic(trainer.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
     return EXIT_OK
 
