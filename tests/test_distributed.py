@@ -8,6 +8,7 @@ wait is bounded, so a hang fails the test instead of blocking CI.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,7 +21,9 @@ import torch
 from torch.nn import functional as F
 
 import snca_ext
+from snca_ext.checkpoint import load_checkpoint
 from snca_ext.memory import MemoryBank
+from snca_ext.train import EXIT_OK, EXIT_USAGE, run
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +308,60 @@ def test_a_dead_rank_makes_the_others_fail_clearly(tmp_path, how):
     else:  # rank 0 gave up at its timeout while rank 1 was still silent
         assert rank0.seconds is not None and rank1.seconds is not None and rank0.seconds < rank1.seconds
         assert "Timed out" in rank0.stderr
+
+
+def _torchrun(out: Path, *flags: str, timeout: float = 150.0) -> subprocess.CompletedProcess:
+    """A 2-rank digits run through torchrun, its rendezvous on 127.0.0.1 at a free port."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD)),
+        *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}"),
+        *("-m", "snca_ext.train", "--out", str(out), "--no-progress", *flags),
+    ]
+    env = {**_env(0, 0), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process_digits(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("one-process")
+    assert run(["--out", str(out), "--epochs", "2", "--threads", "1", "--no-progress"]) == EXIT_OK
+    return _summary(out)
+
+
+def test_two_rank_digits_run_reaches_the_one_process_accuracy(one_process_digits, tmp_path):
+    result = _torchrun(tmp_path, "--epochs", "2")
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    assert result.stdout.count("epoch 2/2") == 1  # one log: rank 0's
+    ours = _summary(tmp_path)
+    # Same global batches; only batch-norm statistics (per rank) and rounding differ.
+    assert ours["test_examples"] == 450 and ours["top1"] > 90.0
+    assert abs(ours["top1"] - one_process_digits["top1"]) <= 4.0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sharded_run_stops_and_resumes_on_one_process(one_process_digits, tmp_path):
+    """A 2-rank sharded run stopped mid-epoch, resumed by a single process: the checkpoint
+    holds the whole bank and replays the same global batches."""
+    result = _torchrun(tmp_path, "--epochs", "2", "--bank-sharding", "--stop-after-steps", "30")
+    assert "stopped in epoch 2 after step 9" in result.stdout, result.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 9)
+    assert state["memory"]["bank"].shape == (1347, 128)
+    assert run(["--resume", str(tmp_path), "--threads", "1", "--no-progress"]) == EXIT_OK
+    ours = _summary(tmp_path)
+    assert ours["epochs"] == 2 and ours["top1"] > 90.0
+    assert abs(ours["top1"] - one_process_digits["top1"]) <= 4.0
+
+
+def test_bank_sharding_needs_torchrun(tmp_path, capsys):
+    assert run(["--out", str(tmp_path), "--bank-sharding", "--no-progress"]) == EXIT_USAGE
+    assert "--bank-sharding needs a distributed run" in capsys.readouterr().err
 
 
 if __name__ == "__main__":
