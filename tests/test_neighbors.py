@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from snca_ext.data import build_data
 from snca_ext.export import load_trained_model
+from snca_ext.export import run as export
 from snca_ext.knn import compute_features
 from snca_ext.neighbors import run
 from snca_ext.train import EXIT_OK
@@ -141,6 +142,33 @@ def test_png_grid_has_one_row_per_query_and_model(checkpoints, tmp_path):
     assert image.size == (90 + cell_w + 12 + K * cell_w, 4 * cell_h + 4)
     colors = {color for _, color in image.getcolors(maxcolors=1 << 16)}
     assert (0x1A, 0x98, 0x50) in colors  # green frames: correct retrievals exist
+
+
+def test_exported_bank_gives_the_same_page(checkpoints, tmp_path, capsys):
+    bank = tmp_path / "bank.safetensors"
+    assert export(["--checkpoint", str(checkpoints["snca"]), "--out", str(bank), "--no-progress"]) == 0
+    assert _neighbors(checkpoints["snca"], tmp_path / "a.html", "--queries", "3") == 0
+    assert (
+        _neighbors(checkpoints["snca"], tmp_path / "b.html", "--queries", "3", "--bank-features", str(bank))
+        == 0
+    )
+    first, second = _page(tmp_path / "a.html").rows, _page(tmp_path / "b.html").rows
+    assert [row["cells"] for row in first] == [row["cells"] for row in second]
+    # A bank of other images (the novel classes only) is refused, not silently misread.
+    novel = tmp_path / "novel.safetensors"
+    argv = [
+        "--checkpoint",
+        str(checkpoints["snca"]),
+        "--out",
+        str(novel),
+        "--classes",
+        "novel",
+        "--no-progress",
+    ]
+    assert export(argv) == 0
+    capsys.readouterr()
+    assert _neighbors(checkpoints["snca"], tmp_path / "c.html", "--bank-features", str(novel)) == 2
+    assert "are not the 1347 training images of --classes all" in capsys.readouterr().err
 
 
 def test_bad_query_index_exits_2(checkpoints, tmp_path, capsys):
