@@ -82,7 +82,19 @@ def _extension():
     )
 
 
+def _ext_modules():
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        _log(
+            f"no C++ compiler found ({compiler!r} is not on PATH): installing without the compiled "
+            "kernels; only the 'reference' (and, with a GPU, 'triton') backends will be available. "
+            "Install g++ (e.g. `apt-get install g++`) and reinstall to build the 'cpu' and 'cuda' backends."
+        )
+        return []
+    return [_extension()]
+
+
 setup(
-    ext_modules=[_extension()],
+    ext_modules=_ext_modules(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )
