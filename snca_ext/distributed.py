@@ -225,8 +225,7 @@ class _ShardedStats(torch.autograd.Function):
     """(lse_same, lse_other) of this rank's queries against the bank spread over every rank."""
 
     @staticmethod
-    def forward(ctx, features, indices, labels, shard, shard_labels, start, temperature, backend):
-        with_grad = features.requires_grad
+    def forward(ctx, features, indices, labels, shard, shard_labels, start, temperature, backend, with_grad):
         sizes = gather_sizes(features.shape[0], features.device)
         queries = all_gather_cat(features.detach(), sizes)
         query_rows = all_gather_cat(indices, sizes)
@@ -254,7 +253,7 @@ class _ShardedStats(torch.autograd.Function):
     def backward(ctx, grad_same, grad_other):
         wmean_same, wmean_other = ctx.saved_tensors
         grad = (grad_same[:, None] * wmean_same + grad_other[:, None] * wmean_other) * ctx.inv_temperature
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def sharded_snca_stats(
@@ -284,7 +283,11 @@ def sharded_snca_stats(
     )
     if backend == "reference":
         raise ValueError("the sharded loss needs a fused backend (cpu, cuda or triton), got 'reference'")
-    return _ShardedStats.apply(features, rows, labels, shard, shard_labels, start, temperature, backend)
+    # Grad mode is off inside Function.forward: decide here whether to accumulate the gradient.
+    with_grad = features.requires_grad and torch.is_grad_enabled()
+    return _ShardedStats.apply(
+        features, rows, labels, shard, shard_labels, start, temperature, backend, with_grad
+    )
 
 
 def sharded_snca_loss(
@@ -545,6 +548,8 @@ def knn_evaluate_distributed(
     rank, world = _rank_world()
     start, end = shard_range(len(dataset), rank, world)
     queries, labels = _local_features(model, dataset, range(start, end), batch_size, workers, device)
+    if queries.shape[0] == 0:  # fewer test examples than ranks: still take part in the search
+        queries = queries.new_zeros(0, memory.dim)
     bank = memory.bank if bank is None else bank
     sharded = isinstance(memory, ShardedMemoryBank)
     k = min(k, memory.size)
@@ -559,7 +564,7 @@ def knn_evaluate_distributed(
             values, rows = bank_topk(part, bank, k, backend=backend)
         scores = knn_votes(values, rows, memory.labels, num_classes, sigma)
         hits = scores.topk(min(5, num_classes), dim=1).indices == truth[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(truth.shape[0])])
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), counts.new_tensor(truth.shape[0])])
     correct1, correct5, total = all_reduce(counts).tolist()
     if total == 0:
         raise ValueError("the evaluation set is empty")
