@@ -767,12 +767,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         # One log per job: rank 0's (errors and warnings of every rank still go to stderr).
         with contextlib.redirect_stdout(None) if not env.is_main else contextlib.nullcontext():
-            return _run(argv, env)
+            status = _run(argv, env)
     except distributed.PeerFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_PEER_FAILED
-    finally:
-        distributed.shutdown()
+        distributed.exit_after_peer_failure(error, EXIT_PEER_FAILED)
+    distributed.shutdown()
+    return status
 
 
 def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
