@@ -602,7 +602,10 @@ class Trainer:
                         f"(lr {self.optimizer.param_groups[0]['lr']:g}, temperature {args.temperature:g})"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if self.dist is None:
+                    loss.backward()
+                else:
+                    distributed.backward(loss)
                 self.optimizer.step()
                 # After the step's loss, as the original (its update sits in the op's backward).
                 self.memory.update(features.detach(), indices, momentum)
