@@ -123,15 +123,31 @@ def _rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _peer_failure(what: str, error: Exception) -> PeerFailure:
+    rank, world = _rank_world()
+    return PeerFailure(
+        f"rank {rank} of {world}: {what} failed ({str(error).strip().splitlines()[0]}). Another rank "
+        f"has probably died or hung; its own log says why."
+    )
+
+
 def _guarded(what: str, collective: Callable[[], object]) -> None:
     try:
         collective()
     except RuntimeError as error:  # DistBackendError and gloo's timeouts are RuntimeErrors
-        rank, world = _rank_world()
-        raise PeerFailure(
-            f"rank {rank} of {world}: {what} failed ({str(error).strip().splitlines()[0]}). Another rank "
-            f"has probably died or hung; its own log says why."
-        ) from error
+        raise _peer_failure(what, error) from error
+
+
+def backward(loss: Tensor) -> None:
+    """``loss.backward()`` under DDP: a failure of its gradient all-reduce raises ``PeerFailure``;
+    any other error is raised as it is."""
+    try:
+        loss.backward()
+    except RuntimeError as error:
+        text = str(error)
+        if isinstance(error, dist.DistBackendError) or "gloo" in text or "NCCL" in text:
+            raise _peer_failure("the gradient all-reduce of DDP", error) from error
+        raise
 
 
 def all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
