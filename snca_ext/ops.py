@@ -282,11 +282,7 @@ def loss_from_lse(
     gap = torch.where(has_positive, lse_other - lse_same + margin, torch.zeros_like(lse_same))
     threshold = 50.0 if gap.dtype == torch.float64 else 20.0
     per_row = torch.where(has_positive, F.softplus(gap, threshold=threshold), torch.zeros_like(gap))
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.sum() / per_row.shape[0]
+    return reference.reduce_rows(per_row, reduction)
 
 
 def snca_stats(

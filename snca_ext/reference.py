@@ -96,7 +96,12 @@ def loss_from_lse_reference(lse_same: Tensor, lse_other: Tensor, margin: float, 
     has_positive = lse_same != _NEG_INF
     safe_positive = torch.where(has_positive, positive_logit, torch.zeros_like(positive_logit))
     per_row = torch.logaddexp(safe_positive, lse_other) - safe_positive
-    per_row = torch.where(has_positive, per_row, torch.zeros_like(per_row))
+    return reduce_rows(torch.where(has_positive, per_row, torch.zeros_like(per_row)), reduction)
+
+
+def reduce_rows(per_row: Tensor, reduction: str) -> Tensor:
+    """``"none"``, ``"sum"``, or ``"mean"`` as the original: the sum over rows divided by B, rows
+    without a positive (loss 0) included."""
     if reduction == "none":
         return per_row
     if reduction == "sum":

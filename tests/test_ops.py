@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from problems import make_problem
 from torch.nn import functional as F
 
 import snca_ext
@@ -15,22 +16,6 @@ from snca_ext import reference
 # (B, N, D): B = 1, N = 1, N off every tile size, D = 3 and 130.
 SHAPES = [(1, 1, 3), (1, 700, 130), (5, 513, 3), (9, 1300, 16), (4, 2049, 130)]
 TEMPERATURES = [1.0, 0.05, 0.01, 0.005]
-
-
-def make_problem(batch, bank_rows, dim, *, classes=4, dtype=torch.float64, device="cpu", seed=0):
-    """Unit-norm features and bank; each query is a noisy copy of its own bank row, as in training."""
-    gen = torch.Generator().manual_seed(seed)
-    bank = F.normalize(torch.randn(bank_rows, dim, generator=gen, dtype=torch.float64), dim=1)
-    bank_labels = torch.randint(0, classes, (bank_rows,), generator=gen)
-    indices = torch.randint(0, bank_rows, (batch,), generator=gen)
-    noise = 0.3 * torch.randn(batch, dim, generator=gen, dtype=torch.float64)
-    features = F.normalize(bank[indices] + noise, dim=1)
-    return (
-        features.to(device=device, dtype=dtype),
-        indices.to(device),
-        bank.to(device=device, dtype=dtype),
-        bank_labels.to(device),
-    )
 
 
 def to64(*tensors):

@@ -16,12 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from torch.nn import functional as F
 
 import snca_ext
 from snca_ext import reference
 
 pytest.importorskip("triton")
+import problems
+
 from snca_ext.triton import snca_triton as kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,18 +39,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_problem(batch, bank_rows, dim, *, classes=4, dtype=torch.float64, seed=0):
-    """Unit-norm features and bank; each query is a noisy copy of its own bank row, as in training."""
-    gen = torch.Generator().manual_seed(seed)
-    bank = F.normalize(torch.randn(bank_rows, dim, generator=gen, dtype=torch.float64), dim=1)
-    bank_labels = torch.randint(0, classes, (bank_rows,), generator=gen)
-    indices = torch.randint(0, bank_rows, (batch,), generator=gen)
-    noise = 0.3 * torch.randn(batch, dim, generator=gen, dtype=torch.float64)
-    features = F.normalize(bank[indices] + noise, dim=1)
-    return (
-        features.to(device=DEVICE, dtype=dtype),
-        indices.to(DEVICE),
-        bank.to(device=DEVICE, dtype=dtype),
-        bank_labels.to(DEVICE),
+    return problems.make_problem(
+        batch, bank_rows, dim, classes=classes, dtype=dtype, device=DEVICE, seed=seed
     )
 
 

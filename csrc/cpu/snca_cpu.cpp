@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -608,31 +610,12 @@ void topk_bf16_filtered(const at::Tensor& queries, const at::Tensor& self_rows, 
   });
 }
 
-void check_common(const at::Tensor& features, const at::Tensor& bank, const at::Tensor& self_rows,
-                  int64_t k, const char* features_name, const char* self_name) {
-  TORCH_CHECK(features.dim() == 2, features_name, " must be 2-D [B, D], got ", features.dim(),
-              "-D");
-  TORCH_CHECK(bank.dim() == 2, "bank must be 2-D [N, D], got ", bank.dim(), "-D");
-  TORCH_CHECK(bank.size(0) > 0, "bank must have at least one row");
-  TORCH_CHECK(bank.size(1) == features.size(1), "bank must have D=", features.size(1),
-              " columns like ", features_name, ", got ", bank.size(1));
-  const auto ft = features.scalar_type();
-  const auto bt = bank.scalar_type();
-  TORCH_CHECK(ft == at::kFloat || ft == at::kDouble, features_name,
-              " must be float32 or float64, got ", ft);
-  TORCH_CHECK(bt == ft || (ft == at::kFloat && (bt == at::kBFloat16 || bt == at::kHalf)),
-              "bank dtype ", bt, " does not go with ", features_name, " dtype ", ft,
-              " (expected the same dtype, or a bfloat16/float16 bank with float32 ", features_name,
-              ")");
-  TORCH_CHECK(self_rows.dim() == 1 && self_rows.size(0) == features.size(0), self_name,
-              " must have B=", features.size(0), " entries, got shape ", self_rows.sizes());
-  TORCH_CHECK(self_rows.scalar_type() == at::kLong, self_name, " must be int64, got ",
-              self_rows.scalar_type());
-  TORCH_CHECK(k >= 0 && k <= bank.size(0), "k must be in [0, N=", bank.size(0), "], got ", k);
+// The kernel reads bank rows with these indices, so their range is checked here too.
+void check_rows_in_bank(const at::Tensor& self_rows, int64_t bank_rows, const char* self_name) {
   const int64_t* self_ptr = self_rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < self_rows.size(0); ++i) {
-    TORCH_CHECK(self_ptr[i] >= -1 && self_ptr[i] < bank.size(0), self_name, "[", i,
-                "] must be in [-1, N=", bank.size(0), "), got ", self_ptr[i]);
+    TORCH_CHECK(self_ptr[i] >= -1 && self_ptr[i] < bank_rows, self_name, "[", i,
+                "] must be in [-1, N=", bank_rows, "), got ", self_ptr[i]);
   }
 }
 
@@ -647,17 +630,9 @@ snca_forward_cpu(const at::Tensor& features_in, const at::Tensor& labels_in,
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
   const at::Tensor bank_labels = bank_labels_in.contiguous();
-  check_common(features, bank, indices, k, "features", "indices");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) &&
-                  labels.scalar_type() == at::kLong,
-              "labels must be int64 with B=", features.size(0), " entries, got ",
-              labels.scalar_type(), " of shape ", labels.sizes());
-  TORCH_CHECK(bank_labels.dim() == 1 && bank_labels.size(0) == bank.size(0) &&
-                  bank_labels.scalar_type() == at::kLong,
-              "bank_labels must be int64 with N=", bank.size(0), " entries, got ",
-              bank_labels.scalar_type(), " of shape ", bank_labels.sizes());
+  check_bank_inputs(features, bank, indices, k, "features", "indices");
+  check_label_inputs(features, labels, bank, bank_labels, temperature);
+  check_rows_in_bank(indices, bank.size(0), "indices");
 
   const int64_t rows = features.size(0);
   const int64_t dim = features.size(1);
@@ -684,7 +659,8 @@ std::tuple<at::Tensor, at::Tensor> bank_topk_cpu(const at::Tensor& queries_in,
   const at::Tensor queries = queries_in.detach().contiguous();
   const at::Tensor bank = bank_in.contiguous();
   const at::Tensor exclude = exclude_in.contiguous();
-  check_common(queries, bank, exclude, k, "queries", "exclude");
+  check_bank_inputs(queries, bank, exclude, k, "queries", "exclude");
+  check_rows_in_bank(exclude, bank.size(0), "exclude");
   const int64_t rows = queries.size(0);
   at::Tensor values = at::empty({rows, k}, queries.options());
   at::Tensor indices = at::empty({rows, k}, queries.options().dtype(at::kLong));

@@ -57,6 +57,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <mma.h>
 
 #include <algorithm>
@@ -946,37 +948,11 @@ void run_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Tenso
   });
 }
 
-void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* name,
-                     const char* like_name) {
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), " like ",
-              like_name, ", got ", t.device());
-}
-
 void check_common(const at::Tensor& features, const at::Tensor& bank, const at::Tensor& self_rows,
                   int64_t k, const char* features_name, const char* self_name) {
-  check_on_device(bank, features, "bank", features_name);
-  check_on_device(self_rows, features, self_name, features_name);
-  TORCH_CHECK(features.dim() == 2, features_name, " must be 2-D [B, D], got ", features.dim(),
-              "-D");
-  TORCH_CHECK(bank.dim() == 2, "bank must be 2-D [N, D], got ", bank.dim(), "-D");
-  TORCH_CHECK(bank.size(0) > 0, "bank must have at least one row");
+  check_bank_inputs(features, bank, self_rows, k, features_name, self_name);
   TORCH_CHECK(bank.size(0) < std::numeric_limits<int>::max(),
               "bank must have fewer than 2^31 - 1 rows for the CUDA backend, got ", bank.size(0));
-  TORCH_CHECK(bank.size(1) == features.size(1), "bank must have D=", features.size(1),
-              " columns like ", features_name, ", got ", bank.size(1));
-  const auto ft = features.scalar_type();
-  const auto bt = bank.scalar_type();
-  TORCH_CHECK(ft == at::kFloat || ft == at::kDouble, features_name,
-              " must be float32 or float64, got ", ft);
-  TORCH_CHECK(bt == ft || (ft == at::kFloat && (bt == at::kBFloat16 || bt == at::kHalf)),
-              "bank dtype ", bt, " does not go with ", features_name, " dtype ", ft,
-              " (expected the same dtype, or a bfloat16/float16 bank with float32 ", features_name,
-              ")");
-  TORCH_CHECK(self_rows.dim() == 1 && self_rows.size(0) == features.size(0), self_name,
-              " must have B=", features.size(0), " entries, got shape ", self_rows.sizes());
-  TORCH_CHECK(self_rows.scalar_type() == at::kLong, self_name, " must be int64, got ",
-              self_rows.scalar_type());
-  TORCH_CHECK(k >= 0 && k <= bank.size(0), "k must be in [0, N=", bank.size(0), "], got ", k);
   // The kernels only compare bank rows with these, never index with them, so an out-of-range
   // value cannot read out of bounds; the check (one device sync) is skipped under graph capture.
   if (self_rows.numel() > 0 &&
@@ -995,18 +971,7 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   TORCH_CHECK(features_in.is_cuda(), "features must be a CUDA tensor, got ", features_in.device());
   const c10::cuda::CUDAGuard guard(features_in.device());
   check_common(features_in, bank_in, indices_in, k, "features", "indices");
-  check_on_device(labels_in, features_in, "labels", "features");
-  check_on_device(bank_labels_in, features_in, "bank_labels", "features");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == features_in.size(0) &&
-                  labels_in.scalar_type() == at::kLong,
-              "labels must be int64 with B=", features_in.size(0), " entries, got ",
-              labels_in.scalar_type(), " of shape ", labels_in.sizes());
-  TORCH_CHECK(bank_labels_in.dim() == 1 && bank_labels_in.size(0) == bank_in.size(0) &&
-                  bank_labels_in.scalar_type() == at::kLong,
-              "bank_labels must be int64 with N=", bank_in.size(0), " entries, got ",
-              bank_labels_in.scalar_type(), " of shape ", bank_labels_in.sizes());
+  check_label_inputs(features_in, labels_in, bank_in, bank_labels_in, temperature);
   const at::Tensor features = features_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();

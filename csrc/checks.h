@@ -1,0 +1,64 @@
+// Input checks shared by every compiled backend of the fused op, so that a direct call of
+// torch.ops.snca_ext.* fails with the same message on every device. Each backend checks the
+// values of the row indices itself: the CPU kernel reads memory with them, the CUDA kernels only
+// compare with them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace snca_ext {
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& like, const char* name,
+                              const char* like_name) {
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), " like ",
+              like_name, ", got ", t.device());
+}
+
+// Shapes and dtypes of (features or queries, bank, own rows) and the range of k.
+inline void check_bank_inputs(const at::Tensor& features, const at::Tensor& bank,
+                              const at::Tensor& self_rows, int64_t k, const char* features_name,
+                              const char* self_name) {
+  check_same_device(bank, features, "bank", features_name);
+  check_same_device(self_rows, features, self_name, features_name);
+  TORCH_CHECK(features.dim() == 2, features_name, " must be 2-D [B, D], got ", features.dim(),
+              "-D");
+  TORCH_CHECK(bank.dim() == 2, "bank must be 2-D [N, D], got ", bank.dim(), "-D");
+  TORCH_CHECK(bank.size(0) > 0, "bank must have at least one row");
+  TORCH_CHECK(bank.size(1) == features.size(1), "bank must have D=", features.size(1),
+              " columns like ", features_name, ", got ", bank.size(1));
+  const auto ft = features.scalar_type();
+  const auto bt = bank.scalar_type();
+  TORCH_CHECK(ft == at::kFloat || ft == at::kDouble, features_name,
+              " must be float32 or float64, got ", ft);
+  TORCH_CHECK(bt == ft || (ft == at::kFloat && (bt == at::kBFloat16 || bt == at::kHalf)),
+              "bank dtype ", bt, " does not go with ", features_name, " dtype ", ft,
+              " (expected the same dtype, or a bfloat16/float16 bank with float32 ", features_name,
+              ")");
+  TORCH_CHECK(self_rows.dim() == 1 && self_rows.size(0) == features.size(0), self_name,
+              " must have B=", features.size(0), " entries, got shape ", self_rows.sizes());
+  TORCH_CHECK(self_rows.scalar_type() == at::kLong, self_name, " must be int64, got ",
+              self_rows.scalar_type());
+  TORCH_CHECK(k >= 0 && k <= bank.size(0), "k must be in [0, N=", bank.size(0), "], got ", k);
+}
+
+// The extra inputs of snca_forward: labels, bank_labels and the temperature.
+inline void check_label_inputs(const at::Tensor& features, const at::Tensor& labels,
+                               const at::Tensor& bank, const at::Tensor& bank_labels,
+                               double temperature) {
+  check_same_device(labels, features, "labels", "features");
+  check_same_device(bank_labels, features, "bank_labels", "features");
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "temperature must be a finite number > 0, got ", temperature);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) &&
+                  labels.scalar_type() == at::kLong,
+              "labels must be int64 with B=", features.size(0), " entries, got ",
+              labels.scalar_type(), " of shape ", labels.sizes());
+  TORCH_CHECK(bank_labels.dim() == 1 && bank_labels.size(0) == bank.size(0) &&
+                  bank_labels.scalar_type() == at::kLong,
+              "bank_labels must be int64 with N=", bank.size(0), " entries, got ",
+              bank_labels.scalar_type(), " of shape ", bank_labels.sizes());
+}
+
+}  // namespace snca_ext
