@@ -7,7 +7,7 @@
 //   lse_other[i]  = logsumexp_{j : y_j != y_i} s_ij        (-inf when there is no such row)
 //   wmean_same    = sum_{same} softmax_same(s)_ij  m_j     [B, D] when with_grad, else [0, D]
 //   wmean_other   = sum_{other} softmax_other(s)_ij m_j    [B, D] when with_grad, else [0, D]
-//                   (zero rows for an empty group; d lse / d f_i = wmean / T, MATH.md)
+//                   (zero rows for an empty group; d lse / d f_i = wmean / T, README "How it works")
 //   topk_values   = the k largest <f_i, m_j> (j != idx_i), descending, ties to the lower j
 //   topk_indices  = their bank rows; -1 (value -inf) where fewer than k rows are eligible
 // Accumulation is in the features' dtype (fp32 or fp64); the bank may be fp32, fp64 (with fp64

@@ -57,7 +57,8 @@ def _snca_forward_backward(ctx, grad_lse_same, grad_lse_other, _g_ws, _g_wo, gra
             "snca_forward was called with with_grad=False, so it kept no gradient accumulators; "
             "call it with with_grad=True when features require grad"
         )
-    # d lse / d f_i = wmean_i / T (MATH.md): the backward only scales what the forward accumulated.
+    # d lse / d f_i = wmean_i / T (README, "How it works"): the backward only scales what the
+    # forward accumulated.
     grad = (grad_lse_same[:, None] * wmean_same + grad_lse_other[:, None] * wmean_other) * ctx.inv_temperature
     topk_grad = None if bank is None else _topk_rows_grad(grad_topk_values, topk_indices, bank, grad.dtype)
     if topk_grad is not None:

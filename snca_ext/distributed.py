@@ -7,8 +7,8 @@ all-gathered), so the banks stay bit-identical on every rank.
 Sharded (``--bank-sharding``): rank r holds the contiguous block of rows ``shard_range(N, r, W)``.
 Every rank streams the global batch (queries all-gathered) over its block with the fused op and
 returns per-query partials: the same-class and other-class log-sum-exps and, when the features
-require grad, the softmax-weighted mean bank rows (the gradient accumulators, MATH.md). The
-partials are combined exactly, as FlashAttention's split-KV combine::
+require grad, the softmax-weighted mean bank rows (the gradient accumulators; README, "How it
+works"). The partials are combined exactly, as FlashAttention's split-KV combine::
 
     M        = max_r lse_r                           (all_reduce MAX)
     s_r      = exp(lse_r - M)                        (0 for an empty group on rank r)

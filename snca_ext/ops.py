@@ -251,8 +251,8 @@ def snca_loss(
 
     ``loss_i = -log(P_i e^-margin / (P_i e^-margin + Q_i))`` with ``P_i``, ``Q_i`` the same-class
     and other-class sums of ``exp(<f_i, m_j> / T)`` over the bank, the query's own row
-    ``indices[i]`` excluded (MATH.md). ``margin`` is in logit units. A row with no positive
-    contributes 0; ``reduction="mean"`` divides the sum by B (the original's convention).
+    ``indices[i]`` excluded (README, "How it works"). ``margin`` is in logit units. A row with no
+    positive contributes 0; ``reduction="mean"`` divides the sum by B (the original's convention).
     ``indices[i] = -1`` marks a query with no bank row, which then needs ``labels``.
     The bank gets no gradient.
     """

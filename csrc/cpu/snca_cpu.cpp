@@ -3,7 +3,7 @@
 // The bank is split into one contiguous run of tiles per worker thread (B = 256 queries are too
 // few to parallelise over). Each worker keeps, per query, a running max and rescaled sum for the
 // same-class and the other-class log-sum-exp (online softmax), optionally the rescaled
-// softmax-weighted sums of bank rows (the one-pass gradient of MATH.md), and optionally a
+// softmax-weighted sums of bank rows (the one-pass gradient of README "How it works"), and optionally a
 // candidate buffer for the top-k. The partials are merged in worker order at the end, so a result
 // is deterministic for a given thread count. Extra memory is O(workers * (B * tile + B * D)).
 #include <ATen/ATen.h>

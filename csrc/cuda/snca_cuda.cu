@@ -8,7 +8,7 @@
 //
 //   lse_partial_kernel    per query: reference max and rescaled sum of the same-class and the
 //                         other-class exponentials (online softmax), optionally the rescaled
-//                         softmax-weighted sums of bank rows (the one-pass gradient of MATH.md)
+//                         softmax-weighted sums of bank rows (the one-pass gradient of README "How it works")
 //   lse_combine_kernel    log-sum-exp combine, rescale-sum of the accumulators
 //   topk_partial_kernel   per query a sorted top-k list per split, rejection threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
