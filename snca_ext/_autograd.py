@@ -39,6 +39,17 @@ def _topk_rows_grad(grad_values: Tensor | None, topk_indices: Tensor, bank: Tens
     return torch.einsum("bk,bkd->bd", weights, rows)
 
 
+def lse_grad(
+    grad_lse_same: Tensor, grad_lse_other: Tensor, wmean_same: Tensor, wmean_other: Tensor, inv_temperature
+) -> Tensor:
+    """The features' gradient from the upstream gradients of the two log-sum-exps.
+
+    d lse / d f_i = wmean_i / T (README, "How it works"): the backward only scales what the forward
+    accumulated and never reads the bank.
+    """
+    return (grad_lse_same[:, None] * wmean_same + grad_lse_other[:, None] * wmean_other) * inv_temperature
+
+
 def _snca_forward_setup(ctx, inputs, output):
     _, _, _, bank, _, temperature, with_grad, k = inputs
     _, _, wmean_same, wmean_other, _, topk_indices = output
@@ -57,9 +68,7 @@ def _snca_forward_backward(ctx, grad_lse_same, grad_lse_other, _g_ws, _g_wo, gra
             "snca_forward was called with with_grad=False, so it kept no gradient accumulators; "
             "call it with with_grad=True when features require grad"
         )
-    # d lse / d f_i = wmean_i / T (README, "How it works"): the backward only scales what the
-    # forward accumulated.
-    grad = (grad_lse_same[:, None] * wmean_same + grad_lse_other[:, None] * wmean_other) * ctx.inv_temperature
+    grad = lse_grad(grad_lse_same, grad_lse_other, wmean_same, wmean_other, ctx.inv_temperature)
     topk_grad = None if bank is None else _topk_rows_grad(grad_topk_values, topk_indices, bank, grad.dtype)
     if topk_grad is not None:
         grad = grad + topk_grad

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
+from . import _autograd
 from .knn import KnnResult, knn_votes
 from .memory import MemoryBank
 from .ops import _op, _prepare, bank_topk, loss_from_lse
@@ -280,7 +281,7 @@ class _ShardedStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_same, grad_other):
         wmean_same, wmean_other = ctx.saved_tensors
-        grad = (grad_same[:, None] * wmean_same + grad_other[:, None] * wmean_other) * ctx.inv_temperature
+        grad = _autograd.lse_grad(grad_same, grad_other, wmean_same, wmean_other, ctx.inv_temperature)
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -321,7 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--checkpoint", required=True, help="a checkpoint.pt of python -m snca_ext.train (or its run folder)")
-    add("--split", choices=SPLITS, default="train", help="train (test-time transform) or test (train)")
+    add(
+        "--split",
+        choices=SPLITS,
+        default="train",
+        help="train or test; both go through the test-time transform (default: train)",
+    )
     add("--out", required=True, help="output file: .safetensors (streamed) or .pt")
     add(
         "--classes",
