@@ -24,8 +24,8 @@ import torch
 from torch.nn import functional as F
 
 import snca_ext
+from snca_ext.apps.models import build_model
 from snca_ext.memory import MemoryBank
-from snca_ext.models import build_model
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 

@@ -59,7 +59,7 @@ class Profile:
     max_rounds: int = 30
 
 
-# The one size table. "full" is the issue's CIFAR-10 and ImageNet sizes; "default" finishes in a few
+# The one size table. "full" is CIFAR-10's and ImageNet's sizes; "default" finishes in a few
 # minutes on a 2-core CPU; "tiny" is the CI smoke run.
 PROFILES: dict[str, Profile] = {
     "tiny": Profile("tiny", (Size(32, 32, 2_000, 10),), topk=5, time_budget_s=0.02),

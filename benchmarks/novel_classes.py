@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from snca_ext.train import EXIT_OK
-from snca_ext.train import run as train
+from snca_ext.apps.train.cli import EXIT_OK
+from snca_ext.apps.train.cli import run as train
 
 LOSSES = ("snca", "softmax")
 COLUMNS = (

@@ -5,7 +5,7 @@
 
 One table per benchmark group (operation, mode, device, size): median time and its spread (IQR)
 over the rounds, speed-up over plain PyTorch (the row of kind "baseline"), added peak memory and
-how much less that is than plain PyTorch's. Then the issue's targets, each met, missed or not
+how much less that is than plain PyTorch's. Then the project's performance targets, each met, missed or not
 measured, with the numbers behind it.
 """
 
@@ -165,7 +165,7 @@ def _check(claim: str, ok: bool, detail: str) -> Target:
 
 
 def targets(rows: Sequence[Row]) -> list[Target]:
-    """The issue's targets for the fused CPU op, each judged from the measured rows."""
+    """The performance targets of the fused CPU op, each judged from the measured rows."""
     found = []
     for bank_rows, factor in ((CIFAR_ROWS, 3.0), (IMAGENET_ROWS, 5.0)):
         for mode in ("forward", "forward+backward"):

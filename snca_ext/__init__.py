@@ -1,22 +1,52 @@
-"""snca_ext: Scalable Neighborhood Component Analysis with a fused, memory-lean bank op."""
+"""snca_ext: Scalable Neighborhood Component Analysis with a fused, memory-lean bank op.
 
-from .knn import KnnResult, knn_evaluate, knn_predict, knn_scores
-from .memory import MemoryBank, MomentumSchedule, SNCACriterion
-from .ops import BACKENDS, available_backends, bank_topk, loss_from_lse, snca_loss, snca_stats
+The core (this package's top level; needs only torch): the fused ops (``snca_loss``,
+``snca_stats``, ``bank_topk``) and their backends, the memory bank and loss modules, weighted kNN
+and few-shot metrics on feature matrices, and the sharded bank for torch.distributed
+(``snca_ext.distributed``). The applications (training program, data sets, models, checkpoints,
+export, neighbour browser; ``snca_ext.apps``) sit on this public API and are not imported here.
+"""
+
+from .episodes import FewShotResult, few_shot_accuracy, sample_episodes
+from .knn import KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
+from .memory import MemoryBank, MomentumSchedule, SNCACriterion, SNCALoss, momentum_update
+from .ops import (
+    BACKENDS,
+    SNCAPartials,
+    SNCAStats,
+    TopK,
+    available_backends,
+    bank_topk,
+    loss_from_lse,
+    snca_loss,
+    snca_partials,
+    snca_stats,
+)
 
 __all__ = [
     "BACKENDS",
+    "FewShotResult",
     "KnnResult",
     "MemoryBank",
     "MomentumSchedule",
     "SNCACriterion",
+    "SNCALoss",
+    "SNCAPartials",
+    "SNCAStats",
+    "TopK",
     "available_backends",
     "bank_topk",
-    "knn_evaluate",
+    "few_shot_accuracy",
+    "knn_accuracy",
+    "knn_counts",
     "knn_predict",
     "knn_scores",
+    "knn_votes",
     "loss_from_lse",
+    "momentum_update",
+    "sample_episodes",
     "snca_loss",
+    "snca_partials",
     "snca_stats",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

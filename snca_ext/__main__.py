@@ -1,6 +1,6 @@
 """``python -m snca_ext``: the same as ``python -m snca_ext.train``."""
 
-from .train import main
+from .apps.train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -34,14 +34,12 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
 
 from . import _autograd
-from .knn import KnnResult, knn_votes
-from .memory import MemoryBank
-from .ops import _op, _prepare, bank_topk, loss_from_lse
+from .memory import MemoryBank, momentum_update
+from .ops import bank_topk, loss_from_lse, snca_partials
 
 DEFAULT_TIMEOUT_S = 600.0
 _NEG_INF = float("-inf")
@@ -64,6 +62,11 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def single(cls, device: torch.device) -> DistEnv:
+        """The world of one process: every collective of this module is then the identity."""
+        return cls(rank=0, world_size=1, local_rank=0, device=device, timeout_s=DEFAULT_TIMEOUT_S)
 
 
 def launched_distributed() -> bool:
@@ -121,7 +124,21 @@ def exit_after_peer_failure(error: PeerFailure, code: int) -> NoReturn:
 
 
 def _rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group, where every collective below is the
+    identity, so one code path serves one process and many."""
+    if not dist.is_initialized():
+        return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def world_size() -> int:
+    """The number of processes of the job (1 without a process group)."""
+    return _rank_world()[1]
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return _rank_world()[0]
 
 
 def _peer_failure(what: str, error: Exception) -> PeerFailure:
@@ -133,6 +150,8 @@ def _peer_failure(what: str, error: Exception) -> PeerFailure:
 
 
 def _guarded(what: str, collective: Callable[[], object]) -> None:
+    if not dist.is_initialized():
+        return
     try:
         collective()
     except RuntimeError as error:  # DistBackendError and gloo's timeouts are RuntimeErrors
@@ -171,6 +190,8 @@ def all_gather_cat(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
     differentiable: each rank differentiates only its own rows."""
     if sizes is None:
         sizes = gather_sizes(tensor.shape[0], tensor.device)
+    if len(sizes) == 1:
+        return tensor
     padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
@@ -179,13 +200,15 @@ def all_gather_cat(tensor: Tensor, sizes: list[int] | None = None) -> Tensor:
 
 
 def _own_slice(sizes: list[int]) -> slice:
-    rank = dist.get_rank()
+    rank, _ = _rank_world()
     return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
 def all_gather_columns(tensor: Tensor) -> Tensor:
     """Every rank's ``tensor`` (all the same shape) concatenated along the last dim, rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
     _guarded("all_gather", lambda: dist.all_gather(parts, tensor.contiguous()))
     return torch.cat(parts, dim=-1)
 
@@ -199,13 +222,15 @@ def broadcast_object(value):
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any: ranks must agree to stop together."""
+    if world_size() == 1:
+        return bool(flag)
     return bool(all_reduce(torch.tensor([float(flag)], device=device), dist.ReduceOp.MAX).item())
 
 
 def global_mean(value: Tensor) -> float:
     """The mean over ranks of a scalar (each rank's loss is the mean over its own queries)."""
     total = all_reduce(value.detach().double().reshape(1).clone())
-    return float(total) / dist.get_world_size()
+    return float(total) / world_size()
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -259,15 +284,15 @@ class _ShardedStats(torch.autograd.Function):
         queries = all_gather_cat(features.detach(), sizes)
         query_rows = all_gather_cat(indices, sizes)
         query_labels = all_gather_cat(labels, sizes)
-        lse_same, lse_other, wmean_same, wmean_other, _, _ = _op("snca_forward", backend)(
+        lse_same, lse_other, wmean_same, wmean_other = snca_partials(
             queries,
-            query_labels,
             local_rows(query_rows, start, start + shard.shape[0]),
             shard,
             shard_labels,
             temperature,
-            with_grad,
-            0,
+            labels=query_labels,
+            with_grad=with_grad,
+            backend=backend,
         )
         lse_same, lse_other, wmean_same, wmean_other = combine_lse_partials(
             lse_same, lse_other, wmean_same if with_grad else None, wmean_other if with_grad else None
@@ -306,12 +331,6 @@ def sharded_snca_stats(
     if labels is None:
         raise ValueError("labels must be given: a query's own bank row may be on another rank")
     rows = torch.as_tensor(indices).to(features.device).long()
-    # The shard's own checks; the global rows are mapped to the shard inside, so -1 stands in here.
-    _, shard_labels, labels, temperature, backend = _prepare(
-        features, torch.full_like(rows, -1), shard, shard_labels, temperature, labels, backend
-    )
-    if backend == "reference":
-        raise ValueError("the sharded loss needs a fused backend (cpu, cuda or triton), got 'reference'")
     # Grad mode is off inside Function.forward: decide here whether to accumulate the gradient.
     with_grad = features.requires_grad and torch.is_grad_enabled()
     return _ShardedStats.apply(
@@ -468,10 +487,7 @@ class ShardedMemoryBank(MemoryBank):
         features = all_gather_cat(features.detach().float(), sizes).to(self.bank.device)
         rows = local_rows(all_gather_cat(indices.to(features.device).long(), sizes), self.start, self.end)
         owned = rows >= 0
-        rows, features = rows[owned], features[owned]
-        mixed = self.bank[rows].float().mul_(momentum)
-        mixed.add_(features, alpha=1.0 - momentum)
-        self.bank.index_copy_(0, rows, F.normalize(mixed, dim=1).to(self.bank.dtype))
+        momentum_update(self.bank, rows[owned], features[owned], momentum)
 
     def topk(
         self, queries: Tensor, k: int, *, exclude: Tensor | None = None, backend: str = "auto"
@@ -498,7 +514,7 @@ class ShardedMemoryBank(MemoryBank):
 def gather_blocks(block: Tensor, total_rows: int, chunk_rows: int = 1 << 16) -> Tensor:
     """The whole sharded bank on the CPU of every rank, assembled in chunks so the device never
     holds more than a block plus ``world x chunk_rows`` rows (collective)."""
-    world = dist.get_world_size()
+    world = world_size()
     out = torch.empty(total_rows, block.shape[1], dtype=block.dtype)
     ranges = [shard_range(total_rows, r, world) for r in range(world)]
     longest = max(end - start for start, end in ranges)
@@ -516,85 +532,6 @@ def gather_blocks(block: Tensor, total_rows: int, chunk_rows: int = 1 << 16) -> 
 
 def memory_bank_class(env: DistEnv | None, sharded: bool) -> type[MemoryBank]:
     """The bank for this job: ``MemoryBank`` in one process, else replicated or sharded."""
-    if env is None:
+    if env is None or env.world_size == 1:
         return MemoryBank
     return ShardedMemoryBank if sharded else ReplicatedMemoryBank
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def _local_features(model: nn.Module, dataset, rows: range, batch_size: int, workers: int, device):
-    """The model's features and labels of ``dataset[rows]`` (eval mode, restored after)."""
-    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=workers)
-    was_training = model.training
-    model.eval()
-    features, labels = [], []
-    try:
-        for images, targets, _ in loader:
-            features.append(model(images.to(device, non_blocking=True)).float())
-            labels.append(targets.to(device))
-    finally:
-        model.train(was_training)
-    dim = features[0].shape[1] if features else 0
-    empty = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return (torch.cat(features), torch.cat(labels)) if features else empty
-
-
-def bank_features(
-    model: nn.Module, dataset, *, sharded: bool, batch_size: int, workers: int, device: torch.device
-) -> Tensor:
-    """The model's features of the whole training set, computed one contiguous block per rank:
-    the rank's own bank block when ``sharded``, else the whole bank (all-gathered) on every rank."""
-    rank, world = _rank_world()
-    start, end = shard_range(len(dataset), rank, world)
-    features, _ = _local_features(model, dataset, range(start, end), batch_size, workers, device)
-    return features if sharded else all_gather_cat(features)
-
-
-@torch.no_grad()
-def knn_evaluate_distributed(
-    model: nn.Module,
-    dataset,
-    memory: MemoryBank,
-    num_classes: int,
-    *,
-    k: int,
-    sigma: float,
-    batch_size: int,
-    workers: int,
-    device: torch.device,
-    bank: Tensor | None = None,
-    backend: str = "auto",
-    chunk: int = 1024,
-) -> KnnResult:
-    """Weighted kNN accuracy of the test set split across ranks (one contiguous block each),
-    against ``memory`` (``bank`` replaces its rows: the whole bank, or this rank's block when
-    sharded); the hit counts are summed over ranks, so every rank returns the same result."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    rank, world = _rank_world()
-    start, end = shard_range(len(dataset), rank, world)
-    queries, labels = _local_features(model, dataset, range(start, end), batch_size, workers, device)
-    if queries.shape[0] == 0:  # fewer test examples than ranks: still take part in the search
-        queries = queries.new_zeros(0, memory.dim)
-    bank = memory.bank if bank is None else bank
-    sharded = isinstance(memory, ShardedMemoryBank)
-    k = min(k, memory.size)
-    # Sharded search is collective: every rank runs the same number of chunks, some maybe empty.
-    chunks = -(-max(gather_sizes(queries.shape[0], device)) // chunk)
-    counts = torch.zeros(3, dtype=torch.long, device=device)
-    for first in range(0, chunks * chunk, chunk):
-        part, truth = queries[first : first + chunk], labels[first : first + chunk]
-        if sharded:
-            values, rows = sharded_topk(part, bank, k, start=memory.start, backend=backend)
-        else:
-            values, rows = bank_topk(part, bank, k, backend=backend)
-        scores = knn_votes(values, rows, memory.labels, num_classes, sigma)
-        hits = scores.topk(min(5, num_classes), dim=1).indices == truth[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), counts.new_tensor(truth.shape[0])])
-    correct1, correct5, total = all_reduce(counts).tolist()
-    if total == 0:
-        raise ValueError("the evaluation set is empty")
-    return KnnResult(top1=100.0 * correct1 / total, top5=100.0 * correct5 / total, count=total)

@@ -3,6 +3,8 @@
 Each of the K bank rows most similar to a query votes for its class with weight exp(sim / sigma);
 the class with the largest total wins (top-5: the five largest). The search is ``bank_topk``, the
 same streaming pass over the bank as the loss, so no B x N matrix is built even at ImageNet size.
+Everything here works on feature matrices; running a network over a data set is the
+applications' job (``snca_ext.apps``).
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from .ops import bank_topk
 
@@ -24,6 +24,15 @@ class KnnResult:
     top1: float
     top5: float
     count: int
+
+    @classmethod
+    def from_counts(cls, counts: Tensor) -> KnnResult:
+        """From ``knn_counts``'s ``[correct top-1, correct top-5, queries]`` (summed over chunks or
+        processes)."""
+        correct1, correct5, total = (int(value) for value in counts.tolist())
+        if total == 0:
+            raise ValueError("kNN accuracy of no query: the evaluation set is empty")
+        return cls(top1=100.0 * correct1 / total, top5=100.0 * correct5 / total, count=total)
 
 
 def knn_scores(
@@ -37,10 +46,17 @@ def knn_scores(
     exclude: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """[B, num_classes] summed vote weights of the k nearest bank rows of each query.
+    """Summed vote weights of the k nearest bank rows of each query.
 
-    The weights are exp((sim - max_sim) / sigma): dividing every weight of a query by the same
-    exp(max_sim / sigma) leaves its ranking of classes unchanged and cannot overflow at small sigma.
+    Args:
+        queries: [B, D]. bank: [N, D]. bank_labels: [N] integer classes in [0, num_classes).
+        k: neighbours (capped at N). sigma: vote temperature > 0.
+        exclude: [B] optional bank row each query must skip (-1 for none).
+
+    Returns:
+        [B, num_classes] scores. The weights are exp((sim - max_sim) / sigma): dividing every
+        weight of a query by the same exp(max_sim / sigma) leaves its ranking of classes unchanged
+        and cannot overflow at small sigma.
     """
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
@@ -51,7 +67,7 @@ def knn_scores(
 
 def knn_votes(values: Tensor, rows: Tensor, bank_labels: Tensor, num_classes: int, sigma: float) -> Tensor:
     """[B, num_classes] summed vote weights of given top-k neighbours (``bank_topk``'s output:
-    values descending, row -1 for a missing neighbour), as ``knn_scores``."""
+    values [B, k] descending, rows [B, k] with -1 for a missing neighbour), as ``knn_scores``."""
     found = rows >= 0
     weights = torch.exp((values - values[:, :1]) / sigma)
     weights = torch.where(found, weights, torch.zeros_like(weights))
@@ -71,68 +87,41 @@ def knn_predict(
     exclude: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """[B, min(5, num_classes)] predicted classes, best first."""
+    """[B, min(5, num_classes)] predicted classes, best first (arguments as ``knn_scores``)."""
     scores = knn_scores(queries, bank, bank_labels, num_classes, k, sigma, exclude=exclude, backend=backend)
     return scores.topk(min(5, num_classes), dim=1).indices
 
 
-@torch.no_grad()
-def compute_features(
-    model: nn.Module, loader: DataLoader, size: int, device: torch.device, *, progress: bool = False
-) -> Tensor:
-    """The model's features of every example of ``loader``'s dataset, row i for dataset index i.
-
-    The loader must yield ``(images, labels, indices)``; the model runs in eval mode and is put
-    back in the mode it was in.
-    """
-    was_training = model.training
-    model.eval()
-    features: Tensor | None = None
-    try:
-        for images, _, indices in tqdm(
-            loader, desc="features", leave=False, disable=None if progress else True
-        ):
-            batch = model(images.to(device, non_blocking=True)).float()
-            if features is None:
-                features = torch.zeros(size, batch.shape[1], device=device)
-            features[indices.to(device)] = batch
-    finally:
-        model.train(was_training)
-    if features is None:
-        raise ValueError("the loader yielded no batch: cannot compute features of an empty dataset")
-    return features
+def knn_counts(scores: Tensor, labels: Tensor) -> Tensor:
+    """``[correct top-1, correct top-5, queries]`` (int64, on ``scores``' device) of vote scores
+    [B, C] (``knn_votes`` / ``knn_scores``) against the true ``labels`` [B]; sums of these over
+    chunks or processes give ``KnnResult.from_counts``."""
+    predicted = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hits = predicted == labels.to(scores.device)[:, None]
+    return torch.stack(
+        [hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(labels.shape[0], device=scores.device)]
+    ).long()
 
 
 @torch.no_grad()
-def knn_evaluate(
-    model: nn.Module,
-    loader: DataLoader,
+def knn_accuracy(
+    queries: Tensor,
+    labels: Tensor,
     bank: Tensor,
     bank_labels: Tensor,
     num_classes: int,
     *,
     k: int,
     sigma: float,
-    device: torch.device,
     backend: str = "auto",
-    progress: bool = False,
+    chunk: int = 1024,
 ) -> KnnResult:
-    """Top-1 / top-5 weighted kNN accuracy of the model's features of ``loader`` against ``bank``."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    try:
-        for images, labels, _ in tqdm(
-            loader, desc=f"kNN k={k}", leave=False, disable=None if progress else True
-        ):
-            queries = model(images.to(device, non_blocking=True)).float()
-            predicted = knn_predict(queries, bank, bank_labels, num_classes, k, sigma, backend=backend)
-            hits = predicted == labels.to(device)[:, None]
-            correct1 += int(hits[:, 0].sum())
-            correct5 += int(hits.any(dim=1).sum())
-            total += labels.shape[0]
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("the evaluation loader yielded no example")
-    return KnnResult(top1=100.0 * correct1 / total, top5=100.0 * correct5 / total, count=total)
+    """Top-1 / top-5 weighted kNN accuracy of ``queries`` [B, D] with true ``labels`` [B] against
+    ``bank`` [N, D] with ``bank_labels`` [N], searched ``chunk`` queries at a time."""
+    counts = torch.zeros(3, dtype=torch.long, device=queries.device)
+    for first in range(0, queries.shape[0], chunk):
+        scores = knn_scores(
+            queries[first : first + chunk], bank, bank_labels, num_classes, k, sigma, backend=backend
+        )
+        counts += knn_counts(scores, labels[first : first + chunk])
+    return KnnResult.from_counts(counts)

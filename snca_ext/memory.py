@@ -2,7 +2,7 @@
 
 ``MemoryBank`` holds the N x D bank and its labels as buffers (so it travels in a ``state_dict``
 and loads with ``weights_only=True``) and runs the loss and the kNN search through the fused op.
-``SNCACriterion`` is a drop-in replacement for the original project's pair
+``SNCALoss`` (alias ``SNCACriterion``) is a drop-in replacement for the original project's pair
 ``LinearAverage`` + ``NCACrossEntropy``: one module that takes ``(features, indices)`` and returns
 the loss, updating the bank during the backward exactly when the original did.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,32 @@ def initial_bank(
     bound = 1.0 / math.sqrt(dim / 3)
     bank = torch.rand(size, dim, generator=generator, device=device)
     return bank.mul_(2 * bound).sub_(bound).to(dtype)
+
+
+def momentum_update(bank: Tensor, rows: Tensor, features: Tensor, momentum: float) -> None:
+    """``bank[r] <- normalize(momentum * bank[r] + (1 - momentum) * f)`` for each (row, feature)
+    pair, in float32 whatever the bank's storage dtype, in place.
+
+    Args:
+        bank: [N, D] the bank (any float dtype). rows: [b] integer rows of ``bank``.
+        features: [b, D] the new features (detached). momentum: in [0, 1).
+    """
+    rows = rows.to(bank.device).long()
+    mixed = bank[rows].float().mul_(momentum)
+    mixed.add_(features.detach().to(mixed.device, torch.float32), alpha=1.0 - momentum)
+    bank.index_copy_(0, rows, F.normalize(mixed, dim=1).to(bank.dtype))
+
+
+def _check_temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_momentum(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 class MomentumSchedule:
@@ -81,6 +108,16 @@ class MemoryBank(nn.Module):
     ``update`` must run after the step's loss has been computed (and, when the loss is
     differentiated, after ``backward``): the loss of a step sees the bank of the previous step, as
     in the original, where the update sits in the backward of ``LinearAverage``.
+
+    Args:
+        labels: [N] integer class of every training example (its bank row).
+        dim: D, the feature dimension.
+        temperature: T > 0 of the loss.
+        momentum: memory momentum in [0, 1) (the original's 0.5).
+        dtype: storage of the bank: float32, bfloat16 or float16 (accumulation is float32).
+        device: where the bank lives. generator: for the original's uniform initialisation.
+
+    Shapes: ``bank`` [N, D] and ``labels`` [N] are buffers (saved in ``state_dict``).
     """
 
     bank: Tensor
@@ -101,12 +138,14 @@ class MemoryBank(nn.Module):
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.numel() == 0:
             raise ValueError(f"labels must be a non-empty 1-D tensor, got shape {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
         if dtype not in BANK_DTYPES.values():
             raise TypeError(f"dtype must be one of {list(BANK_DTYPES)}, got {dtype}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.momentum = float(momentum)
+        self.temperature = _check_temperature(temperature)
+        self.momentum = _check_momentum(momentum)
         bank = initial_bank(labels.numel(), dim, dtype=dtype, generator=generator)
         self.register_buffer("bank", bank.to(device))
         self.register_buffer("labels", labels.long().to(device))
@@ -145,12 +184,10 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, features: Tensor, indices: Tensor, momentum: float | None = None) -> None:
-        """``m_idx <- normalize(momentum * m_idx + (1 - momentum) * f)`` for each row in the batch."""
-        momentum = self.momentum if momentum is None else float(momentum)
-        indices = indices.to(self.bank.device).long()
-        mixed = self.bank[indices].float().mul_(momentum)
-        mixed.add_(features.detach().to(mixed.device, torch.float32), alpha=1.0 - momentum)
-        self.bank.index_copy_(0, indices, F.normalize(mixed, dim=1).to(self.bank.dtype))
+        """``m_idx <- normalize(momentum * m_idx + (1 - momentum) * f)`` for each row in the batch
+        (features [b, D], indices [b]); ``momentum`` overrides the bank's for this call."""
+        momentum = self.momentum if momentum is None else _check_momentum(momentum)
+        momentum_update(self.bank, indices, features, momentum)
 
     @torch.no_grad()
     def fill(self, features: Tensor) -> None:
@@ -174,8 +211,9 @@ class MemoryBank(nn.Module):
         )
 
 
-class SNCACriterion(nn.Module):
-    """Drop-in for the original ``LinearAverage`` + ``NCACrossEntropy`` pair, through the fused op.
+class SNCALoss(nn.Module):
+    """The SNCA loss with its own memory bank: a drop-in for the original ``LinearAverage`` +
+    ``NCACrossEntropy`` pair, through the fused op.
 
     Where the original code does::
 
@@ -183,15 +221,22 @@ class SNCACriterion(nn.Module):
         criterion = NCACrossEntropy(labels, margin / T)
         loss = criterion(lemniscate(features, indices), indices)
 
-    write ``criterion = SNCACriterion(low_dim, labels, T, momentum, margin=margin / T)`` and
+    write ``criterion = SNCALoss(low_dim, labels, T, momentum, margin=margin / T)`` and
     ``loss = criterion(features, indices)``. The bank never leaves the op (no B x N matrix), and it
     is updated when the gradient of ``features`` has been computed, as the original's backward did.
-    ``margin`` is in logit units like the original's criterion argument.
+
+    Args:
+        dim: D, the feature dimension. labels: [N] the class of every training example.
+        temperature: T. momentum: memory momentum in [0, 1).
+        margin: in logit units, like the original's criterion argument.
+        dtype: the bank's storage dtype. backend: the fused op's backend.
+
+    Shapes: ``forward(features [B, D], indices [B])`` returns a scalar (mean over B).
     """
 
     def __init__(
         self,
-        input_size: int,
+        dim: int,
         labels: Tensor,
         temperature: float = 0.05,
         momentum: float = 0.5,
@@ -201,7 +246,7 @@ class SNCACriterion(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.memory = MemoryBank(labels, input_size, temperature=temperature, momentum=momentum, dtype=dtype)
+        self.memory = MemoryBank(labels, dim, temperature=temperature, momentum=momentum, dtype=dtype)
         self.margin = float(margin)
         self.backend = backend
 
@@ -213,3 +258,6 @@ class SNCACriterion(nn.Module):
             snapshot, rows = features.detach(), indices.detach()
             features.register_hook(lambda _grad: self.memory.update(snapshot, rows))
         return loss
+
+
+SNCACriterion = SNCALoss  # the name of earlier releases

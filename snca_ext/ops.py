@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,6 +26,34 @@ except ImportError as error:  # the package still works with the reference backe
     _C_IMPORT_ERROR = error
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+class SNCAStats(NamedTuple):
+    """What ``snca_stats`` returns (a tuple, like ``torch.topk``'s result)."""
+
+    lse_same: Tensor  # [B] log-sum-exp of <f_i, m_j> / T over same-class rows (-inf: none)
+    lse_other: Tensor  # [B] the same over other-class rows
+    topk_values: Tensor  # [B, k] the k largest inner products (not divided by T), descending
+    topk_indices: Tensor  # [B, k] their bank rows, -1 where fewer than k rows are eligible
+
+
+class TopK(NamedTuple):
+    """What ``bank_topk`` returns (a tuple, like ``torch.topk``'s result)."""
+
+    values: Tensor  # [B, k] inner products, descending
+    indices: Tensor  # [B, k] bank rows, ties to the lower row; -1 where none is left
+
+
+class SNCAPartials(NamedTuple):
+    """What ``snca_partials`` returns: the log-sum-exps and the softmax-weighted mean bank rows
+    from which partial results over disjoint blocks of a bank are combined exactly."""
+
+    lse_same: Tensor  # [B]
+    lse_other: Tensor  # [B]
+    wmean_same: Tensor  # [B, D] when with_grad, else [0, D]
+    wmean_other: Tensor  # [B, D] when with_grad, else [0, D]
+
+
 REDUCTIONS = ("mean", "sum", "none")
 _NEG_INF = float("-inf")
 
@@ -219,17 +248,19 @@ def _prepare(features, indices, bank, bank_labels, temperature, labels, backend)
     return indices, bank_labels, labels, temperature, _resolve_backend(backend, features.device)
 
 
-def _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad):
+def _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad) -> SNCAStats:
     """(lse_same, lse_other, topk_values, topk_indices) from the chosen backend."""
     if backend == "reference":
-        return reference.snca_stats_reference(
-            features, indices, bank, bank_labels, temperature, labels=labels, topk=topk
+        return SNCAStats(
+            *reference.snca_stats_reference(
+                features, indices, bank, bank_labels, temperature, labels=labels, topk=topk
+            )
         )
     with_grad = want_grad and torch.is_grad_enabled() and features.requires_grad
     lse_same, lse_other, _, _, values, rows = _op("snca_forward", backend)(
         features, labels, indices, bank, bank_labels, temperature, with_grad, topk
     )
-    return lse_same, lse_other, values, rows
+    return SNCAStats(lse_same, lse_other, values, rows)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -251,10 +282,24 @@ def snca_loss(
 
     ``loss_i = -log(P_i e^-margin / (P_i e^-margin + Q_i))`` with ``P_i``, ``Q_i`` the same-class
     and other-class sums of ``exp(<f_i, m_j> / T)`` over the bank, the query's own row
-    ``indices[i]`` excluded (README, "How it works"). ``margin`` is in logit units. A row with no
-    positive contributes 0; ``reduction="mean"`` divides the sum by B (the original's convention).
-    ``indices[i] = -1`` marks a query with no bank row, which then needs ``labels``.
+    ``indices[i]`` excluded (README, "How it works"). A row with no positive contributes 0.
     The bank gets no gradient.
+
+    Args:
+        features: [B, D] float32 or float64 query features (L2-normalise them first).
+        indices: [B] integer, each query's own bank row, or -1 for a query with no row (which
+            then needs ``labels``).
+        bank: [N, D] the memory bank, in the features' dtype or bfloat16/float16 with float32
+            features; it must not require grad.
+        bank_labels: [N] integer class of every bank row.
+        temperature: T > 0.
+        margin: subtracted from the positives' logits (logit units, i.e. already divided by T).
+        labels: [B] integer classes of the queries (default: ``bank_labels[indices]``).
+        reduction: "mean" (sum over rows / B, the original's convention), "sum" or "none".
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        The loss: a scalar, or [B] with ``reduction="none"``; differentiable in ``features``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -276,6 +321,13 @@ def loss_from_lse(
 
     ``softplus(lse_other - lse_same + margin)``, which is ``-log(P e^-mu / (P e^-mu + Q))``
     without cancellation; 0 (and a zero gradient) for a row with no positive.
+
+    Args:
+        lse_same, lse_other: [B] as returned by ``snca_stats``.
+        margin: in logit units. reduction: "mean" (sum / B), "sum" or "none".
+
+    Returns:
+        A scalar, or [B] with ``reduction="none"``.
     """
     has_positive = lse_same != _NEG_INF
     # Rows without a positive go through softplus with a harmless 0, so their gradient is 0, not NaN.
@@ -295,14 +347,22 @@ def snca_stats(
     labels: Tensor | None = None,
     topk: int = 0,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-query statistics of one pass over the bank.
+) -> SNCAStats:
+    """Per-query statistics of one pass over the bank: the loss's log-sum-exps and a top-k.
 
-    Returns ``(lse_same[B], lse_other[B], topk_values[B, k], topk_indices[B, k])``: the
-    log-sum-exps of ``<f_i, m_j> / T`` over same-class and other-class rows (-inf for an empty
-    group), and the k largest inner products ``<f_i, m_j>`` (not divided by T), descending, ties
-    to the lower bank row; the query's own row is excluded everywhere. Where fewer than k rows are
-    eligible the tail is -inf with index -1. Differentiable in ``features``.
+    The query's own row is excluded everywhere. Differentiable in ``features`` (the lses and the
+    top-k values).
+
+    Args:
+        features, indices, bank, bank_labels, temperature, labels, backend: as ``snca_loss``.
+        topk: k in [0, N], the number of nearest bank rows to return beside the sums.
+
+    Returns:
+        ``SNCAStats(lse_same, lse_other, topk_values, topk_indices)``: [B] log-sum-exps of
+        ``<f_i, m_j> / T`` over same-class and other-class rows (-inf for an empty group); [B, k]
+        the k largest inner products ``<f_i, m_j>`` (not divided by T), descending, ties to the
+        lower bank row, and their rows; where fewer than k rows are eligible the tail is -inf
+        with row -1.
     """
     indices, bank_labels, labels, temperature, backend = _prepare(
         features, indices, bank, bank_labels, temperature, labels, backend
@@ -318,12 +378,20 @@ def bank_topk(
     *,
     exclude: Tensor | None = None,
     backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
+) -> TopK:
     """The k bank rows with the largest inner product with each query, in one streaming pass.
 
-    Returns ``(values[B, k], indices[B, k])`` sorted by value descending, ties to the lower bank
-    row. ``exclude[i]`` (optional, -1 for none) is a bank row that query i must not return (its
-    own row). Where fewer than k rows are eligible the tail is -inf with index -1.
+    Args:
+        queries: [B, D] float32 or float64.
+        bank: [N, D], dtype as for ``snca_loss``.
+        k: in [0, N].
+        exclude: [B] integer, optional: a bank row query i must not return (its own), -1 for none.
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        ``TopK(values, indices)``, each [B, k]: values descending, ties to the lower bank row;
+        where fewer than k rows are eligible the tail is -inf with index -1. ``values`` is
+        differentiable in ``queries``.
     """
     _check_features_and_bank(queries, bank, "queries")
     k = _check_k(k, "k", bank.shape[0])
@@ -337,5 +405,39 @@ def bank_topk(
         _check_rows_in_bank(exclude, "exclude", bank_rows)
     backend = _resolve_backend(backend, queries.device)
     if backend == "reference":
-        return reference.bank_topk_reference(queries, bank, k, exclude=exclude)
-    return _op("bank_topk", backend)(queries, bank, k, exclude)
+        return TopK(*reference.bank_topk_reference(queries, bank, k, exclude=exclude))
+    return TopK(*_op("bank_topk", backend)(queries, bank, k, exclude))
+
+
+def snca_partials(
+    features: Tensor,
+    indices: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    temperature: float,
+    *,
+    labels: Tensor | None = None,
+    with_grad: bool = False,
+    backend: str = "auto",
+) -> SNCAPartials:
+    """The raw statistics of one pass over a block of the bank, for exact combines over blocks
+    (the sharded bank of ``snca_ext.distributed``); not differentiable: the caller builds the
+    gradient from the combined weighted means (``d lse / d f = wmean / T``).
+
+    Args:
+        as ``snca_loss``; ``with_grad`` also accumulates the weighted means. ``backend`` must be a
+        fused one (the reference does not compute the weighted means).
+
+    Returns:
+        ``SNCAPartials(lse_same, lse_other, wmean_same, wmean_other)``.
+    """
+    indices, bank_labels, labels, temperature, backend = _prepare(
+        features, indices, bank, bank_labels, temperature, labels, backend
+    )
+    if backend == "reference":
+        raise ValueError("snca_partials needs a fused backend (cpu, cuda or triton), got 'reference'")
+    with torch.no_grad():
+        lse_same, lse_other, wmean_same, wmean_other, _, _ = _op("snca_forward", backend)(
+            features.detach(), labels, indices, bank, bank_labels, temperature, bool(with_grad), 0
+        )
+    return SNCAPartials(lse_same, lse_other, wmean_same, wmean_other)

@@ -102,7 +102,7 @@ def test_report_tables_from_a_real_run(tiny_run, tmp_path):
         assert "plain PyTorch (original code, linear-space exp)" in labels
     (labels,) = _table_labels(markdown, "bank_topk k=5 | cpu")
     assert {"snca_ext.bank_topk (fused, cpu)", "torch.topk on the materialised B x N matrix"} <= set(labels)
-    # at tiny sizes the targets are not measured, and the report says so
+    # at tiny sizes the performance targets are not measured, and the report says so
     assert "| not measured |" in markdown and "MISSED" not in markdown
 
 

@@ -21,9 +21,9 @@ import torch
 from torch.nn import functional as F
 
 import snca_ext
-from snca_ext.checkpoint import load_checkpoint
+from snca_ext.apps.checkpoints import load_checkpoint
+from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, run
 from snca_ext.memory import MemoryBank
-from snca_ext.train import EXIT_OK, EXIT_USAGE, run
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]

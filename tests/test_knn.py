@@ -1,14 +1,12 @@
-"""Weighted kNN voting against a brute-force implementation, and the evaluation helpers."""
+"""Weighted kNN voting and accuracy on feature matrices, against a brute-force implementation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from snca_ext.knn import compute_features, knn_evaluate, knn_predict, knn_scores
+from snca_ext import KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
 
 
 def _unit(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -73,43 +71,38 @@ def test_sigma_must_be_positive():
         knn_scores(_unit(2, 4, 0), _unit(5, 4, 1), torch.zeros(5, dtype=torch.long), 2, 1, 0)
 
 
-class _Points(Dataset):
-    def __init__(self, points: torch.Tensor, labels: torch.Tensor) -> None:
-        self.points, self.labels = points, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.points[index], int(self.labels[index]), index
-
-
-def test_compute_features_places_rows_by_dataset_index():
-    points = torch.randn(23, 5, generator=torch.Generator().manual_seed(8))
-    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
-    model.train()
-    loader = DataLoader(_Points(points, torch.zeros(23)), batch_size=4, shuffle=True)
-    features = compute_features(model, loader, 23, torch.device("cpu"))
-    model.eval()
-    with torch.no_grad():
-        expected = model(points)
-    torch.testing.assert_close(features, expected)
-    assert model.training is False  # it was put back in the mode it was in (eval here)
+def test_knn_accuracy_counts_top1_and_top5_against_brute_force():
+    bank = _unit(60, 8, 9)
+    bank_labels = torch.arange(60) % 8
+    queries = _unit(40, 8, 11)
+    labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(12))
+    # k = N: every class gets votes, so no tie among zero scores blurs the top 5.
+    result = knn_accuracy(queries, labels, bank, bank_labels, 8, k=60, sigma=0.1, chunk=16)
+    expected = _brute_force_scores(queries, bank, bank_labels, 8, 60, 0.1)
+    ranked = expected.argsort(dim=1, descending=True, stable=True)
+    top1 = 100.0 * float((ranked[:, 0] == labels).double().mean())
+    top5 = 100.0 * float((ranked[:, :5] == labels[:, None]).any(dim=1).double().mean())
+    assert result.count == 40
+    assert result.top1 == pytest.approx(top1) and result.top5 == pytest.approx(top5)
+    assert result.top5 > result.top1  # these random labels: the top-5 check must see more hits
 
 
-def test_knn_evaluate_top1_and_top5():
-    bank = _unit(40, 8, 9)
-    bank_labels = torch.arange(40) % 8
-    # Queries equal to bank rows: K=1 finds the row itself; the labels below are half right.
-    queries = bank[:10]
-    query_labels = bank_labels[:10].clone()
-    query_labels[5:] = (query_labels[5:] + 1) % 8
-    loader = DataLoader(_Points(queries, query_labels), batch_size=3)
-    result = knn_evaluate(
-        nn.Identity(), loader, bank, bank_labels, 8, k=1, sigma=0.1, device=torch.device("cpu")
-    )
-    assert result.count == 10 and result.top1 == pytest.approx(50.0)
-    assert result.top5 >= result.top1
+def test_knn_counts_are_exact_and_sum_over_chunks():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+    counts = knn_counts(scores, torch.tensor([1, 2, 0]))
+    assert counts.tolist() == [1, 3, 3]  # only row 0 right at top-1; 3 classes: top-5 holds all
+    assert KnnResult.from_counts(counts + counts) == KnnResult(top1=100 / 3, top5=100.0, count=6)
+    with pytest.raises(ValueError, match="empty"):
+        KnnResult.from_counts(torch.zeros(3, dtype=torch.long))
+
+
+def test_votes_ignore_missing_neighbours():
+    values = torch.tensor([[0.9, 0.8, float("-inf")]])
+    rows = torch.tensor([[2, 0, -1]])
+    scores = knn_votes(values, rows, torch.tensor([1, 0, 2]), 3, sigma=0.1)
+    # Row 2 (class 2) is the nearest: weight 1; row 0 (class 1): e^-1; the -1 padding, clamped to
+    # row 0 for the gather, must add nothing to class 1.
+    torch.testing.assert_close(scores[0], torch.tensor([0.0, float(torch.exp(torch.tensor(-1.0))), 1.0]))
 
 
 def test_knn_on_a_bfloat16_bank():

@@ -92,8 +92,16 @@ def test_memory_bank_argument_errors():
         MemoryBank(torch.zeros(0, dtype=torch.long), 8, temperature=0.1)
     with pytest.raises(TypeError, match="dtype must be one of"):
         MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.1, dtype=torch.float64)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.0)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=bad)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+            MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.1, momentum=bad)
+    with pytest.raises(ValueError, match="dim must be an int >= 1, got 0"):
+        MemoryBank(torch.zeros(4, dtype=torch.long), 0, temperature=0.1)
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        MemoryBank(torch.zeros(4), 8, temperature=0.1)
     memory = MemoryBank(torch.zeros(4, dtype=torch.long), 8, temperature=0.1)
     with pytest.raises(ValueError, match=r"bank's shape \(4, 8\), got \(3, 8\)"):
         memory.fill(torch.zeros(3, 8))

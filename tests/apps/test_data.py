@@ -13,14 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from snca_ext.data import (
-    CIFAR_FILES,
-    DataError,
-    RandomShift,
-    build_data,
-    digits_data,
-    load_digits_split,
-)
+from snca_ext.apps.data import DataError, build_data, digits_data, load_digits_split
+from snca_ext.apps.data.cifar import CIFAR_FILES
+from snca_ext.apps.data.digits import RandomShift
 
 
 def make_cifar_folder(root: Path, per_batch: int = 8, test_size: int = 10, meta: bool = True) -> Path:

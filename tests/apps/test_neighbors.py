@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_helpers import forward_all
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from snca_ext.data import build_data
-from snca_ext.export import load_trained_model
-from snca_ext.export import run as export
-from snca_ext.knn import compute_features
-from snca_ext.neighbors import run
-from snca_ext.train import EXIT_OK
-from snca_ext.train import run as train
+from snca_ext.apps.data import build_data
+from snca_ext.apps.export import load_trained_model
+from snca_ext.apps.export import run as export
+from snca_ext.apps.neighbors import run
+from snca_ext.apps.train.cli import EXIT_OK
+from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
 K = 20
@@ -90,7 +89,7 @@ def test_rows_are_the_true_top_k_marked_by_class(checkpoints, tmp_path):
     # The same retrieval by brute force: every bank row's similarity, sorted.
     model, _ = load_trained_model(checkpoints["snca"])
     bundle = build_data("digits")
-    bank = compute_features(model, DataLoader(bundle.train_plain, batch_size=512), 1347, torch.device("cpu"))
+    bank = forward_all(model, bundle.train_plain)
     for row in page.rows:
         query = int(row["data-query"])
         label = int(bundle.test.targets[query])

@@ -19,11 +19,11 @@ import pytest
 import torch
 from test_data import make_cifar_folder, make_image_folder
 
-from snca_ext import checkpoint as checkpoint_module
-from snca_ext.checkpoint import load_checkpoint
+from snca_ext.apps import checkpoints as checkpoint_module
+from snca_ext.apps.checkpoints import load_checkpoint
+from snca_ext.apps.models import build_model
+from snca_ext.apps.train.cli import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
 from snca_ext.memory import MemoryBank
-from snca_ext.models import build_model
-from snca_ext.train import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
 
 FAST = ["--threads", "1", "--no-progress"]
 STEPS_PER_DIGITS_EPOCH = 1347 // 64

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from app_helpers import forward_all
 
-from snca_ext.checkpoint import load_checkpoint, save_checkpoint
-from snca_ext.data import build_data
-from snca_ext.export import (
+from snca_ext.apps.checkpoints import load_checkpoint, save_checkpoint
+from snca_ext.apps.data import build_data
+from snca_ext.apps.export import (
     EXPORT_FORMAT,
     ExportError,
     load_features,
@@ -22,9 +22,8 @@ from snca_ext.export import (
     run,
     write_safetensors,
 )
-from snca_ext.knn import compute_features
-from snca_ext.train import EXIT_OK
-from snca_ext.train import run as train
+from snca_ext.apps.train.cli import EXIT_OK
+from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
 HOLDOUT = (5, 6, 7, 8, 9)
@@ -51,9 +50,7 @@ def test_train_split_round_trips_with_the_network_features(holdout_run, tmp_path
     exported = load_features(out)
     model, _ = load_trained_model(holdout_run)
     bundle = build_data("digits")
-    expected = compute_features(
-        model, DataLoader(bundle.train_plain, batch_size=512), 1347, torch.device("cpu")
-    )
+    expected = forward_all(model, bundle.train_plain)
     torch.testing.assert_close(exported["features"], expected, rtol=1e-5, atol=1e-5)
     assert exported["features"].dtype == torch.float32 and exported["features"].shape == (1347, 128)
     torch.testing.assert_close(exported["features"].norm(dim=1), torch.ones(1347))

@@ -1,12 +1,12 @@
-"""Embedding networks: a ``low_dim`` linear head and L2 normalisation on a backbone.
+"""Embedding networks: a ``dim`` linear head and L2 normalisation on a backbone.
 
 ``forward(x)`` returns the normalised features. A model built with ``classes > 0`` also has a
-``classifier`` (``Linear(low_dim, classes)`` on the embedding before normalisation, the softmax
+``classifier`` (``Linear(dim, classes)`` on the embedding before normalisation, the softmax
 baseline of ``--loss softmax``); ``forward(x, logits=True)`` then returns ``(features, logits)``, so
 both the features and the classifier's logits come out of one call of the module (a DDP wrapper
 sees the whole forward).
 
-The ResNets are torchvision's with ``fc`` replaced by a ``Linear(features, low_dim)``, so their
+The ResNets are torchvision's with ``fc`` replaced by a ``Linear(features, dim)``, so their
 ``state_dict`` keys are torchvision's, which are also the original SNCA project's: its
 checkpoints load once the ``module.`` prefix of DataParallel is stripped.
 """
@@ -37,7 +37,7 @@ def _outputs(embedding: Tensor, classifier: nn.Module | None, logits: bool) -> T
 
 
 class EmbeddingResNet(resnet.ResNet):
-    """torchvision ResNet whose ``fc`` outputs ``low_dim`` features, L2-normalised."""
+    """torchvision ResNet whose ``fc`` outputs ``dim`` features, L2-normalised."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -47,10 +47,10 @@ class EmbeddingResNet(resnet.ResNet):
         return _outputs(super().forward(x), self.classifier, logits)
 
 
-def cifar_resnet18(low_dim: int = 128) -> EmbeddingResNet:
+def cifar_resnet18(dim: int = 128) -> EmbeddingResNet:
     """ResNet18 for 32 x 32 inputs: a 3 x 3 stride-1 stem and no max-pool, so layer4 still sees
     4 x 4 maps instead of 1 x 1."""
-    model = EmbeddingResNet(resnet.BasicBlock, [2, 2, 2, 2], num_classes=low_dim)
+    model = EmbeddingResNet(resnet.BasicBlock, [2, 2, 2, 2], num_classes=dim)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
@@ -58,9 +58,9 @@ def cifar_resnet18(low_dim: int = 128) -> EmbeddingResNet:
 
 class DigitsCNN(nn.Module):
     """A small CNN for scikit-learn's 8 x 8 digits: three 3 x 3 conv blocks, global average pool,
-    a ``low_dim`` linear head, L2 normalisation."""
+    a ``dim`` linear head, L2 normalisation."""
 
-    def __init__(self, low_dim: int = 128, width: int = 64) -> None:
+    def __init__(self, dim: int = 128, width: int = 64) -> None:
         super().__init__()
 
         def block(channels_in: int, channels_out: int) -> list[nn.Module]:
@@ -78,29 +78,29 @@ class DigitsCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(4 * width, low_dim)
+        self.fc = nn.Linear(4 * width, dim)
         self.classifier: nn.Linear | None = None
 
     def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         return _outputs(self.fc(self.features(x)), self.classifier, logits)
 
 
-def build_model(arch: str, low_dim: int = 128, classes: int = 0) -> nn.Module:
-    """The embedding network ``arch`` (one of ``ARCHS``) with a ``low_dim`` normalised output and,
+def build_model(arch: str, dim: int = 128, classes: int = 0) -> nn.Module:
+    """The embedding network ``arch`` (one of ``ARCHS``) with a ``dim`` normalised output and,
     when ``classes > 0``, a linear classifier head on the embedding (the softmax baseline)."""
-    if isinstance(low_dim, bool) or not isinstance(low_dim, int) or low_dim < 1:
-        raise ValueError(f"low_dim must be a positive int, got {low_dim!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
         raise ValueError(f"classes must be an int >= 0, got {classes!r}")
     if arch in RESNETS:
         block, layers = RESNETS[arch]
-        model = EmbeddingResNet(block, layers, num_classes=low_dim)
+        model = EmbeddingResNet(block, layers, num_classes=dim)
     elif arch == "cifar_resnet18":
-        model = cifar_resnet18(low_dim)
+        model = cifar_resnet18(dim)
     elif arch == "digits_cnn":
-        model = DigitsCNN(low_dim)
+        model = DigitsCNN(dim)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if classes:
-        model.classifier = nn.Linear(low_dim, classes)
+        model.classifier = nn.Linear(dim, classes)
     return model

@@ -1,7 +1,7 @@
 """Checkpoints that never lose work, and loading the original project's format.
 
-``save_checkpoint`` writes a temporary file next to the target and renames it over the target, so
-a crash or a full disk during the save leaves the previous checkpoint intact. ``load_checkpoint``
+``save_checkpoint`` writes atomically (``files.atomic_write``), so a crash or a full disk during
+the save leaves the previous checkpoint intact. ``load_checkpoint``
 uses ``torch.load(weights_only=True)``; a file that needs full unpickling (the original project's
 checkpoints pickle the whole memory module) loads only with ``trust=True``, because unpickling can
 run arbitrary code.
@@ -9,39 +9,37 @@ run arbitrary code.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch import nn
+
+from snca_ext import MemoryBank
+
+from .errors import CheckpointError
+from .files import atomic_write
 
 FORMAT = "snca_ext.train/1"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read, or is not in a format this package understands."""
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "from_original",
+    "load_checkpoint",
+    "load_original",
+    "save_checkpoint",
+]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Writes ``state`` to ``path`` atomically: to a temporary file in the same folder, flushed to
-    disk, then renamed over ``path``. On failure the temporary file is removed and ``path`` keeps
-    its previous content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Writes ``state`` to ``path`` atomically; on failure ``path`` keeps its previous content."""
+    with atomic_write(path) as file:
+        torch.save(state, file)
 
 
 class _MissingClass:
@@ -78,27 +76,28 @@ def _last_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--resume") -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, loaded on the CPU.
 
     Tries ``weights_only=True`` first; a file that needs full unpickling is loaded only when
-    ``trust`` is set, with classes whose code is missing replaced by an attribute holder.
+    ``trust`` is set, with classes whose code is missing replaced by an attribute holder. Errors
+    name the file as the command-line ``flag`` that gave it.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint file")
+        raise CheckpointError(f"{flag} {path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if unsupported is None:  # not a pickle of allowed objects that failed: a damaged file
             raise CheckpointError(
-                f"--resume {path} could not be read as a torch checkpoint (corrupt or not a "
+                f"{flag} {path} could not be read as a torch checkpoint (corrupt or not a "
                 f"checkpoint: {_last_line(error)})"
             ) from error
         if not trust:
             raise CheckpointError(
-                f"--resume {path} holds pickled Python objects ({unsupported.group(1)}), so it cannot "
+                f"{flag} {path} holds pickled Python objects ({unsupported.group(1)}), so it cannot "
                 f"be loaded with weights_only=True (the original SNCA project's checkpoints pickle "
                 f"their memory module). If you trust where the file comes from, pass "
                 f"--trust-checkpoint: unpickling can run arbitrary code."
@@ -106,11 +105,11 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TOLERANT_PICKLE)
         except Exception as second_error:
-            raise CheckpointError(f"--resume {path} could not be read ({second_error})") from second_error
+            raise CheckpointError(f"{flag} {path} could not be read ({second_error})") from second_error
     except Exception as error:
-        raise CheckpointError(f"--resume {path} could not be read as a torch checkpoint ({error})") from error
+        raise CheckpointError(f"{flag} {path} could not be read as a torch checkpoint ({error})") from error
     if not isinstance(state, dict):
-        raise CheckpointError(f"--resume {path} holds a {type(state).__name__}, expected a dict checkpoint")
+        raise CheckpointError(f"{flag} {path} holds a {type(state).__name__}, expected a dict checkpoint")
     return state
 
 
@@ -144,3 +143,48 @@ def from_original(state: dict[str, Any]) -> dict[str, Any]:
         "epoch": int(state.get("epoch", 0)),
         "optimizer": state.get("optimizer"),
     }
+
+
+def load_original(
+    state: dict[str, Any],
+    *,
+    model: nn.Module,
+    memory: MemoryBank,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.StepLR,
+    recompute_bank: bool,
+) -> int:
+    """Loads an original SNCA checkpoint into a run: the model, the bank (unless it has none and
+    ``recompute_bank`` is set), the optimizer state when it fits, and the learning rate of the
+    epoch it ends at (the step schedule's, set after the optimizer state, which holds the lr of
+    the epoch before). Returns the epochs done."""
+    parts = from_original(state)
+    try:
+        model.load_state_dict(parts["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"the original checkpoint's weights do not fit the model: {str(error).splitlines()[0]}"
+        ) from error
+    if parts["bank"] is not None:
+        if tuple(parts["bank"].shape) != (memory.size, memory.dim):
+            raise CheckpointError(
+                f"the original checkpoint's memory has shape {tuple(parts['bank'].shape)}, but the "
+                f"training set needs {(memory.size, memory.dim)}"
+            )
+        memory.fill(parts["bank"])
+    elif not recompute_bank:
+        raise CheckpointError(
+            "the original checkpoint has no memory bank ('lemniscate'); pass --recompute-bank"
+        )
+    if parts["optimizer"] is not None:
+        try:
+            optimizer.load_state_dict(parts["optimizer"])
+        except (ValueError, KeyError) as error:
+            warnings.warn(
+                f"the original optimizer state does not fit, starting it afresh ({error})", stacklevel=2
+            )
+    epoch = parts["epoch"]
+    scheduler.last_epoch = epoch
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * scheduler.gamma ** (epoch // scheduler.step_size)
+    return epoch

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from snca_ext import fewshot
-from snca_ext.checkpoint import load_checkpoint
-from snca_ext.export import run as export
-from snca_ext.fewshot import few_shot_accuracy, sample_episodes
-from snca_ext.train import EXIT_OK, EXIT_USAGE
-from snca_ext.train import run as train
+from snca_ext import few_shot_accuracy, sample_episodes
+from snca_ext.apps import fewshot
+from snca_ext.apps.checkpoints import load_checkpoint
+from snca_ext.apps.export import load_features
+from snca_ext.apps.export import run as export
+from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE
+from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
 HOLDOUT = ["--holdout-classes", "9,5,6,7,8", "--fewshot-episodes", "200"]
@@ -143,10 +144,12 @@ def test_fewshot_command_on_exported_features(runs, tmp_path, capsys):
         == 0
     )
     capsys.readouterr()
-    assert fewshot.main([str(features), "--episodes", "100", "--shots", "1"]) == 0
+    assert fewshot.run([str(features), "--episodes", "100", "--shots", "1"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("5-way 1-shot (15 queries/class, 100 episodes): ")
-    assert fewshot.main([str(features), "--ways", "6"]) == 2  # only 5 novel classes
+    exported = load_features(features)
+    expected = few_shot_accuracy(exported["features"], exported["labels"], ways=5, shots=1, episodes=100)
+    assert line == str(expected) and line.startswith("5-way 1-shot (15 queries/class, 100 episodes): ")
+    assert fewshot.run([str(features), "--ways", "6"]) == 2  # only 5 novel classes
 
 
 @pytest.mark.parametrize(

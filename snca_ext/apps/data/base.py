@@ -1,0 +1,92 @@
+"""What every data set of the applications is made of: examples that yield
+``(image, label, index)`` (the index is the example's row in the memory bank), class subsets, and
+the ``DataBundle`` that training needs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from ..errors import DataError
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset of ``(image, label)`` to yield ``(image, label, index)``."""
+
+    def __init__(self, dataset: Dataset, targets: Tensor) -> None:
+        self.dataset = dataset
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class ClassSubset(IndexedDataset):
+    """The examples of ``parent`` at ``rows``, yielding ``(image, label, position in the subset)``
+    (so the position is the bank row); ``rows[position]`` is the example's index in ``parent``.
+    Labels keep their class ids."""
+
+    def __init__(self, parent: IndexedDataset, rows: Tensor) -> None:
+        super().__init__(Subset(parent.dataset, rows.tolist()), parent.targets[rows])
+        self.parent = parent
+        self.rows = rows
+
+
+def with_transform(dataset, transform):
+    """The same torchvision dataset (images shared, not re-read) with another transform."""
+    from torchvision.datasets.vision import StandardTransform
+
+    other = copy.copy(dataset)
+    other.transform = transform
+    other.transforms = StandardTransform(transform, getattr(dataset, "target_transform", None))
+    return other
+
+
+@dataclass
+class DataBundle:
+    """What training needs: the augmented training set, the same images with the test transform
+    (to recompute the bank), the test set, the bank labels and the class count."""
+
+    train: IndexedDataset
+    train_plain: IndexedDataset
+    test: IndexedDataset
+    num_classes: int
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.train.targets
+
+    def select_classes(self, classes: Sequence[int]) -> DataBundle:
+        """The same data restricted to the examples of ``classes`` (train, train_plain and test),
+        with the class ids and ``num_classes`` unchanged; yielded indices are positions in the
+        subset (``ClassSubset.rows`` maps them back)."""
+        wanted = torch.tensor(sorted(set(classes)), dtype=torch.long)
+        bad = [c for c in wanted.tolist() if not 0 <= c < self.num_classes]
+        if bad:
+            raise DataError(f"class ids must be in [0, {self.num_classes}), got {bad}")
+
+        def subset(dataset: IndexedDataset) -> ClassSubset:
+            return ClassSubset(dataset, torch.isin(dataset.targets, wanted).nonzero().flatten())
+
+        return DataBundle(
+            train=subset(self.train),
+            train_plain=subset(self.train_plain),
+            test=subset(self.test),
+            num_classes=self.num_classes,
+        )
+
+    def split_holdout(self, holdout: Sequence[int]) -> tuple[DataBundle, DataBundle]:
+        """``(seen, novel)``: the bundle without the ``holdout`` classes (to train on) and the
+        bundle of only those (the novel-class evaluation)."""
+        held = set(holdout)
+        seen = [c for c in range(self.num_classes) if c not in held]
+        return self.select_classes(seen), self.select_classes(sorted(held))

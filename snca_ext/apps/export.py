@@ -1,0 +1,355 @@
+"""Export the features of every image of a split: ``python -m snca_ext.export``.
+
+    python -m snca_ext.export --checkpoint RUN/checkpoint.pt --split train --out train.safetensors
+
+The features are recomputed by the checkpoint's network (eval mode, the test-time transform, so
+the training images are not augmented), batch by batch, and streamed to the file: neither the
+images nor the features are ever all in memory (ImageNet train: 1,281,167 x 128 float32 =
+656 MB on disk).
+
+File layout (``.safetensors``, the default; readable by the ``safetensors`` package, by
+``load_features`` here without it, or by any reader of the format: an 8-byte little-endian header
+length, a JSON header, then the raw little-endian arrays):
+
+    features  float32 [N, D]  L2-normalised features, row i of example indices[i]
+    labels    int64   [N]     class ids (the dataset's, also with --holdout-classes)
+    indices   int64   [N]     the example's index in the split's dataset: the package's digits
+                              split, CIFAR-10's batch order, ImageFolder's sorted
+                              ``datasets.ImageFolder(DATA/train).samples`` order (val/ for test)
+    __metadata__ (strings): format, checkpoint, dataset, split, classes (all/seen/novel),
+                            holdout_classes, arch, low_dim, loss, epoch
+
+``--out F.pt`` writes the same tensors with ``torch.save`` as a dict
+``{"features", "labels", "indices", "metadata"}`` that loads with ``weights_only=True``; it holds
+the features in memory while it runs (fine for CIFAR-sized splits).
+
+``load_trained_model`` (the network of a checkpoint) and ``split_dataset`` (the examples a split and
+class selection name) are shared with ``python -m snca_ext.neighbors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import FORMAT, from_original, load_checkpoint
+from .cli import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    parse_classes,
+    program_name,
+    report,
+    resolve_device,
+    set_threads,
+)
+from .data import ClassSubset, IndexedDataset, build_data
+from .errors import AppError, CheckpointError, ExportError
+from .features import iter_features
+from .files import atomic_write
+from .models import build_model
+
+EXPORT_FORMAT = "snca_ext.export/1"
+SPLITS = ("train", "test")
+CLASS_SETS = ("all", "seen", "novel")
+_DTYPES = {"F32": (torch.float32, np.float32), "I64": (torch.int64, np.int64)}
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def load_trained_model(
+    path: str | Path, device: torch.device | str = "cpu", *, trust: bool = False, flag: str = "--checkpoint"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of a checkpoint, in eval mode on ``device``, and its run arguments (``args`` of a
+    ``python -m snca_ext.train`` checkpoint; for an original SNCA checkpoint: arch and low_dim)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    state = load_checkpoint(path, trust=trust, flag=flag)
+    if state.get("format") == FORMAT:
+        args = dict(state["args"])
+        weights = state["model"]
+    else:
+        weights = from_original(state)["model"]
+        if "arch" not in state or "fc.weight" not in weights:
+            raise CheckpointError(f"{path}: an original checkpoint without 'arch' or fc weights")
+        args = {"arch": state["arch"], "low_dim": int(weights["fc.weight"].shape[0]), "dataset": None}
+    classifier = weights.get("classifier.weight")
+    model = build_model(
+        args["arch"], int(args["low_dim"]), classes=0 if classifier is None else len(classifier)
+    )
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: the weights do not fit {args['arch']}: {error}") from error
+    args["epoch"] = int(state.get("epoch", 0))
+    args["checkpoint"] = str(path)
+    return model.to(device).eval(), args
+
+
+def split_dataset(
+    run_args: dict[str, Any], split: str, classes: str = "all", data_path: str | None = None
+) -> IndexedDataset:
+    """The examples of ``split`` ("train": with the test-time transform, or "test") of the run's
+    dataset, restricted to ``classes``: "all", or the run's "seen" / "novel" (held-out) classes."""
+    if split not in SPLITS:
+        raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
+    if classes not in CLASS_SETS:
+        raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
+    dataset = run_args.get("dataset")
+    if dataset is None:
+        raise ExportError("the checkpoint does not say its dataset (an original checkpoint)")
+    bundle = build_data(dataset, data_path if data_path is not None else run_args.get("data"))
+    holdout = parse_classes(str(run_args.get("holdout_classes") or ""))
+    if classes != "all":
+        if not holdout:
+            raise ExportError(f"--classes {classes} needs a run trained with --holdout-classes")
+        seen, novel = bundle.split_holdout(holdout)
+        bundle = seen if classes == "seen" else novel
+    return bundle.train_plain if split == "train" else bundle.test
+
+
+def dataset_indices(dataset: IndexedDataset) -> Tensor:
+    """Each example's index in the split's full dataset."""
+    if isinstance(dataset, ClassSubset):
+        return dataset_indices(dataset.parent)[dataset.rows]
+    return torch.arange(len(dataset))
+
+
+# ----------------------------------------------------------------------------- file formats
+
+
+def write_safetensors(
+    path: str | Path,
+    batches: Iterable[Tensor],
+    rows: int,
+    dim: int,
+    labels: Tensor,
+    indices: Tensor,
+    metadata: dict[str, str],
+) -> None:
+    """Streams ``batches`` of [b, dim] float32 rows (``rows`` in all) into a safetensors file with
+    ``features``, ``labels`` and ``indices``; written to a temporary file, renamed when complete."""
+    path = Path(path)
+    sizes = {"features": rows * dim * 4, "labels": rows * 8, "indices": rows * 8}
+    header: dict[str, Any] = {"__metadata__": {key: str(value) for key, value in metadata.items()}}
+    offset = 0
+    for name, dtype, shape in (
+        ("features", "F32", [rows, dim]),
+        ("labels", "I64", [rows]),
+        ("indices", "I64", [rows]),
+    ):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + sizes[name]]}
+        offset += sizes[name]
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format recommends 8-byte aligned data
+    with atomic_write(path) as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        written = 0
+        for batch in batches:
+            if batch.dim() != 2 or batch.shape[1] != dim:
+                raise ValueError(f"feature batches must be [b, {dim}], got {tuple(batch.shape)}")
+            file.write(batch.to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes())
+            written += batch.shape[0]
+        if written != rows:
+            raise ValueError(f"expected {rows} feature rows, the batches held {written}")
+        file.write(labels.to(torch.int64).numpy().astype("<i8", copy=False).tobytes())
+        file.write(indices.to(torch.int64).numpy().astype("<i8", copy=False).tobytes())
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a safetensors file, memory-mapped (pages are read on use), and its metadata."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise ExportError(f"{path}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise ExportError(f"{path}: not a safetensors file (header length {length} > file size)")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ExportError(f"{path}: not a safetensors file ({error})") from error
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in _DTYPES:
+            raise ExportError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected F32 or I64")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        _, np_dtype = _DTYPES[entry["dtype"]]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * np.dtype(np_dtype).itemsize or 8 + length + end > size:
+            raise ExportError(f"{path}: tensor {name} does not fit its offsets (truncated file?)")
+        if count == 0:
+            tensors[name] = torch.zeros(shape, dtype=_DTYPES[entry["dtype"]][0])
+            continue
+        # mode "c" (copy-on-write) gives a writable array without writing back to the file.
+        array = np.memmap(
+            path, dtype=np.dtype(np_dtype).newbyteorder("<"), mode="c", offset=8 + length + begin, shape=shape
+        )
+        tensors[name] = torch.from_numpy(array)
+    return tensors, metadata
+
+
+def load_features(path: str | Path) -> dict[str, Any]:
+    """``{"features", "labels", "indices", "metadata"}`` of a file written by this module
+    (``.safetensors``, memory-mapped, or ``.pt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such feature file")
+    if path.suffix == ".pt":
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ExportError(f"{path}: could not be read as a torch file ({error})") from error
+        tensors, metadata = content, content.get("metadata", {})
+    else:
+        tensors, metadata = read_safetensors(path)
+    missing = [name for name in ("features", "labels", "indices") if name not in tensors]
+    if missing:
+        raise ExportError(f"{path}: lacks {', '.join(missing)}; not written by python -m snca_ext.export")
+    return {
+        "features": tensors["features"],
+        "labels": tensors["labels"],
+        "indices": tensors["indices"],
+        "metadata": dict(metadata),
+    }
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_features(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    split: str = "train",
+    classes: str = "all",
+    data_path: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    trust: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Writes the features of ``split`` (restricted to ``classes``) to ``out``; returns the
+    metadata written."""
+    device = torch.device(device)
+    model, run_args = load_trained_model(checkpoint, device, trust=trust)
+    dataset = split_dataset(run_args, split, classes, data_path)
+    labels, indices = dataset.targets.clone(), dataset_indices(dataset)
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "checkpoint": run_args["checkpoint"],
+        "dataset": run_args.get("dataset"),
+        "split": split,
+        "classes": classes,
+        "holdout_classes": run_args.get("holdout_classes") or "",
+        "arch": run_args["arch"],
+        "low_dim": run_args["low_dim"],
+        "loss": run_args.get("loss", "snca"),
+        "epoch": run_args["epoch"],
+    }
+    metadata = {key: str(value) for key, value in metadata.items()}
+    batches = (
+        features.cpu()
+        for features, _ in iter_features(
+            model, dataset, device, batch_size=batch_size, workers=workers, progress=progress
+        )
+    )
+    rows, dim = len(dataset), int(run_args["low_dim"])
+    out = Path(out)
+    if out.suffix == ".pt":
+        features = torch.empty(rows, dim)
+        start = 0
+        for batch in batches:
+            features[start : start + len(batch)] = batch
+            start += len(batch)
+        with atomic_write(out) as file:
+            torch.save(
+                {"features": features, "labels": labels, "indices": indices, "metadata": metadata}, file
+            )
+    else:
+        write_safetensors(out, batches, rows, dim, labels, indices, metadata)
+    return metadata
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=program_name("snca_ext.export"),
+        description="Write the features (recomputed by the network), labels and indices of every image "
+        "of a split to a .safetensors file (streamed) or a .pt file.",
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a checkpoint.pt of python -m snca_ext.train (or its run folder)")
+    add(
+        "--split",
+        choices=SPLITS,
+        default="train",
+        help="train or test; both go through the test-time transform (default: train)",
+    )
+    add("--out", required=True, help="output file: .safetensors (streamed) or .pt")
+    add(
+        "--classes",
+        choices=CLASS_SETS,
+        default="all",
+        help="all classes, or with a --holdout-classes run its seen or novel (held-out) classes (all)",
+    )
+    add("--data", help="the dataset folder, if not where the checkpoint's run read it")
+    add("-b", "--batch-size", type=POSITIVE_INT, default=256, help="images per forward pass (256)")
+    add("-j", "--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes (0)")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
+    add("--trust-checkpoint", action="store_true", help="allow checkpoints that need unpickling")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if Path(args.out).suffix not in (".safetensors", ".pt"):
+            raise ExportError(f"--out must end in .safetensors or .pt, got {args.out}")
+        set_threads(args.threads)
+        metadata = export_features(
+            args.checkpoint,
+            args.out,
+            split=args.split,
+            classes=args.classes,
+            data_path=args.data,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=resolve_device(args.device),
+            trust=args.trust_checkpoint,
+            progress=not args.no_progress,
+        )
+    except AppError as error:
+        return report(parser, error)
+    rows = len(load_features(args.out)["labels"])
+    print(
+        f"wrote {rows} x {metadata['low_dim']} features of the {metadata['dataset']} {args.split} split "
+        f"({args.classes} classes) to {args.out}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Browse what was learned: ``python -m snca_ext.neighbors``.
+
+    python -m snca_ext.neighbors --checkpoint RUN/checkpoint.pt --out nn.html
+    python -m snca_ext.neighbors --checkpoint SNCA/checkpoint.pt --compare SOFTMAX/checkpoint.pt \\
+        --classes novel --out novel.html
+
+writes a self-contained HTML page (every image embedded as a data: URI; it opens offline and can be
+mailed as one file) and a PNG grid beside it (``--png``, default: the page's name with ``.png``).
+One row per query and model: the query image, then its ``--k`` (20) nearest training images by
+cosine similarity, best first, each framed green (same class as the query) or red (another class)
+and captioned with its similarity. Queries come from the test split (``--query-split``), chosen at
+random with ``--seed`` or given by ``--query-index`` (indices into the split, the ``indices`` of
+``python -m snca_ext.export``). ``--compare`` adds a second model's row under each query (e.g. the
+``--loss softmax`` baseline), as the original project's page compares features.
+
+The bank is the training split's features recomputed by each network (kept in memory: N x D
+floats), or read from a file of ``python -m snca_ext.export`` (``--bank-features``, memory-mapped),
+and searched by ``snca_ext.bank_topk``. With a ``--holdout-classes`` run, ``--classes novel`` shows
+how the features order classes never seen in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import html
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from torch import Tensor, nn
+
+from snca_ext import bank_topk
+
+from .cli import (
+    POSITIVE_INT,
+    int_list_type,
+    number,
+    program_name,
+    report,
+    resolve_device,
+    set_threads,
+)
+from .data import ClassSubset, DigitsDataset, IndexedDataset
+from .errors import AppError, ExportError
+from .export import (
+    CLASS_SETS,
+    SPLITS,
+    dataset_indices,
+    load_features,
+    load_trained_model,
+    split_dataset,
+)
+from .features import compute_features
+
+CORRECT, WRONG = "#1a9850", "#d73027"
+
+
+@dataclass
+class ModelRows:
+    """One model's retrievals for every query: similarities and bank positions [queries, k]."""
+
+    name: str
+    values: Tensor
+    positions: Tensor
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _base(dataset: IndexedDataset, position: int) -> tuple[IndexedDataset, int]:
+    while isinstance(dataset, ClassSubset):
+        dataset, position = dataset.parent, int(dataset.rows[position])
+    return dataset, position
+
+
+def class_names(dataset: IndexedDataset) -> list[str] | None:
+    base, _ = _base(dataset, 0) if len(dataset) else (dataset, 0)
+    return getattr(base.dataset, "classes", None)
+
+
+def display_image(dataset: IndexedDataset, position: int, size: int = 64) -> Image.Image:
+    """The example at ``position`` as a ``size`` x ``size`` RGB image, without the training or test
+    transform (no normalisation, no augmentation): small images are enlarged with nearest
+    neighbour, so pixels stay visible; larger ones are centre-cropped to a square and resized."""
+    base, index = _base(dataset, position)
+    source = base.dataset
+    if isinstance(source, DigitsDataset):
+        pixels = source.images[index].squeeze(0).clamp(0, 1).mul(255).round().byte().numpy()
+        image = Image.fromarray(255 - pixels, mode="L")  # dark ink on white, as the digits were written
+    else:
+        raw = copy.copy(source)
+        raw.transform = None
+        if hasattr(raw, "transforms"):
+            raw.transforms = None
+        image = raw[index][0]
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"cannot display a {type(image).__name__} of {type(source).__name__}")
+    image = image.convert("RGB")
+    if max(image.size) <= size:
+        return image.resize((size, size), Image.Resampling.NEAREST)
+    return ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+
+
+def _data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def choose_queries(
+    dataset: IndexedDataset, count: int, seed: int, query_index: Sequence[int] | None = None
+) -> Tensor:
+    """Positions in ``dataset`` of the queries: ``query_index`` (indices into the full split) or
+    ``count`` distinct positions drawn with ``seed``."""
+    if query_index:
+        lookup = {int(index): position for position, index in enumerate(dataset_indices(dataset).tolist())}
+        missing = [index for index in query_index if index not in lookup]
+        if missing:
+            raise ExportError(
+                f"--query-index {missing} not in the query split (its {len(dataset)} examples"
+                f"{'' if not isinstance(dataset, ClassSubset) else ' of the chosen classes'})"
+            )
+        return torch.tensor([lookup[index] for index in query_index])
+    if not 1 <= count <= len(dataset):
+        raise ExportError(f"--queries must be in [1, {len(dataset)}], got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(len(dataset), generator=generator)[:count].sort().values
+
+
+@torch.no_grad()
+def retrieve(
+    model: nn.Module,
+    queries: Tensor,
+    bank: Tensor,
+    k: int,
+    device: torch.device,
+    *,
+    exclude: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` (similarity, bank row) of each query image by the model's features."""
+    features = model.eval()(queries.to(device)).float()
+    values, rows = bank_topk(
+        features,
+        bank.to(device=device, dtype=torch.float32),
+        min(k, bank.shape[0]),
+        exclude=exclude,
+        backend=backend,
+    )
+    return values.cpu(), rows.cpu()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _label_text(names: list[str] | None, label: int) -> str:
+    return names[label] if names is not None and 0 <= label < len(names) else str(label)
+
+
+def write_html(
+    path: Path,
+    *,
+    title: str,
+    query_set: IndexedDataset,
+    bank_set: IndexedDataset,
+    queries: Tensor,
+    models: Sequence[ModelRows],
+    thumb: int,
+    notes: Sequence[str],
+) -> None:
+    names = class_names(bank_set)
+    query_indices, bank_indices = dataset_indices(query_set), dataset_indices(bank_set)
+    cache: dict[tuple[int, int], str] = {}
+
+    def image(which: int, dataset: IndexedDataset, position: int) -> str:
+        if (which, position) not in cache:
+            cache[which, position] = _data_uri(display_image(dataset, position, thumb))
+        return cache[which, position]
+
+    rows = []
+    for q, position in enumerate(queries.tolist()):
+        label = int(query_set.targets[position])
+        for m, model in enumerate(models):
+            cells = []
+            hits = 0
+            for value, row in zip(model.values[q].tolist(), model.positions[q].tolist(), strict=True):
+                if row < 0:
+                    continue
+                neighbour = int(bank_set.targets[row])
+                correct = neighbour == label
+                hits += correct
+                tooltip = f"train #{int(bank_indices[row])}, class {_label_text(names, neighbour)}"
+                cells.append(
+                    f'<td class="hit {"correct" if correct else "wrong"}" data-label="{neighbour}" '
+                    f'title="{html.escape(tooltip)}">'
+                    f'<img src="{image(1, bank_set, row)}" alt="train {int(bank_indices[row])}">'
+                    f"<div>{'&#10003;' if correct else '&#10007;'} {value:.3f}</div></td>"
+                )
+            query_cell = (
+                f'<td class="query" rowspan="{len(models)}"><img src="{image(0, query_set, position)}" '
+                f'alt="query {int(query_indices[position])}"><div>#{int(query_indices[position])}<br>'
+                f"{html.escape(_label_text(names, label))}</div></td>"
+                if m == 0
+                else ""
+            )
+            rows.append(
+                f'<tr class="row{" first" if m == 0 else ""}" data-query="{int(query_indices[position])}" '
+                f'data-label="{label}" data-model="{html.escape(model.name)}" data-correct="{hits}">'
+                f'{query_cell}<th class="model">{html.escape(model.name)}<br>{hits}/{len(cells)}</th>'
+                f"{''.join(cells)}</tr>"
+            )
+    note_html = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 13px sans-serif; margin: 16px; }}
+table {{ border-collapse: collapse; }}
+td, th {{ padding: 2px; text-align: center; vertical-align: top; }}
+tr.first td, tr.first th {{ border-top: 1px solid #999; }}
+td img {{ display: block; width: {thumb}px; height: {thumb}px; border: 3px solid transparent; }}
+td.query img {{ border-color: #333; }}
+td.correct img {{ border-color: {CORRECT}; }}
+td.wrong img {{ border-color: {WRONG}; }}
+td.correct div {{ color: {CORRECT}; }}
+td.wrong div {{ color: {WRONG}; }}
+th.model {{ font-weight: normal; writing-mode: vertical-rl; transform: rotate(180deg); }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<ul>{note_html}</ul>
+<table id="neighbors">
+{chr(10).join(rows)}
+</table>
+<script>
+// Reports in the title how many images decoded, so a headless browser can check the page.
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  const loaded = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+  const rows = document.querySelectorAll("tr.row").length;
+  document.title = `loaded ${{loaded}}/${{images.length}} images, ${{rows}} rows`;
+}});
+</script>
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+
+
+def write_png(
+    path: Path,
+    *,
+    query_set: IndexedDataset,
+    bank_set: IndexedDataset,
+    queries: Tensor,
+    models: Sequence[ModelRows],
+    thumb: int,
+) -> None:
+    """The same grid as the page: per row the query, a gap, then the retrievals framed green or
+    red with the similarity under each."""
+    border, text_height, label_width, gap = 3, 14, 90, 12
+    cell_w, cell_h = thumb + 2 * border + 2, thumb + 2 * border + text_height
+    k = max(model.values.shape[1] for model in models)
+    width = label_width + cell_w + gap + k * cell_w
+    height = len(queries) * len(models) * cell_h + (len(queries) - 1) * 4
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    y = 0
+    for q, position in enumerate(queries.tolist()):
+        label = int(query_set.targets[position])
+        for model in models:
+            draw.text((2, y + cell_h // 2 - 6), model.name[:14], fill="black", font=font)
+            canvas.paste(
+                ImageOps.expand(display_image(query_set, position, thumb), border, "#333333"),
+                (label_width, y),
+            )
+            x = label_width + cell_w + gap
+            for value, row in zip(model.values[q].tolist(), model.positions[q].tolist(), strict=True):
+                if row < 0:
+                    continue
+                color = CORRECT if int(bank_set.targets[row]) == label else WRONG
+                canvas.paste(ImageOps.expand(display_image(bank_set, row, thumb), border, color), (x, y))
+                draw.text((x + 2, y + thumb + 2 * border), f"{value:.3f}", fill=color, font=font)
+                x += cell_w
+            y += cell_h
+        y += 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=program_name("snca_ext.neighbors"),
+        description="An HTML page (self-contained) and a PNG grid of nearest neighbours: per query, its "
+        "top-k training images by feature similarity, marked correct or wrong class.",
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a checkpoint.pt of python -m snca_ext.train (or its run folder)")
+    add("--compare", help="a second checkpoint (same dataset) whose retrievals are shown under each query")
+    add("--names", help="row labels of the models, comma-separated (default: their --loss and run folder)")
+    add("--out", required=True, help="the HTML page to write")
+    add("--png", help="the PNG grid to write (default: --out with .png)")
+    add("-k", "--k", type=POSITIVE_INT, default=20, help="retrievals per query (20)")
+    add("--queries", type=POSITIVE_INT, default=10, help="random queries (10)")
+    add("--seed", type=int, default=0, help="seed of the random queries (0)")
+    add(
+        "--query-index",
+        type=int_list_type(minimum=0, what="query indices", example="3,17,42"),
+        help="these queries instead: indices into the query split",
+    )
+    add("--query-split", choices=SPLITS, default="test", help="where the queries come from (test)")
+    add("--classes", choices=CLASS_SETS, default="all", help="all, or a holdout run's seen or novel classes")
+    add("--bank-features", help="the bank of --checkpoint from python -m snca_ext.export --split train")
+    add("--compare-bank-features", help="the same for --compare")
+    add("--thumb", type=number(int, 8, what="an integer >= 8"), default=64, help="image size in pixels (64)")
+    add("--data", help="the dataset folder, if not where the checkpoint's run read it")
+    add(
+        "-b",
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=256,
+        help="images per forward pass for the bank (256)",
+    )
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
+    add("--backend", default="auto", help="bank_topk backend (auto)")
+    add("--trust-checkpoint", action="store_true", help="allow checkpoints that need unpickling")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _bank(
+    model: nn.Module,
+    bank_set: IndexedDataset,
+    features_path: str | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> Tensor:
+    if features_path is None:
+        features, _ = compute_features(
+            model, bank_set, device, batch_size=args.batch_size, progress=not args.no_progress
+        )
+        return features
+    exported = load_features(features_path)
+    expected = dataset_indices(bank_set)
+    if exported["indices"].shape != expected.shape or not torch.equal(exported["indices"], expected):
+        raise ExportError(
+            f"--bank-features {features_path} holds {len(exported['indices'])} rows that are not the "
+            f"{len(expected)} training images of --classes {args.classes} (export it with --split train "
+            f"--classes {args.classes})"
+        )
+    return exported["features"]
+
+
+def _model_name(run_args: dict[str, Any]) -> str:
+    return f"{run_args.get('loss', 'snca')}: {Path(run_args['checkpoint']).parent.name}"
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        set_threads(args.threads)
+        device = resolve_device(args.device)
+        checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
+        loaded = [
+            load_trained_model(path, device, trust=args.trust_checkpoint, flag=flag)
+            for path, flag in zip(checkpoints, ("--checkpoint", "--compare"), strict=False)
+        ]
+        first = loaded[0][1]
+        for _, other in loaded[1:]:
+            if (other.get("dataset"), other.get("data")) != (first.get("dataset"), first.get("data")):
+                raise ExportError(
+                    f"--compare {args.compare} was trained on {other.get('dataset')} {other.get('data')}, "
+                    f"--checkpoint on {first.get('dataset')} {first.get('data')}: the same images are needed"
+                )
+        names = args.names.split(",") if args.names else [_model_name(run_args) for _, run_args in loaded]
+        if len(names) != len(loaded):
+            raise ExportError(f"--names needs {len(loaded)} comma-separated names, got {args.names!r}")
+        query_set = split_dataset(first, args.query_split, args.classes, args.data)
+        bank_set = split_dataset(first, "train", args.classes, args.data)
+        positions = choose_queries(query_set, args.queries, args.seed, args.query_index)
+        images = torch.stack([query_set[p][0] for p in positions.tolist()])
+        # A training image is its own nearest neighbour: leave its row out when it is the query.
+        exclude = positions if args.query_split == "train" else None
+        bank_paths = [args.bank_features, args.compare_bank_features]
+        rows = []
+        for (model, _), name, bank_path in zip(loaded, names, bank_paths, strict=False):
+            bank = _bank(model, bank_set, bank_path, args, device)
+            values, found = retrieve(
+                model,
+                images,
+                bank,
+                args.k,
+                device,
+                exclude=None if exclude is None else exclude.to(device),
+                backend=args.backend,
+            )
+            rows.append(ModelRows(name, values, found))
+    except AppError as error:
+        return report(parser, error)
+    out = Path(args.out)
+    png = Path(args.png) if args.png else out.with_suffix(".png")
+    how = (
+        f"--query-index {args.query_index}"
+        if args.query_index
+        else f"{len(positions)} random, seed {args.seed}"
+    )
+    notes = [
+        f"{first.get('dataset')} {args.query_split} queries ({how}) against the {len(bank_set)} training "
+        f"images ({args.classes} classes), top {args.k} by cosine similarity of the features",
+        *[f"{name}: {path}" for name, path in zip(names, checkpoints, strict=True)],
+        "green: same class as the query; red: another class",
+    ]
+    write_html(
+        out,
+        title=f"Nearest neighbours: {' vs '.join(names)}",
+        query_set=query_set,
+        bank_set=bank_set,
+        queries=positions,
+        models=rows,
+        thumb=args.thumb,
+        notes=notes,
+    )
+    write_png(png, query_set=query_set, bank_set=bank_set, queries=positions, models=rows, thumb=args.thumb)
+    for row in rows:
+        correct = sum(
+            int(bank_set.targets[r]) == int(query_set.targets[p])
+            for p, found in zip(positions.tolist(), row.positions.tolist(), strict=True)
+            for r in found
+            if r >= 0
+        )
+        print(f"{row.name}: {correct}/{row.positions.ge(0).sum()} retrievals of the same class as the query")
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

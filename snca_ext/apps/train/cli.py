@@ -1,0 +1,416 @@
+"""Train an SNCA embedding and evaluate it by weighted kNN: ``python -m snca_ext.train``.
+
+With no argument it trains a small CNN on scikit-learn's digits (embedded, no download). With
+``--dataset cifar10 --data PATH`` or ``--dataset imagefolder --data PATH`` it follows the paper's
+recipe for that dataset; every recipe value is a flag. The run directory (``--out``) gets
+``checkpoint.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``.
+
+Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder or checkpoint,
+130 stopped by Ctrl-C / SIGTERM / ``--stop-after-steps`` (a checkpoint to ``--resume`` from was
+written), 3 another rank of a distributed run failed or timed out.
+
+Under ``torchrun`` with several processes it trains data-parallel (DDP): ``--batch-size`` is the
+global batch, split over the ranks; the bank is replicated, or with ``--bank-sharding`` split in
+row blocks over the ranks (``snca_ext.distributed``). Rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from snca_ext import distributed
+from snca_ext.memory import BANK_DTYPES
+
+from ..checkpoints import FORMAT, load_checkpoint
+from ..cli import (
+    FRACTION,
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    class_list_type,
+    int_list_type,
+    parse_classes,
+    program_name,
+    report,
+    resolve_device,
+    set_threads,
+)
+from ..data import DATASETS, DataBundle, build_data
+from ..errors import EXIT_USAGE, AppError, UsageError
+from ..models import ARCHS
+from .config import RunConfig
+from .evaluation import novel_class_evaluation
+from .outputs import plot_curves, summary_line, write_summary
+from .signals import StopSignal
+from .trainer import Diverged, Trainer, seed_everything
+
+EXIT_OK, EXIT_DIVERGED, EXIT_STOPPED, EXIT_PEER_FAILED = 0, 1, 130, 3
+__all__ = ["EXIT_DIVERGED", "EXIT_OK", "EXIT_PEER_FAILED", "EXIT_STOPPED", "EXIT_USAGE", "main", "run"]
+
+
+def _schedule(text: str) -> str:
+    from snca_ext import MomentumSchedule
+
+    try:
+        MomentumSchedule.parse(0.5, text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=program_name("snca_ext.train"),
+        description="Train an SNCA embedding (Wu, Efros & Yu, ECCV 2018) and evaluate it by weighted "
+        "kNN. With no argument: a small CNN on scikit-learn's digits. Unset recipe flags take the "
+        "paper's values for the dataset (snca_ext/apps/train/config.py), or on --resume the "
+        "checkpoint's.",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
+    data.add_argument(
+        "--data",
+        help="local data folder for cifar10 (holds cifar-10-batches-py/) or imagefolder (train/, val/)",
+    )
+    data.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, help="data loader processes")
+    data.add_argument(
+        "--holdout-classes",
+        type=class_list_type,
+        metavar="C,C,...",
+        help="train without these classes; the final evaluation adds kNN and N-way K-shot accuracy on "
+        "them (novel classes)",
+    )
+
+    model = parser.add_argument_group("model and loss")
+    model.add_argument(
+        "--arch", choices=ARCHS, help="digits: digits_cnn, cifar10: cifar_resnet18, imagefolder: resnet18"
+    )
+    model.add_argument("--low-dim", type=POSITIVE_INT, help="feature dimension (128)")
+    model.add_argument(
+        "--loss",
+        choices=("snca", "softmax"),
+        help="snca (default), or softmax: the baseline, a linear classifier on the embedding trained by "
+        "cross-entropy, evaluated on the same normalised embedding",
+    )
+    model.add_argument("-t", "--temperature", "--nce-t", dest="temperature", type=POSITIVE_FLOAT, help="T")
+    model.add_argument(
+        "--margin", type=NON_NEGATIVE_FLOAT, help="margin in cosine units, divided by T for the loss (0)"
+    )
+    model.add_argument(
+        "--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="fused op backend (auto)"
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, help="the global batch")
+    optim.add_argument("--lr", type=POSITIVE_FLOAT, help="initial learning rate (0.1)")
+    optim.add_argument(
+        "--lr-step", type=POSITIVE_INT, help="multiply the lr by --lr-gamma every this many epochs"
+    )
+    optim.add_argument("--lr-gamma", type=POSITIVE_FLOAT, help="lr decay factor (0.1)")
+    optim.add_argument("--epochs", type=POSITIVE_INT, help="imagefolder 130, cifar10 200, digits 25")
+    optim.add_argument("--weight-decay", "--wd", dest="weight_decay", type=NON_NEGATIVE_FLOAT)
+    optim.add_argument("--sgd-momentum", type=FRACTION, help="SGD momentum (0.9)")
+    optim.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov SGD (on)"
+    )
+    optim.add_argument("--seed", type=NON_NEGATIVE_INT, help="seeds every random number generator (0)")
+
+    bank = parser.add_argument_group("memory bank")
+    bank.add_argument(
+        "--memory-momentum", "--nce-m", dest="memory_momentum", type=FRACTION, help="bank momentum (0.5)"
+    )
+    bank.add_argument(
+        "--memory-schedule",
+        type=_schedule,
+        help="bank momentum milestones 'epoch:momentum,...' (imagefolder '80:0.8,120:0.9'; '' for none)",
+    )
+    bank.add_argument("--bank-dtype", choices=tuple(BANK_DTYPES), help="bank storage (float32)")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--knn-k", type=POSITIVE_INT, help="neighbours of the final kNN evaluation (30)")
+    evaluation.add_argument(
+        "--knn-sigma", type=POSITIVE_FLOAT, help="kNN vote temperature (default: --temperature)"
+    )
+    evaluation.add_argument(
+        "--monitor-k", type=POSITIVE_INT, help="neighbours of the per-epoch kNN monitor (1)"
+    )
+    evaluation.add_argument(
+        "--recompute-bank",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="final kNN against features recomputed over the training set (default: on after "
+        "training, off with --evaluate, which then uses the checkpoint's bank)",
+    )
+    evaluation.add_argument("--fewshot-ways", type=POSITIVE_INT, default=5, help="classes per episode (5)")
+    evaluation.add_argument(
+        "--fewshot-shots",
+        type=int_list_type(minimum=1, what="shot counts", example="1,5"),
+        default=(1, 5),
+        help="support examples per class (1,5)",
+    )
+    evaluation.add_argument("--fewshot-episodes", type=POSITIVE_INT, default=1000, help="episodes (1000)")
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument(
+        "--out", help="run directory (default: runs/<dataset>-<time>; on --resume the checkpoint's)"
+    )
+    run_group.add_argument(
+        "--resume", metavar="CHECKPOINT", help="continue (or with -e evaluate) from this checkpoint"
+    )
+    run_group.add_argument(
+        "-e", "--evaluate", action="store_true", help="only evaluate the --resume checkpoint by kNN"
+    )
+    run_group.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that need unpickling (original format): unpickling can run code",
+    )
+    run_group.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+    )
+    run_group.add_argument("--threads", type=POSITIVE_INT, help="CPU threads of torch (digits: 1)")
+    run_group.add_argument(
+        "--stop-after-steps",
+        type=POSITIVE_INT,
+        help="stop like Ctrl-C after this many steps of this invocation (for time-limited job slots)",
+    )
+    run_group.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they are off anyway when not a terminal)",
+    )
+
+    dist_group = parser.add_argument_group("distributed (under torchrun)")
+    dist_group.add_argument(
+        "--bank-sharding",
+        action="store_true",
+        help="split the memory bank in row blocks over the ranks (bank memory per rank / world size) "
+        "instead of a whole copy per rank",
+    )
+    dist_group.add_argument(
+        "--dist-timeout",
+        type=POSITIVE_FLOAT,
+        default=distributed.DEFAULT_TIMEOUT_S,
+        help="seconds a collective may wait for the other ranks before the run stops with an error "
+        "(a rank died or hung) (600)",
+    )
+    return parser
+
+
+def _load_resume(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.resume is None:
+        return None
+    path = Path(args.resume)
+    if path.is_dir():  # a run directory
+        path = path / "checkpoint.pt"
+    args.resume = str(path)
+    return load_checkpoint(path, trust=args.trust_checkpoint)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The command line; under torchrun with several processes, one rank of the distributed run."""
+    if not distributed.launched_distributed():
+        return _run(argv, None)
+    raw = build_parser().parse_args(argv)
+    env = distributed.init_from_env(raw.device, raw.dist_timeout)
+    try:
+        # One log per job: rank 0's (errors and warnings of every rank still go to stderr).
+        with contextlib.redirect_stdout(None) if not env.is_main else contextlib.nullcontext():
+            status = _run(argv, env)
+    except distributed.PeerFailure as error:
+        distributed.exit_after_peer_failure(error, EXIT_PEER_FAILED)
+    distributed.shutdown()
+    return status
+
+
+def _prepare(
+    raw: argparse.Namespace, env: distributed.DistEnv | None
+) -> tuple[RunConfig, DataBundle, DataBundle | None, Trainer]:
+    """The configuration, the data and the trainer (restored from ``--resume``)."""
+    checkpoint = _load_resume(raw)
+    native = checkpoint is not None and checkpoint.get("format") == FORMAT
+    config = RunConfig.resolve(raw, checkpoint["args"] if native else None)
+    if config.out is None:
+        if config.resume is not None and not config.evaluate:
+            config.out = str(Path(config.resume).parent)
+        else:
+            config.out = str(Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if env is None:
+        if config.bank_sharding:
+            raise UsageError("--bank-sharding needs a distributed run: torchrun --nproc_per_node N ...")
+        env = distributed.DistEnv.single(resolve_device(config.device))
+    config.out = distributed.broadcast_object(config.out)  # the ranks' clocks may straddle a second
+    set_threads(config.threads)
+    seed_everything(config.seed)
+    data, novel = _holdout(build_data(config.dataset, config.data), config.holdout_classes)
+    if config.batch_size > len(data.train):
+        raise UsageError(
+            f"--batch-size must be at most the training set size {len(data.train)} (the last "
+            f"incomplete batch is dropped), got {config.batch_size}"
+        )
+    if config.batch_size % env.world_size:
+        raise UsageError(
+            f"--batch-size (the global batch) must be a multiple of the {env.world_size} ranks, "
+            f"got {config.batch_size}"
+        )
+    trainer = Trainer(config, data, env)
+    if checkpoint is not None:
+        if native:
+            trainer.load_state_dict(checkpoint)
+        else:
+            trainer.load_original(checkpoint)
+    return config, data, novel, trainer
+
+
+def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
+    wall_started = time.perf_counter()
+    parser = build_parser()
+    raw = parser.parse_args(argv)
+    try:
+        config, data, novel, trainer = _prepare(raw, env)
+    except AppError as error:
+        return report(parser, error)
+    progress = not config.no_progress
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = True
+
+    if config.evaluate:
+        result, recomputed = trainer.final_evaluation(progress)
+        print(summary_line(config.knn_k, config.knn_sigma, result, recomputed, trainer.epoch))
+        if novel is not None:
+            _novel_evaluation(trainer, novel, progress)
+        return EXIT_OK
+
+    if trainer.is_main:
+        trainer.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = trainer.out / "checkpoint.pt"
+    print(
+        f"run {trainer.out}: {config.dataset}, {config.arch}, N={len(data.train)} train / {len(data.test)} "
+        f"test, T={config.temperature}, batch {config.batch_size}, lr {config.lr}, {config.epochs} epochs, "
+        f"{trainer.device}"
+    )
+    status = EXIT_OK
+    train_started = time.perf_counter()
+    try:
+        with StopSignal() as stop:
+            while trainer.epoch < config.epochs:
+                epoch_started = time.perf_counter()
+                if not trainer.train_epoch(stop, progress):
+                    trainer.save()
+                    print(
+                        f"stopped in epoch {trainer.epoch + 1} after step {trainer.step}; checkpoint "
+                        f"saved: continue with --resume {checkpoint_path}"
+                    )
+                    status = EXIT_STOPPED
+                    break
+                row = trainer.finish_epoch(progress)
+                seconds = time.perf_counter() - epoch_started
+                print(
+                    f"epoch {row['epoch']}/{config.epochs}  loss {row['loss']:.4f}  "
+                    f"kNN-{config.monitor_k} {row['knn1_top1']:.2f}%  lr {row['lr']:g}  {seconds:.1f} s",
+                    flush=True,
+                )
+                if trainer.agree_to_stop(stop) and trainer.epoch < config.epochs:
+                    print(f"stopped after epoch {trainer.epoch}: continue with --resume {checkpoint_path}")
+                    status = EXIT_STOPPED
+                    break
+    except Diverged as error:
+        print(
+            f"error: {error}. Training stopped; the last good checkpoint is kept at "
+            f"{checkpoint_path} (end of epoch {trainer.epoch}). Try a lower --lr or a "
+            f"higher --temperature.",
+            file=sys.stderr,
+        )
+        status = EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C; the last saved checkpoint is kept", file=sys.stderr)
+        status = EXIT_STOPPED
+    train_seconds = time.perf_counter() - train_started
+    if trainer.metrics and trainer.is_main:
+        plot_curves(
+            trainer.metrics, trainer.out / "curves.png", f"{config.loss} {config.dataset} {config.arch}"
+        )
+    if status != EXIT_OK:
+        return status
+
+    result, recomputed = trainer.final_evaluation(progress)
+    summary = {
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "epochs": trainer.epoch,
+        "knn_k": config.knn_k,
+        "knn_sigma": config.knn_sigma,
+        "recomputed_bank": recomputed,
+        "top1": result.top1,
+        "top5": result.top5,
+        "test_examples": result.count,
+        "train_seconds_this_invocation": round(train_seconds, 2),
+        "wall_seconds_this_invocation": round(time.perf_counter() - wall_started, 2),
+        "loss": config.loss,
+    }
+    print(summary_line(config.knn_k, config.knn_sigma, result, recomputed, trainer.epoch))
+    if novel is not None:
+        summary["novel_classes"] = _novel_evaluation(trainer, novel, progress)
+    if trainer.is_main:
+        write_summary(summary, trainer.out / "summary.json")
+    print(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
+    return EXIT_OK
+
+
+def _holdout(data: DataBundle, holdout_classes: str) -> tuple[DataBundle, DataBundle | None]:
+    """``(data to train on, novel-class data or None)`` for ``--holdout-classes``."""
+    holdout = parse_classes(holdout_classes)
+    if not holdout:
+        return data, None
+    if max(holdout) >= data.num_classes or data.num_classes - len(holdout) < 2 or len(holdout) < 2:
+        raise UsageError(
+            f"--holdout-classes must name at least 2 of the {data.num_classes} class ids 0..."
+            f"{data.num_classes - 1} and leave at least 2 to train on, got {holdout_classes}"
+        )
+    return data.split_holdout(holdout)
+
+
+def _novel_evaluation(trainer: Trainer, novel: DataBundle, progress: bool) -> dict[str, Any]:
+    config = trainer.config
+    report_ = novel_class_evaluation(
+        trainer.model,
+        novel,
+        k=config.knn_k,
+        sigma=config.knn_sigma,
+        device=trainer.device,
+        batch_size=config.batch_size,
+        ways=config.fewshot_ways,
+        shots=config.fewshot_shots,
+        episodes=config.fewshot_episodes,
+        seed=config.seed,
+        backend=config.backend,
+        progress=progress,
+    )
+    print(
+        f"novel classes {report_['classes']} (never trained on): kNN (K={config.knn_k}) on "
+        f"{report_['test_examples']} test images against a bank of their {report_['bank_size']} "
+        f"training images: top-1 {report_['knn_top1']:.2f}%"
+    )
+    for row in report_["fewshot"]:
+        print(
+            f"novel classes {row['ways']}-way {row['shots']}-shot ({row['episodes']} episodes, "
+            f"nearest class mean): {row['mean']:.2f}% ± {row['ci95']:.2f} (95% interval)"
+        )
+    return report_
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()

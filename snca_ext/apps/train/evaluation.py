@@ -1,0 +1,154 @@
+"""kNN evaluation of a network during and after training, one code path for one process and for
+many (a single process is the world of size one, where every collective is the identity).
+
+The test set is split over the processes in contiguous blocks; each computes its block's features
+and searches the bank (its own block of rows when the bank is sharded: the search is then
+collective), and the hit counts are summed over the processes, so every process gets the same
+result. ``novel_class_evaluation`` is the evaluation of ``--holdout-classes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from snca_ext import (
+    KnnResult,
+    MemoryBank,
+    bank_topk,
+    few_shot_accuracy,
+    knn_accuracy,
+    knn_counts,
+    knn_votes,
+)
+from snca_ext import distributed as dist
+
+from ..data import DataBundle
+from ..features import compute_features
+
+
+def _block_features(
+    model: nn.Module, dataset, device: torch.device, dim: int, **loader
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of this process's contiguous block of ``dataset``."""
+    rank, world = dist.rank(), dist.world_size()
+    start, end = dist.shard_range(len(dataset), rank, world)
+    block = dataset if world == 1 else Subset(dataset, range(start, end))
+    return compute_features(model, block, device, dim=dim, **loader)
+
+
+def bank_features(
+    model: nn.Module,
+    dataset,
+    *,
+    sharded: bool,
+    dim: int,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """The model's features of the whole training set (the bank recomputed from the network),
+    computed one contiguous block per process: the process's own bank block when ``sharded``,
+    else the whole bank on every process."""
+    features, _ = _block_features(
+        model, dataset, device, dim, batch_size=batch_size, workers=workers, progress=progress
+    )
+    return features if sharded else dist.all_gather_cat(features)
+
+
+@torch.no_grad()
+def knn_evaluate(
+    model: nn.Module,
+    dataset,
+    memory: MemoryBank,
+    num_classes: int,
+    *,
+    k: int,
+    sigma: float,
+    device: torch.device,
+    bank: Tensor | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    backend: str = "auto",
+    chunk: int = 1024,
+    progress: bool = False,
+) -> KnnResult:
+    """Weighted kNN accuracy of the model's features of ``dataset`` (the test set) against
+    ``memory`` (``bank`` replaces its rows: the whole bank, or this process's block when the bank
+    is sharded)."""
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    queries, labels = _block_features(
+        model, dataset, device, memory.dim, batch_size=batch_size, workers=workers, progress=progress
+    )
+    if bank is None:
+        bank = memory.bank
+    k = min(k, memory.size)
+    if isinstance(memory, dist.ShardedMemoryBank):
+
+        def search(part: Tensor):
+            return dist.sharded_topk(part, bank, k, start=memory.start, backend=backend)
+    else:
+
+        def search(part: Tensor):
+            return bank_topk(part, bank, k, backend=backend)
+
+    # A sharded search is collective: every process runs the same number of chunks, some empty.
+    chunks = -(-max(dist.gather_sizes(queries.shape[0], device)) // chunk)
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    for first in range(0, chunks * chunk, chunk):
+        values, rows = search(queries[first : first + chunk])
+        scores = knn_votes(values, rows, memory.labels, num_classes, sigma)
+        counts += knn_counts(scores, labels[first : first + chunk])
+    return KnnResult.from_counts(dist.all_reduce(counts))
+
+
+def novel_class_evaluation(
+    model: nn.Module,
+    novel: DataBundle,
+    *,
+    k: int,
+    sigma: float,
+    device: torch.device,
+    batch_size: int = 256,
+    ways: int = 5,
+    shots: Sequence[int] = (1, 5),
+    queries: int = 15,
+    episodes: int = 1000,
+    seed: int = 0,
+    backend: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """kNN accuracy on the novel classes' test images against a bank of their training images
+    (features recomputed by the network), and ``ways``-way (at most the number of novel classes)
+    few-shot accuracy for each of ``shots``, with episodes drawn from all of their images,
+    training and test (the few-shot convention: none was seen in training)."""
+    (bank, bank_labels), (tests, test_labels) = (
+        compute_features(model, part, device, batch_size=batch_size, progress=progress)
+        for part in (novel.train_plain, novel.test)
+    )
+    knn = knn_accuracy(
+        tests, test_labels, bank, bank_labels, novel.num_classes, k=k, sigma=sigma, backend=backend
+    )
+    classes = sorted(set(bank_labels.tolist()))
+    ways = min(ways, len(classes))
+    pool, pool_labels = torch.cat([bank, tests]).cpu(), torch.cat([bank_labels, test_labels]).cpu()
+    fewshot = [
+        few_shot_accuracy(
+            pool, pool_labels, ways=ways, shots=shot, queries=queries, episodes=episodes, seed=seed
+        ).as_dict()
+        for shot in shots
+    ]
+    return {
+        "classes": classes,
+        "bank_size": len(bank_labels),
+        "test_examples": len(test_labels),
+        "knn_k": k,
+        "knn_top1": knn.top1,
+        "fewshot": fewshot,
+    }
