@@ -1,7 +1,8 @@
 """Data sets for SNCA training: every one yields ``(image, label, index)``, the index being the
 example's row in the memory bank. ``digits`` is scikit-learn's handwritten digits (embedded: no
-download); ``cifar10`` reads CIFAR-10's python files from a local folder; ``imagefolder`` reads an
-ImageNet-style ``train/`` and ``val/`` tree. Nothing here ever downloads.
+download); ``fashion-mnist`` reads Fashion-MNIST's IDX files (default: Debian's
+``dataset-fashion-mnist``); ``cifar10`` reads CIFAR-10's python files from a local folder;
+``imagefolder`` reads an ImageNet-style ``train/`` and ``val/`` tree. Nothing here ever downloads.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from ..errors import DataError
 from .base import ClassSubset, DataBundle, IndexedDataset, with_transform
 from .cifar import cifar10_data
 from .digits import DigitsDataset, digits_data, load_digits_split
+from .fashion_mnist import fashion_mnist_data
 from .imagefolder import imagefolder_data
 
-DATASETS = ("digits", "cifar10", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
+# The data sets that have a default location (--data optional).
+DEFAULT_LOCATION = ("digits", "fashion-mnist")
 
 __all__ = [
     "DATASETS",
@@ -26,6 +30,7 @@ __all__ = [
     "build_data",
     "cifar10_data",
     "digits_data",
+    "fashion_mnist_data",
     "imagefolder_data",
     "load_digits_split",
     "with_transform",
@@ -34,11 +39,13 @@ __all__ = [
 
 def build_data(name: str, path: str | Path | None = None) -> DataBundle:
     """The ``DataBundle`` of dataset ``name`` (one of ``DATASETS``); ``path`` is required for
-    ``cifar10`` and ``imagefolder``."""
-    if name == "digits":
-        return digits_data()
+    ``cifar10`` and ``imagefolder``, optional for ``fashion-mnist`` and not used by ``digits``."""
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {DATASETS}, got {name!r}")
+    if name == "digits":
+        return digits_data()
+    if name == "fashion-mnist":
+        return fashion_mnist_data(path)
     if path is None:
         raise DataError(f"--dataset {name} needs --data PATH (a local folder; nothing is downloaded)")
     if name == "cifar10":

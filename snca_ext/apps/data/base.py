@@ -84,6 +84,22 @@ class DataBundle:
             num_classes=self.num_classes,
         )
 
+    def limit(self, train: int | None = None, test: int | None = None) -> DataBundle:
+        """The first ``train`` training examples (the same in ``train_plain``) and the first ``test``
+        test examples (None: all), for quick runs; yielded indices are positions in the subset."""
+
+        def first(dataset: IndexedDataset, count: int | None) -> IndexedDataset:
+            if count is None or count >= len(dataset):
+                return dataset
+            return ClassSubset(dataset, torch.arange(count))
+
+        return DataBundle(
+            train=first(self.train, train),
+            train_plain=first(self.train_plain, train),
+            test=first(self.test, test),
+            num_classes=self.num_classes,
+        )
+
     def split_holdout(self, holdout: Sequence[int]) -> tuple[DataBundle, DataBundle]:
         """``(seen, novel)``: the bundle without the ``holdout`` classes (to train on) and the
         bundle of only those (the novel-class evaluation)."""

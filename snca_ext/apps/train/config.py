@@ -11,6 +11,7 @@ from typing import Any
 
 from snca_ext.distributed import DEFAULT_TIMEOUT_S
 
+from ..data import DEFAULT_LOCATION
 from ..errors import UsageError
 
 # The paper's recipe per dataset (the original main.py / cifar.py); digits is this package's own,
@@ -44,6 +45,22 @@ RECIPES: dict[str, dict[str, Any]] = {
         "workers": min(8, os.cpu_count() or 1),
         "threads": None,
     },
+    "fashion-mnist": {
+        # This package's recipe for 2 CPU cores (benchmarks/fidelity.py): a small CNN, the
+        # paper's temperature and momenta, a short step schedule.
+        "arch": "fashion_cnn",
+        "low_dim": 128,
+        "temperature": 0.05,
+        "batch_size": 128,
+        "lr": 0.1,
+        "lr_step": 8,
+        "epochs": 12,
+        "weight_decay": 5e-4,
+        "memory_momentum": 0.5,
+        "memory_schedule": "",
+        "workers": 0,
+        "threads": None,
+    },
     "digits": {
         "arch": "digits_cnn",
         "low_dim": 128,
@@ -75,6 +92,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "loss": "snca",
     "holdout_classes": "",  # canonical "5,6,7,8,9"; "" trains on every class
+    "train_limit": None,  # None: every example
+    "test_limit": None,
 }
 # What defines a run: saved in the checkpoint, and taken from it on --resume unless given again.
 RUN_KEYS = (*RECIPES["digits"], *COMMON_DEFAULTS, "dataset", "data")
@@ -110,6 +129,8 @@ class RunConfig:
     backend: str = "auto"
     loss: str = "snca"
     holdout_classes: str = ""
+    train_limit: int | None = None
+    test_limit: int | None = None
     workers: int = 0
     threads: int | None = 1
     # this invocation
@@ -155,7 +176,7 @@ class RunConfig:
             raise UsageError("--evaluate needs --resume CHECKPOINT (the model to evaluate)")
         if self.dataset == "digits" and self.data is not None:
             raise UsageError(f"--data is not used by --dataset digits (embedded), got --data {self.data}")
-        if self.dataset != "digits" and self.data is None:
+        if self.dataset not in DEFAULT_LOCATION and self.data is None:
             raise UsageError(
                 f"--dataset {self.dataset} needs --data PATH (a local folder; nothing is downloaded)"
             )

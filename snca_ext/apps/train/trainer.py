@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from snca_ext import MomentumSchedule, distributed
+from snca_ext import KnnResult, MomentumSchedule, distributed
 from snca_ext.memory import BANK_DTYPES
 
 from ..checkpoints import FORMAT, load_original, save_checkpoint
@@ -279,11 +279,12 @@ class Trainer:
             write_metrics(self.metrics, self.out / "metrics.csv")
         return row
 
-    def final_evaluation(self, progress: bool):
-        """kNN (K = --knn-k) against the bank recomputed from the network (``--recompute-bank``)
-        or the memory bank; returns ``(KnnResult, recomputed)``."""
+    def final_evaluation(self, progress: bool, *, recompute: bool) -> KnnResult:
+        """kNN (K = --knn-k) of the test set against the bank recomputed from the network
+        (``recompute``) or against the memory bank (the original's protocol, its
+        ``recompute_memory=0``)."""
         bank = self.memory.bank
-        if self.config.recompute_bank:
+        if recompute:
             bank = bank_features(
                 self.model,
                 self.data.train_plain,
@@ -293,9 +294,9 @@ class Trainer:
                 progress=progress,
                 **self.loader_options,
             )
-        return self.knn(bank, self.config.knn_k, progress), bool(self.config.recompute_bank)
+        return self.knn(bank, self.config.knn_k, progress)
 
-    def knn(self, bank: torch.Tensor, k: int, progress: bool):
+    def knn(self, bank: torch.Tensor, k: int, progress: bool) -> KnnResult:
         """kNN accuracy of the test set against ``bank`` (this process's block when the bank is
         sharded)."""
         return knn_evaluate(
