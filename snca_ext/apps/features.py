@@ -20,10 +20,12 @@ def iter_features(
     workers: int = 0,
     progress: bool = False,
     desc: str = "features",
+    logits: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """``(features [b, D] float32 on device, labels [b])`` of ``dataset``'s examples (which yield
-    ``(image, label, index)``) in the dataset's order, ``batch_size`` at a time. The model runs in
-    eval mode and is put back in the mode it was in."""
+    ``(image, label, index)``) in the dataset's order, ``batch_size`` at a time; with ``logits``
+    the classifier head's logits instead of the features. The model runs in eval mode and is put
+    back in the mode it was in."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(
@@ -37,7 +39,9 @@ def iter_features(
     model.eval()
     try:
         for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
-            yield model(images.to(device, non_blocking=True)).float(), labels
+            images = images.to(device, non_blocking=True)
+            outputs = model(images, logits=True)[1] if logits else model(images)
+            yield outputs.float(), labels
     finally:
         model.train(was_training)
 
@@ -51,12 +55,13 @@ def compute_features(
     workers: int = 0,
     progress: bool = False,
     dim: int | None = None,
+    logits: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(features [N, D] on device, labels [N] on device)`` of every example of ``dataset``, row i
     for the dataset's example i. An empty dataset gives [0, dim] (``dim`` must then be given)."""
     features, labels = [], []
     for batch, batch_labels in iter_features(
-        model, dataset, device, batch_size=batch_size, workers=workers, progress=progress
+        model, dataset, device, batch_size=batch_size, workers=workers, progress=progress, logits=logits
     ):
         features.append(batch)
         labels.append(batch_labels.to(device))

@@ -114,7 +114,7 @@ def test_cifar10_errors_say_what_layout_was_expected(tmp_path):
     with pytest.raises(DataError, match="lacks data_batch_3"):
         build_data("cifar10", tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="could not read the CIFAR-10 batches"):
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR python-version batch"):
         build_data("cifar10", tmp_path)
 
 

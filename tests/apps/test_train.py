@@ -212,7 +212,7 @@ BAD_ARGUMENTS = [
     (["--evaluate"], "--evaluate needs --resume CHECKPOINT"),
     (["--data", "/somewhere"], "--data is not used by --dataset digits"),
     (["--dataset", "cifar10"], "--dataset cifar10 needs --data PATH"),
-    (["--batch-size", "5000"], "--batch-size must be at most the training set size 1347"),
+    (["--batch-size", "5000"], "--batch-size x --iter-size must be at most the training set size 1347"),
     (["--resume", "/no/such/checkpoint.pt"], "--resume /no/such/checkpoint.pt: no such checkpoint file"),
 ]
 if not torch.cuda.is_available():

@@ -1,7 +1,8 @@
 """Data sets for SNCA training: every one yields ``(image, label, index)``, the index being the
 example's row in the memory bank. ``digits`` is scikit-learn's handwritten digits (embedded: no
 download); ``fashion-mnist`` reads Fashion-MNIST's IDX files (default: Debian's
-``dataset-fashion-mnist``); ``cifar10`` reads CIFAR-10's python files from a local folder;
+``dataset-fashion-mnist``); ``cifar10`` and ``cifar100`` read CIFAR's python files from a local
+folder (never running code from them);
 ``imagefolder`` reads an ImageNet-style ``train/`` and ``val/`` tree. Nothing here ever downloads.
 """
 
@@ -11,14 +12,16 @@ from pathlib import Path
 
 from ..errors import DataError
 from .base import ClassSubset, DataBundle, IndexedDataset, with_transform
-from .cifar import cifar10_data
+from .cifar import cifar10_data, cifar100_data
 from .digits import DigitsDataset, digits_data, load_digits_split
 from .fashion_mnist import fashion_mnist_data
 from .imagefolder import imagefolder_data
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 # The data sets that have a default location (--data optional).
 DEFAULT_LOCATION = ("digits", "fashion-mnist")
+# The data sets whose classes group into coarse ones (DataBundle.coarse_of).
+COARSE_LABELLED = ("fashion-mnist", "cifar100")
 
 __all__ = [
     "DATASETS",
@@ -29,6 +32,7 @@ __all__ = [
     "IndexedDataset",
     "build_data",
     "cifar10_data",
+    "cifar100_data",
     "digits_data",
     "fashion_mnist_data",
     "imagefolder_data",
@@ -50,4 +54,6 @@ def build_data(name: str, path: str | Path | None = None) -> DataBundle:
         raise DataError(f"--dataset {name} needs --data PATH (a local folder; nothing is downloaded)")
     if name == "cifar10":
         return cifar10_data(path)
+    if name == "cifar100":
+        return cifar100_data(path)
     return imagefolder_data(path)

@@ -30,6 +30,20 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+class RelabelledDataset(IndexedDataset):
+    """The examples of ``parent`` with every label ``y`` replaced by ``label_of[y]`` (e.g. a fine
+    class by its coarse class); indices unchanged."""
+
+    def __init__(self, parent: IndexedDataset, label_of: Tensor) -> None:
+        super().__init__(parent.dataset, label_of[parent.targets])
+        self.parent = parent
+        self.label_of = label_of
+
+    def __getitem__(self, index: int):
+        image, label, position = self.parent[index]
+        return image, int(self.label_of[label]), position
+
+
 class ClassSubset(IndexedDataset):
     """The examples of ``parent`` at ``rows``, yielding ``(image, label, position in the subset)``
     (so the position is the bank row); ``rows[position]`` is the example's index in ``parent``.
@@ -60,6 +74,10 @@ class DataBundle:
     train_plain: IndexedDataset
     test: IndexedDataset
     num_classes: int
+    # Where the classes group into coarser ones (CIFAR-100's 20 superclasses, a grouping of
+    # Fashion-MNIST): coarse_of[class] is its coarse class, coarse_classes their names.
+    coarse_of: Tensor | None = None
+    coarse_classes: list[str] | None = None
 
     @property
     def train_labels(self) -> Tensor:
@@ -84,6 +102,18 @@ class DataBundle:
             num_classes=self.num_classes,
         )
 
+    def coarse(self) -> DataBundle:
+        """The same examples labelled with their coarse classes (``coarse_of``)."""
+        if self.coarse_of is None:
+            raise DataError("this data set has no coarse labels (cifar100 and fashion-mnist have)")
+        count = int(self.coarse_of.max()) + 1
+        return DataBundle(
+            train=RelabelledDataset(self.train, self.coarse_of),
+            train_plain=RelabelledDataset(self.train_plain, self.coarse_of),
+            test=RelabelledDataset(self.test, self.coarse_of),
+            num_classes=count,
+        )
+
     def limit(self, train: int | None = None, test: int | None = None) -> DataBundle:
         """The first ``train`` training examples (the same in ``train_plain``) and the first ``test``
         test examples (None: all), for quick runs; yielded indices are positions in the subset."""
@@ -98,6 +128,8 @@ class DataBundle:
             train_plain=first(self.train_plain, train),
             test=first(self.test, test),
             num_classes=self.num_classes,
+            coarse_of=self.coarse_of,
+            coarse_classes=self.coarse_classes,
         )
 
     def split_holdout(self, holdout: Sequence[int]) -> tuple[DataBundle, DataBundle]:

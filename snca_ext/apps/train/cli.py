@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, help="data loader processes")
     data.add_argument(
+        "--train-labels",
+        choices=("fine", "coarse"),
+        help="coarse: train on the coarse classes (cifar100's 20 superclasses, fashion-mnist's 4 groups) "
+        "and also evaluate kNN with the fine ones (sub-category discovery) (fine)",
+    )
+    data.add_argument(
         "--train-limit", type=POSITIVE_INT, metavar="N", help="train on the first N training examples only"
     )
     data.add_argument(
@@ -119,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, help="the global batch")
+    optim.add_argument(
+        "--iter-size",
+        type=POSITIVE_INT,
+        help="accumulate this many batches per optimizer step (and bank update): a step equals one "
+        "batch of iter-size x batch-size, e.g. -b 128 --iter-size 2 for deep networks on small GPUs (1)",
+    )
     optim.add_argument("--lr", type=POSITIVE_FLOAT, help="initial learning rate (0.1)")
     optim.add_argument(
         "--lr-step", type=POSITIVE_INT, help="multiply the lr by --lr-gamma every this many epochs"
@@ -242,8 +254,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def _prepare(
     raw: argparse.Namespace, env: distributed.DistEnv | None
-) -> tuple[RunConfig, DataBundle, DataBundle | None, Trainer]:
-    """The configuration, the data and the trainer (restored from ``--resume``)."""
+) -> tuple[RunConfig, DataBundle, DataBundle | None, DataBundle | None, Trainer]:
+    """The configuration, the data (and the novel classes' with ``--holdout-classes``, the
+    fine-labelled data with ``--train-labels coarse``) and the trainer (restored from
+    ``--resume``)."""
     checkpoint = _load_resume(raw)
     native = checkpoint is not None and checkpoint.get("format") == FORMAT
     config = RunConfig.resolve(raw, checkpoint["args"] if native else None)
@@ -260,11 +274,14 @@ def _prepare(
     set_threads(config.threads)
     seed_everything(config.seed)
     data = build_data(config.dataset, config.data).limit(config.train_limit, config.test_limit)
+    fine = None
+    if config.train_labels == "coarse":
+        fine, data = data, data.coarse()
     data, novel = _holdout(data, config.holdout_classes)
-    if config.batch_size > len(data.train):
+    if config.batch_size * config.iter_size > len(data.train):
         raise UsageError(
-            f"--batch-size must be at most the training set size {len(data.train)} (the last "
-            f"incomplete batch is dropped), got {config.batch_size}"
+            f"--batch-size x --iter-size must be at most the training set size {len(data.train)} (the "
+            f"last incomplete step is dropped), got {config.batch_size} x {config.iter_size}"
         )
     if config.batch_size % env.world_size:
         raise UsageError(
@@ -277,7 +294,7 @@ def _prepare(
             trainer.load_state_dict(checkpoint)
         else:
             trainer.load_original(checkpoint)
-    return config, data, novel, trainer
+    return config, data, novel, fine, trainer
 
 
 def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
@@ -285,7 +302,7 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     parser = build_parser()
     raw = parser.parse_args(argv)
     try:
-        config, data, novel, trainer = _prepare(raw, env)
+        config, data, novel, fine, trainer = _prepare(raw, env)
     except AppError as error:
         return report(parser, error)
     progress = not config.no_progress
@@ -294,7 +311,7 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
 
     if config.evaluate:
         recomputed = bool(config.recompute_bank)
-        result = trainer.final_evaluation(progress, recompute=recomputed)
+        result = trainer.knn(trainer.bank(progress, recompute=recomputed), config.knn_k, progress)
         print(summary_line(config.knn_k, config.knn_sigma, result, recomputed, trainer.epoch))
         if novel is not None:
             _novel_evaluation(trainer, novel, progress)
@@ -354,8 +371,9 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
 
     # Both protocols: the memory bank (the original's, and the paper's figures') and the bank
     # recomputed from the final network; --recompute-bank says which one is the headline.
+    banks = {recomputed: trainer.bank(progress, recompute=recomputed) for recomputed in (False, True)}
     by_protocol = {
-        recomputed: trainer.final_evaluation(progress, recompute=recomputed) for recomputed in (False, True)
+        recomputed: trainer.knn(bank, config.knn_k, progress) for recomputed, bank in banks.items()
     }
     recomputed = bool(config.recompute_bank)
     result = by_protocol[recomputed]
@@ -367,6 +385,7 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
         "knn_k": config.knn_k,
         "knn_sigma": config.knn_sigma,
         "recomputed_bank": recomputed,
+        "train_labels": config.train_labels,
         "top1": result.top1,
         "top5": result.top5,
         "test_examples": result.count,
@@ -374,6 +393,24 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
         "knn_recomputed_bank": asdict(by_protocol[True]),
         "train_seconds_this_invocation": round(train_seconds, 2),
     }
+    if config.loss == "softmax":
+        head = trainer.head_accuracy()
+        summary["classifier_head"] = asdict(head)
+        print(
+            f"classifier head (softmax) on {head.count} test examples: top-1 {head.top1:.2f}%  "
+            f"top-5 {head.top5:.2f}%"
+        )
+    if fine is not None:
+        # Sub-category discovery: the bank's rows vote with the fine classes it was never told.
+        summary["fine_labels_knn"] = {}
+        for protocol, bank in banks.items():
+            found = trainer.knn(bank, config.knn_k, progress, test=fine)
+            summary["fine_labels_knn"]["recomputed_bank" if protocol else "memory_bank"] = asdict(found)
+            print(
+                f"fine-label kNN (K={config.knn_k}, {fine.num_classes} classes never trained on, "
+                f"{'bank recomputed from the network' if protocol else 'memory bank'}): "
+                f"top-1 {found.top1:.2f}%  top-5 {found.top5:.2f}%"
+            )
     if trainer.metrics:
         best = max(trainer.metrics, key=lambda row: row["knn1_top1"])
         summary["best_epoch_selected_on_test"] = {"epoch": best["epoch"], "knn1_top1": best["knn1_top1"]}

@@ -11,7 +11,7 @@ from typing import Any
 
 from snca_ext.distributed import DEFAULT_TIMEOUT_S
 
-from ..data import DEFAULT_LOCATION
+from ..data import COARSE_LABELLED, DEFAULT_LOCATION
 from ..errors import UsageError
 
 # The paper's recipe per dataset (the original main.py / cifar.py); digits is this package's own,
@@ -61,6 +61,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "workers": 0,
         "threads": None,
     },
+    "cifar100": {
+        "arch": "cifar_resnet18",
+        "low_dim": 128,
+        "temperature": 0.05,
+        "batch_size": 128,
+        "lr": 0.1,
+        "lr_step": 50,
+        "epochs": 200,
+        "weight_decay": 5e-4,
+        "memory_momentum": 0.5,
+        "memory_schedule": "",
+        "workers": min(8, os.cpu_count() or 1),
+        "threads": None,
+    },
     "digits": {
         "arch": "digits_cnn",
         "low_dim": 128,
@@ -84,6 +98,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "sgd_momentum": 0.9,
     "nesterov": True,
     "margin": 0.0,
+    "iter_size": 1,
     "knn_k": 30,
     "knn_sigma": None,  # the temperature
     "monitor_k": 1,
@@ -92,6 +107,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     "loss": "snca",
     "holdout_classes": "",  # canonical "5,6,7,8,9"; "" trains on every class
+    "train_labels": "fine",  # or "coarse": train on the coarse classes (sub-category discovery)
     "train_limit": None,  # None: every example
     "test_limit": None,
 }
@@ -121,6 +137,7 @@ class RunConfig:
     memory_momentum: float = 0.5
     memory_schedule: str = ""
     margin: float = 0.0
+    iter_size: int = 1
     knn_k: int = 30
     knn_sigma: float | None = None
     monitor_k: int = 1
@@ -129,6 +146,7 @@ class RunConfig:
     backend: str = "auto"
     loss: str = "snca"
     holdout_classes: str = ""
+    train_labels: str = "fine"
     train_limit: int | None = None
     test_limit: int | None = None
     workers: int = 0
@@ -180,6 +198,13 @@ class RunConfig:
             raise UsageError(
                 f"--dataset {self.dataset} needs --data PATH (a local folder; nothing is downloaded)"
             )
+        if self.train_labels == "coarse" and self.dataset not in COARSE_LABELLED:
+            raise UsageError(
+                f"--train-labels coarse needs a data set with coarse classes {COARSE_LABELLED}, "
+                f"got --dataset {self.dataset}"
+            )
+        if self.train_labels == "coarse" and self.holdout_classes:
+            raise UsageError("--train-labels coarse and --holdout-classes cannot be combined")
         if self.margin >= 2.0:
             raise UsageError(
                 f"--margin is in cosine units and must be < 2 (cosines lie in [-1, 1]), got {self.margin}"

@@ -72,6 +72,7 @@ def knn_evaluate(
     sigma: float,
     device: torch.device,
     bank: Tensor | None = None,
+    bank_labels: Tensor | None = None,
     batch_size: int = 256,
     workers: int = 0,
     backend: str = "auto",
@@ -80,7 +81,8 @@ def knn_evaluate(
 ) -> KnnResult:
     """Weighted kNN accuracy of the model's features of ``dataset`` (the test set) against
     ``memory`` (``bank`` replaces its rows: the whole bank, or this process's block when the bank
-    is sharded)."""
+    is sharded; ``bank_labels`` [N] replaces the labels the rows vote with, e.g. the fine classes
+    of a bank trained on coarse ones, with ``num_classes`` and the dataset's labels to match)."""
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     queries, labels = _block_features(
@@ -103,8 +105,32 @@ def knn_evaluate(
     counts = torch.zeros(3, dtype=torch.long, device=device)
     for first in range(0, chunks * chunk, chunk):
         values, rows = search(queries[first : first + chunk])
-        scores = knn_votes(values, rows, memory.labels, num_classes, sigma)
+        scores = knn_votes(
+            values, rows, memory.labels if bank_labels is None else bank_labels, num_classes, sigma
+        )
         counts += knn_counts(scores, labels[first : first + chunk])
+    return KnnResult.from_counts(dist.all_reduce(counts))
+
+
+@torch.no_grad()
+def classifier_accuracy(
+    model: nn.Module,
+    dataset,
+    head_of_class: Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+) -> KnnResult:
+    """Top-1 / top-5 accuracy of the model's classifier head (``--loss softmax``) on ``dataset``;
+    ``head_of_class[c]`` is the head output of class c. Summed over processes like the kNN."""
+    logits, labels = _block_features(
+        model, dataset, device, 0, batch_size=batch_size, workers=workers, logits=True
+    )
+    counts = torch.zeros(3, dtype=torch.long, device=device)
+    if logits.shape[0]:
+        truth = head_of_class.to(device)[labels]
+        counts += knn_counts(logits, truth)
     return KnnResult.from_counts(dist.all_reduce(counts))
 
 

@@ -4,6 +4,7 @@ one process or many (DDP under torchrun): a single process is the world of size 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -23,7 +24,7 @@ from ..checkpoints import FORMAT, load_original, save_checkpoint
 from ..data import DataBundle
 from ..models import build_model
 from .config import RunConfig
-from .evaluation import bank_features, knn_evaluate
+from .evaluation import bank_features, classifier_accuracy, knn_evaluate
 from .outputs import write_metrics
 from .sampler import EpochSampler
 from .signals import StopSignal
@@ -99,9 +100,10 @@ class Trainer:
         # Shuffling has its own generator so that its state at the start of an epoch, saved in the
         # checkpoint, replays the epoch's order on a resume from the middle of the epoch.
         self.shuffle_generator = torch.Generator().manual_seed(config.seed + 1)
+        # A step is --iter-size micro-batches of --batch-size (each split over the processes).
         self.sampler = EpochSampler(
             len(data.train),
-            config.batch_size,
+            config.batch_size * config.iter_size,
             self.shuffle_generator,
             rank=env.rank,
             world_size=env.world_size,
@@ -226,27 +228,18 @@ class Trainer:
             leave=False,
         )
         last_monitor = self.metrics[-1]["knn1_top1"] if self.metrics else float("nan")
+        micro_batches = iter(self.loader)
         with bar:
-            for images, _, indices in self.loader:
-                images, indices = images.to(self.device, non_blocking=True), indices.to(self.device)
-                features, loss = self._loss(images, indices, margin_logits)
-                # The global batch's loss: every process must agree to raise Diverged.
-                loss_value = distributed.global_mean(loss)
-                if not math.isfinite(loss_value):
-                    raise Diverged(
-                        f"the loss became {loss_value} at epoch {epoch + 1}, step {self.step + 1} "
-                        f"(lr {self.optimizer.param_groups[0]['lr']:g}, temperature {config.temperature:g})"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                distributed.backward(loss)
-                self.optimizer.step()
-                # After the step's loss, as the original (its update sits in the op's backward).
-                self.memory.update(features.detach(), indices, momentum)
+            for _ in range(self.step, total_steps):
+                batches = [next(micro_batches) for _ in range(config.iter_size)]
+                seen, loss_sum = self.train_step(
+                    [(images, indices) for images, _, indices in batches], momentum, margin_logits
+                )
                 self.step += 1
                 self.steps_this_run += 1
-                self.epoch_loss_sum += loss_value * len(indices)
-                self.epoch_seen += len(indices)
-                images_done += len(indices)
+                self.epoch_loss_sum += loss_sum
+                self.epoch_seen += seen
+                images_done += seen
                 rate = images_done / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
                 bar.set_postfix(
@@ -259,6 +252,41 @@ class Trainer:
                 if self.agree_to_stop(stop) and self.step < total_steps:
                     return False
         return True
+
+    def train_step(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], momentum: float, margin_logits: float
+    ) -> tuple[int, float]:
+        """One optimizer step over ``micro_batches`` of ``(images, indices)`` (``--iter-size`` of
+        them): each one's loss against the bank as it was before the step, gradients accumulated
+        as for the mean over all of them, then one momentum update of the bank with all their
+        features, so the step equals one batch of ``iter_size`` x B. Returns the examples seen and
+        the sum of their losses."""
+        self.optimizer.zero_grad(set_to_none=True)
+        features, rows = [], []
+        seen, loss_sum = 0, 0.0
+        for position, (images, indices) in enumerate(micro_batches):
+            images, indices = images.to(self.device, non_blocking=True), indices.to(self.device)
+            last = position == len(micro_batches) - 1
+            # DDP all-reduces the gradients at the last micro-batch only.
+            with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
+                batch_features, loss = self._loss(images, indices, margin_logits)
+                # The global batch's loss: every process must agree to raise Diverged.
+                loss_value = distributed.global_mean(loss)
+                if not math.isfinite(loss_value):
+                    raise Diverged(
+                        f"the loss became {loss_value} at epoch {self.epoch + 1}, step {self.step + 1} "
+                        f"(lr {self.optimizer.param_groups[0]['lr']:g}, temperature "
+                        f"{self.config.temperature:g})"
+                    )
+                distributed.backward(loss / len(micro_batches))
+            features.append(batch_features.detach())
+            rows.append(indices)
+            seen += len(indices)
+            loss_sum += loss_value * len(indices)
+        self.optimizer.step()
+        # After the step's loss, as the original (its update sits in the op's backward).
+        self.memory.update(torch.cat(features), torch.cat(rows), momentum)
+        return seen, loss_sum
 
     def finish_epoch(self, progress: bool) -> dict[str, Any]:
         """kNN monitor against the bank, schedule step, metrics row, checkpoint."""
@@ -279,38 +307,53 @@ class Trainer:
             write_metrics(self.metrics, self.out / "metrics.csv")
         return row
 
-    def final_evaluation(self, progress: bool, *, recompute: bool) -> KnnResult:
-        """kNN (K = --knn-k) of the test set against the bank recomputed from the network
-        (``recompute``) or against the memory bank (the original's protocol, its
-        ``recompute_memory=0``)."""
-        bank = self.memory.bank
-        if recompute:
-            bank = bank_features(
-                self.model,
-                self.data.train_plain,
-                sharded=isinstance(self.memory, distributed.ShardedMemoryBank),
-                dim=self.config.low_dim,
-                device=self.device,
-                progress=progress,
-                **self.loader_options,
-            )
-        return self.knn(bank, self.config.knn_k, progress)
+    def bank(self, progress: bool, *, recompute: bool) -> torch.Tensor:
+        """The memory bank (the original's evaluation protocol, its ``recompute_memory=0``) or,
+        with ``recompute``, the training set's features recomputed by the network (this process's
+        block when the bank is sharded)."""
+        if not recompute:
+            return self.memory.bank
+        return bank_features(
+            self.model,
+            self.data.train_plain,
+            sharded=isinstance(self.memory, distributed.ShardedMemoryBank),
+            dim=self.config.low_dim,
+            device=self.device,
+            progress=progress,
+            **self.loader_options,
+        )
 
-    def knn(self, bank: torch.Tensor, k: int, progress: bool) -> KnnResult:
-        """kNN accuracy of the test set against ``bank`` (this process's block when the bank is
-        sharded)."""
+    def knn(
+        self,
+        bank: torch.Tensor,
+        k: int,
+        progress: bool,
+        *,
+        test: DataBundle | None = None,
+    ) -> KnnResult:
+        """kNN accuracy of ``test``'s test set (default: the run's) against ``bank``, the bank's
+        rows voting with ``test``'s training labels (e.g. fine labels of a bank trained on coarse
+        ones)."""
+        test = self.data if test is None else test
         return knn_evaluate(
             self.model,
-            self.data.test,
+            test.test,
             self.memory,
-            self.data.num_classes,
+            test.num_classes,
             k=k,
             sigma=self.config.knn_sigma,
             device=self.device,
             bank=bank,
+            bank_labels=None if test is self.data else test.train_labels.to(self.device),
             backend=self.config.backend,
             progress=progress,
             **self.loader_options,
+        )
+
+    def head_accuracy(self) -> KnnResult:
+        """Top-1 / top-5 of the classifier head of ``--loss softmax`` on the test set."""
+        return classifier_accuracy(
+            self.model, self.data.test, self.head_labels, device=self.device, **self.loader_options
         )
 
     def agree_to_stop(self, stop: StopSignal) -> bool:
