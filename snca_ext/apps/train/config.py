@@ -61,20 +61,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "workers": 0,
         "threads": None,
     },
-    "cifar100": {
-        "arch": "cifar_resnet18",
-        "low_dim": 128,
-        "temperature": 0.05,
-        "batch_size": 128,
-        "lr": 0.1,
-        "lr_step": 50,
-        "epochs": 200,
-        "weight_decay": 5e-4,
-        "memory_momentum": 0.5,
-        "memory_schedule": "",
-        "workers": min(8, os.cpu_count() or 1),
-        "threads": None,
-    },
     "digits": {
         "arch": "digits_cnn",
         "low_dim": 128,
@@ -111,6 +97,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "train_limit": None,  # None: every example
     "test_limit": None,
 }
+RECIPES["cifar100"] = dict(RECIPES["cifar10"])  # the same recipe, 100 classes (or 20 coarse ones)
 # What defines a run: saved in the checkpoint, and taken from it on --resume unless given again.
 RUN_KEYS = (*RECIPES["digits"], *COMMON_DEFAULTS, "dataset", "data")
 
