@@ -21,8 +21,12 @@ from test_data import make_cifar_folder, make_image_folder
 
 from snca_ext.apps import checkpoints as checkpoint_module
 from snca_ext.apps.checkpoints import load_checkpoint
+from snca_ext.apps.data import build_data
 from snca_ext.apps.models import build_model
-from snca_ext.apps.train.cli import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
+from snca_ext.apps.train.cli import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, build_parser, run
+from snca_ext.apps.train.config import RunConfig
+from snca_ext.apps.train.trainer import Trainer
+from snca_ext.distributed import DistEnv
 from snca_ext.memory import MemoryBank
 
 FAST = ["--threads", "1", "--no-progress"]
@@ -262,7 +266,7 @@ class LinearAverage(nn.Module):
 """
 
 
-def _original_checkpoint(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+def _original_checkpoint(tmp_path: Path, monkeypatch, epoch: int = 2) -> tuple[Path, dict]:
     """A checkpoint as the original main.py saves it: DataParallel ``module.`` keys and the whole
     ``LinearAverage`` module pickled, from a ``lib`` package that is then uninstalled."""
     package = tmp_path / "original_code" / "lib"
@@ -275,13 +279,17 @@ def _original_checkpoint(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     torch.manual_seed(0)
     model = build_model("digits_cnn", 128)
     lemniscate = LinearAverage(128, 1347, 0.1, 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for parameter in model.parameters():  # one step, so the state holds momentum buffers
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
     state = {
-        "epoch": 2,
+        "epoch": epoch,
         "arch": "digits_cnn",
         "state_dict": {f"module.{key}": value for key, value in model.state_dict().items()},
         "lemniscate": lemniscate,
         "best_prec1": 12.5,
-        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
+        "optimizer": optimizer.state_dict(),
     }
     path = tmp_path / "original.pth.tar"
     torch.save(state, path)
@@ -306,6 +314,23 @@ def test_original_checkpoint_loads_with_trust(tmp_path, monkeypatch, capsys):
     assert torch.equal(parts["bank"], expected["memory"])  # read without the original code installed
     assert run(["-e", "--resume", str(path), "--trust-checkpoint", *FAST]) == EXIT_OK
     assert "after 2 epochs on 450 test examples" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_resuming_an_original_checkpoint_at_a_phase_boundary_takes_that_phase_lr(tmp_path, monkeypatch):
+    # The digits recipe divides the lr by 10 every 10 epochs; the original saved the optimizer
+    # state of epoch 9, whose lr (0.1) must not carry into epoch 10.
+    path, _ = _original_checkpoint(tmp_path, monkeypatch, epoch=10)
+    config = RunConfig.resolve(build_parser().parse_args(["--resume", str(path), "--trust-checkpoint"]))
+    config.out = str(tmp_path / "run")
+    trainer = Trainer(config, build_data("digits"), DistEnv.single(torch.device("cpu")))
+    trainer.load_original(load_checkpoint(path, trust=True))
+    assert trainer.epoch == 10
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert trainer.optimizer.state_dict()["state"]  # the original's momentum buffers were loaded
+    for _ in range(10):
+        trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
 
 
 class _RunsCode:
