@@ -73,7 +73,7 @@ _TOLERANT_PICKLE = SimpleNamespace(
 
 def _last_line(error: Exception) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
 
 
 def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--resume") -> dict[str, Any]:
@@ -86,6 +86,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--res
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{flag} {path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{flag} {path} is an empty file, not a checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -107,7 +109,10 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--res
         except Exception as second_error:
             raise CheckpointError(f"{flag} {path} could not be read ({second_error})") from second_error
     except Exception as error:
-        raise CheckpointError(f"{flag} {path} could not be read as a torch checkpoint ({error})") from error
+        raise CheckpointError(
+            f"{flag} {path} could not be read as a torch checkpoint (corrupt or not a checkpoint: "
+            f"{_last_line(error)})"
+        ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{flag} {path} holds a {type(state).__name__}, expected a dict checkpoint")
     return state

@@ -167,6 +167,23 @@ def write_safetensors(
         file.write(indices.to(torch.int64).numpy().astype("<i8", copy=False).tobytes())
 
 
+def _valid_entry(entry: Any) -> bool:
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (
+        isinstance(shape, list)
+        and all(whole(size) for size in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(whole(offset) for offset in offsets)
+        and offsets[0] <= offsets[1]
+    )
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors of a safetensors file, memory-mapped (pages are read on use), and its metadata."""
     path = Path(path)
@@ -182,9 +199,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
             header = json.loads(file.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ExportError(f"{path}: not a safetensors file ({error})") from error
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict):
+        raise ExportError(f"{path}: malformed safetensors header (__metadata__ is not an object)")
     tensors = {}
     for name, entry in header.items():
+        if not _valid_entry(entry):
+            raise ExportError(
+                f"{path}: malformed safetensors header: tensor {name!r} needs a dtype, a shape of "
+                f"integers >= 0 and data_offsets [begin, end] with 0 <= begin <= end, got {entry!r}"[:400]
+            )
         if entry["dtype"] not in _DTYPES:
             raise ExportError(f"{path}: tensor {name} has dtype {entry['dtype']}, expected F32 or I64")
         begin, end = entry["data_offsets"]

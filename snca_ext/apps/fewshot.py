@@ -20,7 +20,7 @@ from .export import load_features
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name("snca_ext.fewshot"),
-        description="N-way K-shot nearest-class-mean accuracy (mean and 95%% interval over seeded "
+        description="N-way K-shot nearest-class-mean accuracy (mean and 95% interval over seeded "
         "episodes) of a feature file written by python -m snca_ext.export.",
     )
     add = parser.add_argument

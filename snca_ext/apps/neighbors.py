@@ -361,7 +361,14 @@ def _bank(
             f"{len(expected)} training images of --classes {args.classes} (export it with --split train "
             f"--classes {args.classes})"
         )
-    return exported["features"]
+    features = exported["features"]
+    dim = getattr(getattr(model, "fc", None), "out_features", None)
+    if features.dim() != 2 or (dim is not None and features.shape[1] != dim):
+        raise ExportError(
+            f"--bank-features {features_path} holds features of shape {tuple(features.shape)}, but the "
+            f"network's are [N, {dim}]: export them with the same checkpoint"
+        )
+    return features
 
 
 def _model_name(run_args: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from app_helpers import forward_all
 from PIL import Image
 
 from snca_ext.apps.data import build_data
-from snca_ext.apps.export import load_trained_model
+from snca_ext.apps.export import load_features, load_trained_model, write_safetensors
 from snca_ext.apps.export import run as export
 from snca_ext.apps.neighbors import run
 from snca_ext.apps.train.cli import EXIT_OK
@@ -169,6 +169,14 @@ def test_exported_bank_gives_the_same_page(checkpoints, tmp_path, capsys):
     capsys.readouterr()
     assert _neighbors(checkpoints["snca"], tmp_path / "c.html", "--bank-features", str(novel)) == 2
     assert "are not the 1347 training images of --classes all" in capsys.readouterr().err
+    # The right rows with features of another width (another network's) are refused too.
+    narrow = tmp_path / "narrow.safetensors"
+    exported = load_features(bank)
+    write_safetensors(
+        narrow, [exported["features"][:, :7]], 1347, 7, exported["labels"], exported["indices"], {}
+    )
+    assert _neighbors(checkpoints["snca"], tmp_path / "d.html", "--bank-features", str(narrow)) == 2
+    assert "holds features of shape (1347, 7), but the network's are [N, 128]" in capsys.readouterr().err
 
 
 def test_bad_query_index_exits_2(checkpoints, tmp_path, capsys):

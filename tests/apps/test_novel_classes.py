@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,12 @@ def test_fewshot_command_on_exported_features(runs, tmp_path, capsys):
     expected = few_shot_accuracy(exported["features"], exported["labels"], ways=5, shots=1, episodes=100)
     assert line == str(expected) and line.startswith("5-way 1-shot (15 queries/class, 100 episodes): ")
     assert fewshot.run([str(features), "--ways", "6"]) == 2  # only 5 novel classes
+    broken = tmp_path / "broken.safetensors"
+    header = b'{"features": {"dtype": "F32", "shape": [2, "x"], "data_offsets": [0, 8]}}'
+    broken.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    capsys.readouterr()
+    assert fewshot.run([str(broken)]) == 2
+    assert "malformed safetensors header: tensor 'features'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

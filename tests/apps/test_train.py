@@ -23,7 +23,15 @@ from snca_ext.apps import checkpoints as checkpoint_module
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data
 from snca_ext.apps.models import build_model
-from snca_ext.apps.train.cli import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, build_parser, run
+from snca_ext.apps.train.cli import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_SAVE_FAILED,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    build_parser,
+    run,
+)
 from snca_ext.apps.train.config import RunConfig
 from snca_ext.apps.train.trainer import Trainer
 from snca_ext.distributed import DistEnv
@@ -156,24 +164,83 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+def test_divergence_in_the_first_epoch_names_no_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(MemoryBank, "loss", lambda self, *args, **kwargs: torch.tensor(float("nan")))
+    assert _digits(tmp_path, "--epochs", "2") == EXIT_DIVERGED
+    error = capsys.readouterr().err
+    assert "no checkpoint was written" in error and "kept at" not in error
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _failing_saves(monkeypatch, failing) -> None:
+    """torch.save in the checkpoint writer fails (a full disk: half a file, then ENOSPC) on the
+    saves whose 1-based count is in ``failing``."""
     real_save = torch.save
     saves = {"count": 0}
 
-    def failing_second_save(obj, file, *args, **kwargs):
+    def save(obj, file, *args, **kwargs):
         saves["count"] += 1
-        if saves["count"] == 2:
+        if saves["count"] in failing:
             file.write(b"half a checkpoint")
             raise OSError(28, "No space left on device")
         return real_save(obj, file, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", failing_second_save)
-    assert (
-        _digits(tmp_path, "--epochs", "2", "--stop-after-steps", str(2 * STEPS_PER_DIGITS_EPOCH)) == EXIT_OK
-    )
-    assert "could not save" in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+
+
+def test_a_failed_last_save_keeps_the_previous_checkpoint_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    _failing_saves(monkeypatch, {2})
+    assert _digits(tmp_path, "--epochs", "2") == EXIT_SAVE_FAILED
+    error = capsys.readouterr().err
+    assert "could not save" in error and "its last checkpoint save failed" in error
+    assert "holds the run at the end of epoch 1" in error
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # epoch 2's save failed
     assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint.pt"]
+    assert not (tmp_path / "summary.json").exists()  # no summary claims the full run
+
+
+def test_two_failed_saves_in_a_row_stop_the_run(tmp_path, monkeypatch, capsys):
+    _failing_saves(monkeypatch, {2, 3, 4})
+    assert _digits(tmp_path, "--epochs", "5") == EXIT_SAVE_FAILED
+    error = capsys.readouterr().err
+    assert "two checkpoint saves in a row failed" in error and "end of epoch 1" in error
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert [row["epoch"] for row in _rows(tmp_path)] == ["1"]  # epoch 3 was the last one trained
+
+
+def test_a_stop_whose_save_fails_does_not_claim_a_checkpoint(tmp_path, monkeypatch, capsys):
+    _failing_saves(monkeypatch, {1})
+    assert _digits(tmp_path, "--epochs", "2", "--stop-after-steps", "5") == EXIT_SAVE_FAILED
+    captured = capsys.readouterr()
+    assert "checkpoint saved" not in captured.out
+    assert "could not be saved; no checkpoint was saved" in captured.err
+
+
+def test_out_must_be_writable_and_leftovers_of_a_killed_save_go(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _digits(blocker / "run", "--epochs", "1") == EXIT_USAGE
+    assert "cannot be written" in capsys.readouterr().err
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover = out / ".checkpoint.pt.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert _digits(out, "--epochs", "1") == EXIT_OK
+    assert not leftover.exists()
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(two_epoch_run, capsys):
+    checkpoint = str(two_epoch_run / "checkpoint.pt")
+    assert run(["-e", "--resume", checkpoint, "--low-dim", "64", *FAST]) == EXIT_USAGE
+    assert "does not fit this run (--arch digits_cnn, --low-dim 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("content", "reason"), [(b"", "is an empty file"), (b"hello", "KeyError")])
+def test_an_empty_or_text_checkpoint_says_why(tmp_path, capsys, content, reason):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    assert run(["--resume", str(path), *FAST]) == EXIT_USAGE
+    assert reason in capsys.readouterr().err
 
 
 def test_cifar10_folder_end_to_end(tmp_path, capsys):

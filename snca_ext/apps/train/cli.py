@@ -5,9 +5,10 @@ With no argument it trains a small CNN on scikit-learn's digits (embedded, no do
 recipe for that dataset; every recipe value is a flag. The run directory (``--out``) gets
 ``checkpoint.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``.
 
-Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder or checkpoint,
-130 stopped by Ctrl-C / SIGTERM / ``--stop-after-steps`` (a checkpoint to ``--resume`` from was
-written), 3 another rank of a distributed run failed or timed out.
+Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder, checkpoint or
+``--out`` folder, 130 stopped by Ctrl-C / SIGTERM / ``--stop-after-steps`` (a checkpoint to
+``--resume`` from was written), 3 another rank of a distributed run failed or timed out, 4 the
+checkpoint could not be saved (twice in a row, or the last save of the run).
 
 Under ``torchrun`` with several processes it trains data-parallel (DDP): ``--batch-size`` is the
 global batch, split over the ranks; the bank is replicated, or with ``--bank-sharding`` split in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -52,10 +54,19 @@ from .config import RunConfig
 from .evaluation import novel_class_evaluation
 from .outputs import plot_curves, summary_line, write_summary
 from .signals import StopSignal
-from .trainer import Diverged, Trainer, seed_everything
+from .trainer import Diverged, SaveFailed, Trainer, seed_everything
 
-EXIT_OK, EXIT_DIVERGED, EXIT_STOPPED, EXIT_PEER_FAILED = 0, 1, 130, 3
-__all__ = ["EXIT_DIVERGED", "EXIT_OK", "EXIT_PEER_FAILED", "EXIT_STOPPED", "EXIT_USAGE", "main", "run"]
+EXIT_OK, EXIT_DIVERGED, EXIT_STOPPED, EXIT_PEER_FAILED, EXIT_SAVE_FAILED = 0, 1, 130, 3, 4
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_OK",
+    "EXIT_PEER_FAILED",
+    "EXIT_SAVE_FAILED",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "main",
+    "run",
+]
 
 
 def _schedule(text: str) -> str:
@@ -288,6 +299,8 @@ def _prepare(
             f"--batch-size (the global batch) must be a multiple of the {env.world_size} ranks, "
             f"got {config.batch_size}"
         )
+    if not config.evaluate and env.is_main:
+        prepare_out(Path(config.out))
     trainer = Trainer(config, data, env)
     if checkpoint is not None:
         if native:
@@ -317,8 +330,6 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
             _novel_evaluation(trainer, novel, progress)
         return EXIT_OK
 
-    if trainer.is_main:
-        trainer.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = trainer.out / "checkpoint.pt"
     print(
         f"run {trainer.out}: {config.dataset}, {config.arch}, N={len(data.train)} train / {len(data.test)} "
@@ -332,12 +343,16 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
             while trainer.epoch < config.epochs:
                 epoch_started = time.perf_counter()
                 if not trainer.train_epoch(stop, progress):
-                    trainer.save()
-                    print(
-                        f"stopped in epoch {trainer.epoch + 1} after step {trainer.step}; checkpoint "
-                        f"saved: continue with --resume {checkpoint_path}"
-                    )
-                    status = EXIT_STOPPED
+                    where = f"stopped in epoch {trainer.epoch + 1} after step {trainer.step}"
+                    if trainer.save():
+                        print(f"{where}; checkpoint saved: continue with --resume {checkpoint_path}")
+                        status = EXIT_STOPPED
+                    else:
+                        print(
+                            f"error: {where}, but the checkpoint could not be saved; {trainer.on_disk()}",
+                            file=sys.stderr,
+                        )
+                        status = EXIT_SAVE_FAILED
                     break
                 row = trainer.finish_epoch(progress)
                 seconds = time.perf_counter() - epoch_started
@@ -351,18 +366,24 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
                     status = EXIT_STOPPED
                     break
     except Diverged as error:
+        kept = (
+            f"the last good checkpoint is kept at {checkpoint_path} (end of epoch {trainer.epoch})"
+            if checkpoint_path.is_file()
+            else "no checkpoint was written (it diverged before the end of the first epoch)"
+        )
         print(
-            f"error: {error}. Training stopped; the last good checkpoint is kept at "
-            f"{checkpoint_path} (end of epoch {trainer.epoch}). Try a lower --lr or a "
-            f"higher --temperature.",
+            f"error: {error}. Training stopped; {kept}. Try a lower --lr or a higher --temperature.",
             file=sys.stderr,
         )
         status = EXIT_DIVERGED
+    except SaveFailed as error:
+        print(f"error: {error}. Training stopped: make room or fix --out, then --resume.", file=sys.stderr)
+        status = EXIT_SAVE_FAILED
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C; the last saved checkpoint is kept", file=sys.stderr)
         status = EXIT_STOPPED
     train_seconds = time.perf_counter() - train_started
-    if trainer.metrics and trainer.is_main:
+    if trainer.metrics and trainer.is_main and status != EXIT_SAVE_FAILED:
         plot_curves(
             trainer.metrics, trainer.out / "curves.png", f"{config.loss} {config.dataset} {config.arch}"
         )
@@ -424,10 +445,30 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     if novel is not None:
         summary["novel_classes"] = _novel_evaluation(trainer, novel, progress)
     summary["wall_seconds_this_invocation"] = round(time.perf_counter() - wall_started, 2)
+    if trainer.save_failures:
+        print(
+            f"error: the run finished but its last checkpoint save failed; {trainer.on_disk()}",
+            file=sys.stderr,
+        )
+        return EXIT_SAVE_FAILED
     if trainer.is_main:
         write_summary(summary, trainer.out / "summary.json")
     print(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
     return EXIT_OK
+
+
+def prepare_out(out: Path) -> None:
+    """Creates the run folder, checks that it can be written, and removes the temporary files a
+    killed save may have left there (the file it was replacing is intact)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out} cannot be written ({error})") from error
+    for name in ("checkpoint.pt", "metrics.csv", "summary.json", "curves.png"):
+        for leftover in out.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def _holdout(data: DataBundle, holdout_classes: str) -> tuple[DataBundle, DataBundle | None]:

@@ -22,6 +22,7 @@ from snca_ext.memory import BANK_DTYPES
 
 from ..checkpoints import FORMAT, load_original, save_checkpoint
 from ..data import DataBundle
+from ..errors import CheckpointError
 from ..models import build_model
 from .config import RunConfig
 from .evaluation import bank_features, classifier_accuracy, knn_evaluate
@@ -32,6 +33,10 @@ from .signals import StopSignal
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class SaveFailed(RuntimeError):
+    """Two checkpoint saves in a row failed (a full or read-only disk does not heal itself)."""
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -124,6 +129,8 @@ class Trainer:
         self.epoch_seen = 0
         self.metrics: list[dict[str, Any]] = []
         self.steps_this_run = 0
+        self.save_failures = 0  # consecutive failed saves
+        self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the last save that worked
 
     @property
     def is_main(self) -> bool:
@@ -157,8 +164,15 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.memory.load_state_dict(state["memory"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.memory.load_state_dict(state["memory"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"the checkpoint does not fit this run (--arch {self.config.arch}, --low-dim "
+                f"{self.config.low_dim}, {len(self.data.train)} training examples): "
+                f"{str(error).strip().splitlines()[0]}"
+            ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -179,17 +193,38 @@ class Trainer:
             recompute_bank=bool(self.config.recompute_bank),
         )
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Saves the checkpoint (atomically: a failed save keeps the previous one); True if it was
+        written. A failure is reported; a second one in a row raises ``SaveFailed``. Every process
+        learns the outcome, so they stop together."""
         path = self.out / "checkpoint.pt"
         state = self.state_dict()  # on every process: a sharded bank is gathered collectively
-        if not self.is_main:
-            return
-        try:
-            save_checkpoint(state, path)
-        except Exception as error:  # keep training: the previous checkpoint is intact
-            print(
-                f"warning: could not save {path} ({error}); the previous checkpoint is kept", file=sys.stderr
+        error = None
+        if self.is_main:
+            try:
+                save_checkpoint(state, path)
+            except Exception as failure:
+                error = failure
+                print(f"warning: could not save {path} ({error}); {self.on_disk()}", file=sys.stderr)
+        if distributed.any_rank(error is not None, self.device):
+            self.save_failures += 1
+            if self.save_failures >= 2:
+                raise SaveFailed(f"two checkpoint saves in a row failed ({error}); {self.on_disk()}")
+            return False
+        self.save_failures = 0
+        self.saved_at = (self.epoch, self.step)
+        return True
+
+    def on_disk(self) -> str:
+        """What the checkpoint file on disk holds, for messages."""
+        path = self.out / "checkpoint.pt"
+        if self.saved_at is None:
+            return (
+                f"{path} holds what it held before this run" if path.is_file() else "no checkpoint was saved"
             )
+        epoch, step = self.saved_at
+        where = f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
+        return f"{path} holds the run at {where}"
 
     # ------------------------------------------------------------------ training
 
@@ -302,8 +337,7 @@ class Trainer:
         self.scheduler.step()
         self.epoch += 1
         self.step, self.epoch_loss_sum, self.epoch_seen = 0, 0.0, 0
-        self.save()
-        if self.is_main:
+        if self.save() and self.is_main:
             write_metrics(self.metrics, self.out / "metrics.csv")
         return row
 
