@@ -34,7 +34,8 @@ def _topk_rows_grad(grad_values: Tensor | None, topk_indices: Tensor, bank: Tens
     if grad_values is None or topk_indices.shape[1] == 0:
         return None
     valid = topk_indices >= 0
-    rows = bank[topk_indices.clamp(min=0)].to(dtype)
+    # A padding entry (-1) contributes nothing, even when the bank row it stands on holds inf/NaN.
+    rows = torch.where(valid[..., None], bank[topk_indices.clamp(min=0)].to(dtype), 0)
     weights = torch.where(valid, grad_values, torch.zeros_like(grad_values))
     return torch.einsum("bk,bkd->bd", weights, rows)
 

@@ -21,16 +21,17 @@ namespace {
 // approx + bound <= the exact k-th value so far, so the result equals the exact path's.
 constexpr float kBf16DotErrorBound = 1.0f / 64;
 
-// may_enter[j] = 1 where approx[j] + slack * norms[j] could beat the threshold (approx holds
-// bfloat16 bits; a bfloat16 is the top half of a float32).
+// may_enter[j] = 1 unless approx[j] + slack * norms[j] <= threshold, i.e. unless row j provably
+// cannot beat the k-th held value (approx holds bfloat16 bits; a bfloat16 is the top half of a
+// float32). Written as !(x <= t) so that any NaN (a NaN or inf row, a NaN threshold) marks the
+// row for the exact path, which ranks NaN and inf as the contract says.
 SNCA_CLONES void mark_candidates(const uint16_t* approx, const float* norms, int64_t n, float slack,
                                  float threshold, uint8_t* may_enter) {
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t bits = static_cast<uint32_t>(approx[j]) << 16;
     float value;
     std::memcpy(&value, &bits, sizeof(value));
-    // -inf threshold (fewer than k held): everything but NaN enters.
-    may_enter[j] = static_cast<uint8_t>(value + slack * norms[j] > threshold);
+    may_enter[j] = static_cast<uint8_t>(!(value + slack * norms[j] <= threshold));
   }
 }
 
@@ -46,9 +47,12 @@ SNCA_CLONES float dot_product(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// SNCA_EXT_CPU_TOPK_FILTER=0 turns the filter off, =1 on even without AVX512-BF16 (slower there,
+// but it lets the tests check its results on any processor).
 bool bf16_filter_enabled() {
   const char* setting = std::getenv("SNCA_EXT_CPU_TOPK_FILTER");
   if (setting != nullptr && setting[0] == '0') return false;
+  if (setting != nullptr && setting[0] == '1') return true;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   static const bool supported = __builtin_cpu_supports("avx512bf16");
   return supported;
@@ -102,11 +106,13 @@ void topk_bf16_filtered(const at::Tensor& queries, const at::Tensor& self_rows, 
         const at::BFloat16* approx_ptr = approx.data_ptr<at::BFloat16>();
         for (int64_t i = 0; i < rows; ++i) {
           const at::BFloat16* approx_row = approx_ptr + i * approx.stride(0);
-          const bool full = state.full(i);
-          const float threshold = state.threshold(i);
           const float slack = kBf16DotErrorBound * query_norms[i];
-          mark_candidates(reinterpret_cast<const uint16_t*>(approx_row), bank_norms.data(), n, slack,
-                          full ? threshold : -std::numeric_limits<float>::infinity(), may_enter.data());
+          if (state.full(i)) {
+            mark_candidates(reinterpret_cast<const uint16_t*>(approx_row), bank_norms.data(), n, slack,
+                            state.threshold(i), may_enter.data());
+          } else {  // fewer than k held: every row enters, -inf and NaN ones included
+            std::fill(may_enter.begin(), may_enter.begin() + n, uint8_t(1));
+          }
           const int64_t self_col = self_ptr[i] - start;
           const float* query = query_ptr + i * dim;
           // Few rows pass once k are held: skip the marks eight at a time.

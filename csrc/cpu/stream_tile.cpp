@@ -51,16 +51,18 @@ SNCA_INLINE RowTileResult<acc_t> row_max(const acc_t* dot, const int64_t* bank_l
                                          int64_t self_col, int64_t n, acc_t inv_t) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_same[kLanes], max_other[kLanes];
-  int32_t has_nan[kLanes], same_count[kLanes];
+  int32_t nan_same[kLanes], nan_other[kLanes], same_count[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
     max_same[l] = max_other[l] = neg_inf;
-    has_nan[l] = same_count[l] = 0;
+    nan_same[l] = nan_other[l] = same_count[l] = 0;
   }
   auto step = [&](int64_t j, int64_t l) SNCA_LAMBDA_INLINE {
     const acc_t s = dot[j] * inv_t;
     const bool same = bank_labels[j] == label;
     const bool valid = j != self_col;
-    has_nan[l] |= static_cast<int32_t>(valid & (s != s));  // the own row does not count
+    // Each group's own NaN flag: a NaN makes only its group's lse NaN; the own row does not count.
+    nan_same[l] |= static_cast<int32_t>(valid & same & (s != s));
+    nan_other[l] |= static_cast<int32_t>(valid & !same & (s != s));
     same_count[l] += static_cast<int32_t>(valid & same);
     const acc_t s_same = (valid & same) ? s : neg_inf;
     const acc_t s_other = (valid & !same) ? s : neg_inf;
@@ -72,11 +74,12 @@ SNCA_INLINE RowTileResult<acc_t> row_max(const acc_t* dot, const int64_t* bank_l
     for (int64_t l = 0; l < kLanes; ++l) step(j0 + l, l);
   }
   for (int64_t j = j0; j < n; ++j) step(j, 0);
-  RowTileResult<acc_t> result{neg_inf, neg_inf, false, 0};
+  RowTileResult<acc_t> result{neg_inf, neg_inf, false, false, 0};
   for (int64_t l = 0; l < kLanes; ++l) {
     result.max_same = std::max(result.max_same, max_same[l]);
     result.max_other = std::max(result.max_other, max_other[l]);
-    result.has_nan |= has_nan[l] != 0;
+    result.nan_same |= nan_same[l] != 0;
+    result.nan_other |= nan_other[l] != 0;
     result.same_count += same_count[l];
   }
   return result;
@@ -120,7 +123,23 @@ SNCA_INLINE void row_exp_sums(const acc_t* dot, const int64_t* bank_labels, int6
   *sum_other_out = total_other;
 }
 
+template <typename acc_t>
+SNCA_INLINE bool all_finite_impl(const acc_t* values, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= n; j0 += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += values[j0 + l] * acc_t(0);
+  }
+  for (int64_t j = j0; j < n; ++j) lanes[0] += values[j] * acc_t(0);
+  acc_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total == acc_t(0);
+}
+
 }  // namespace
+
+SNCA_CLONES bool all_finite(const float* values, int64_t n) { return all_finite_impl(values, n); }
+SNCA_CLONES bool all_finite(const double* values, int64_t n) { return all_finite_impl(values, n); }
 
 #define SNCA_DEFINE_ROW_KERNELS(acc_t)                                                          \
   SNCA_CLONES RowTileResult<acc_t> row_max_##acc_t(const acc_t* dot, const int64_t* bl,          \

@@ -42,8 +42,8 @@ constexpr int64_t kLanes = 16;
 template <typename acc_t>
 struct RowTileResult {
   acc_t max_same, max_other;
-  bool has_nan;
-  int64_t same_count;  // same-class rows in the tile (own row excluded)
+  bool nan_same, nan_other;  // a NaN score in the group: its lse is NaN (README's contract)
+  int64_t same_count;        // same-class rows in the tile (own row excluded)
 };
 
 // The row kernels (stream_tile.cpp), one clone set per accumulation type. Pass 1 over one query
@@ -60,6 +60,9 @@ void row_exp_sums_float(const float* dot, const int64_t* bank_labels, int64_t la
 void row_exp_sums_double(const double* dot, const int64_t* bank_labels, int64_t label,
                          int64_t self_col, int64_t n, double inv_t, double max_same, double max_other,
                          double* sum_same, double* sum_other, double* p_same, double* p_other);
+// Whether all n values are finite (one vectorised pass; x * 0 is NaN exactly for inf and NaN).
+bool all_finite(const float* values, int64_t n);
+bool all_finite(const double* values, int64_t n);
 
 inline RowTileResult<float> row_max_dispatch(const float* d, const int64_t* bl, int64_t l,
                                              int64_t s, int64_t n, float t) {
@@ -80,18 +83,28 @@ inline void row_exp_sums_dispatch(const double* d, const int64_t* bl, int64_t l,
   row_exp_sums_double(d, bl, l, s, n, t, ms, mo, ss, so, ps, po);
 }
 
-// Ranks candidates: larger value first, ties to the lower bank row, so every backend agrees.
+// Ranks candidates as torch.topk does: NaN above everything, then larger value first; ties (NaN
+// with NaN too) to the lower bank row, so every backend agrees.
 template <typename acc_t>
 struct Candidate {
   acc_t value;
   int64_t index;
   bool operator<(const Candidate& other) const {
+    const bool nan = value != value, other_nan = other.value != other.value;
+    if (nan || other_nan) return nan && (!other_nan || index < other.index);
     return value > other.value || (value == other.value && index < other.index);
   }
 };
 
+// Whether a newcomer ranks above the k-th held candidate. It comes from a later bank row, so a
+// tie (NaN with NaN included) keeps the held one.
+template <typename acc_t>
+inline bool beats_threshold(acc_t value, acc_t threshold) {
+  return value > threshold || (value != value && threshold == threshold);
+}
+
 // Per-query top-k candidates of one worker. Rows arrive in increasing bank order, so once k are
-// held a newcomer enters only if strictly larger than the k-th: on a tie it has the higher row.
+// held a newcomer enters only if it ranks strictly above the k-th (beats_threshold).
 template <typename acc_t>
 class TopKBuffer {
  public:
@@ -107,8 +120,7 @@ class TopKBuffer {
     bool full = full_[row] != 0;
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = values[j];
-      // NaN compares false, so it is never a candidate.
-      if (!(full ? v > threshold : v == v) || j == self_col) continue;
+      if ((full && !beats_threshold(v, threshold)) || j == self_col) continue;
       items[count++] = {v, first_index + j};
       if (count == capacity_) {
         std::nth_element(items, items + (k_ - 1), items + count);
@@ -126,7 +138,7 @@ class TopKBuffer {
   bool full(int64_t row) const { return full_[row] != 0; }
   acc_t threshold(int64_t row) const { return threshold_[row]; }
   void offer(int64_t row, acc_t value, int64_t index) {
-    if (!(full_[row] ? value > threshold_[row] : value == value)) return;
+    if (full_[row] && !beats_threshold(value, threshold_[row])) return;
     Candidate<acc_t>* items = items_.data() + row * capacity_;
     items[count_[row]++] = {value, index};
     if (count_[row] == capacity_) {
@@ -167,13 +179,13 @@ class TopKBuffer {
 template <typename acc_t>
 struct LseState {
   std::vector<acc_t> max_same, sum_same, max_other, sum_other;
-  std::vector<uint8_t> has_nan;
+  std::vector<uint8_t> nan_same, nan_other;
   at::Tensor weighted;  // [2B, D]: rows 0..B-1 same class, B..2B-1 other classes
 
   LseState(int64_t rows, int64_t dim, bool with_grad, const at::TensorOptions& options)
       : max_same(rows, -std::numeric_limits<acc_t>::infinity()), sum_same(rows, 0),
         max_other(rows, -std::numeric_limits<acc_t>::infinity()), sum_other(rows, 0),
-        has_nan(rows, 0) {
+        nan_same(rows, 0), nan_other(rows, 0) {
     if (with_grad) weighted = at::zeros({2 * rows, dim}, options);
   }
 };
@@ -225,6 +237,7 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
                                          : at::Tensor();
       at::Tensor tile_buffer = convert_tiles ? at::empty({kTileRows, dim}, acc_options)
                                              : at::Tensor();
+      at::Tensor finite_buffer;  // allocated on the first tile that holds inf or NaN
       std::vector<int64_t> self_cols(rows);
       std::vector<RowTileResult<acc_t>> tile_max(rows);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -259,11 +272,26 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
         // With many classes the same-class weights are almost all zero (1 in 1000 on ImageNet):
         // adding those few bank rows directly beats a dense B x tile x D GEMM over the zeros.
         const bool sparse_same = opt.with_grad && same_total * kDenseSameRatio < rows * n;
+        // A bank row holding inf or NaN never has a finite score, so its weight is 0 or NaN for
+        // every query; a zero weight must contribute nothing to the weighted sums (the contract),
+        // not 0 * inf = NaN through the GEMM. Such rows enter the sums as zeros: a NaN weight
+        // still makes its group NaN at the merge.
+        if (opt.with_grad && !all_finite(tile_rows.template data_ptr<acc_t>(), n * dim)) {
+          if (!finite_buffer.defined()) finite_buffer = at::empty({kTileRows, dim}, acc_options);
+          at::Tensor finite_rows = finite_buffer.narrow(0, 0, n).copy_(tile_rows);
+          acc_t* finite_ptr = finite_rows.template data_ptr<acc_t>();
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t* row = finite_ptr + j * dim;
+            if (!all_finite(row, dim)) std::fill(row, row + dim, acc_t(0));
+          }
+          tile_rows = finite_rows;
+        }
         const acc_t* tile_data = opt.with_grad ? tile_rows.template data_ptr<acc_t>() : nullptr;
 
         for (int64_t i = 0; i < rows; ++i) {
           const acc_t* row_dots = dot_ptr + i * dot_stride;
-          lse->has_nan[i] |= tile_max[i].has_nan;
+          lse->nan_same[i] |= tile_max[i].nan_same;
+          lse->nan_other[i] |= tile_max[i].nan_other;
           const acc_t new_max_same = std::max(lse->max_same[i], tile_max[i].max_same);
           const acc_t new_max_other = std::max(lse->max_other[i], tile_max[i].max_other);
           acc_t* p_same = opt.with_grad ? weight_ptr + i * weight_stride : nullptr;
@@ -310,6 +338,7 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
 
   // Merge the workers' partials in a fixed order.
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   if (opt.with_lse) {
     acc_t* out_same = lse_same->data_ptr<acc_t>();
@@ -323,11 +352,12 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
     at::parallel_for(0, rows, 16, [&](int64_t row_begin, int64_t row_end) {
       for (int64_t i = row_begin; i < row_end; ++i) {
         acc_t max_same = neg_inf, max_other = neg_inf;
-        bool has_nan = false;
+        bool nan_same = false, nan_other = false;
         for (const auto& st : lse_states) {
           max_same = std::max(max_same, st.max_same[i]);
           max_other = std::max(max_other, st.max_other[i]);
-          has_nan |= st.has_nan[i] != 0;
+          nan_same |= st.nan_same[i] != 0;
+          nan_other |= st.nan_other[i] != 0;
         }
         acc_t sum_same = 0, sum_other = 0;
         if (opt.with_grad) {
@@ -349,11 +379,20 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
             }
           }
         }
-        out_same[i] = has_nan ? nan : (sum_same > 0 ? max_same + std::log(sum_same) : neg_inf);
-        out_other[i] = has_nan ? nan : (sum_other > 0 ? max_other + std::log(sum_other) : neg_inf);
+        // The exact IEEE log-sum-exp of each group: NaN if a score is NaN, else +inf if one is
+        // +inf (the running sums then hold exp(inf - inf) = NaN and are not used); the gradient
+        // of such a group is NaN, that of an empty or all -inf group 0.
+        const bool undefined_same = nan_same || max_same == pos_inf;
+        const bool undefined_other = nan_other || max_other == pos_inf;
+        out_same[i] = undefined_same ? (nan_same ? nan : pos_inf)
+                                     : (sum_same > 0 ? max_same + std::log(sum_same) : neg_inf);
+        out_other[i] = undefined_other ? (nan_other ? nan : pos_inf)
+                                       : (sum_other > 0 ? max_other + std::log(sum_other) : neg_inf);
         if (opt.with_grad) {
-          const acc_t inv_same = has_nan ? nan : (sum_same > 0 ? acc_t(1) / sum_same : acc_t(0));
-          const acc_t inv_other = has_nan ? nan : (sum_other > 0 ? acc_t(1) / sum_other : acc_t(0));
+          const acc_t inv_same =
+              undefined_same ? nan : (sum_same > 0 ? acc_t(1) / sum_same : acc_t(0));
+          const acc_t inv_other =
+              undefined_other ? nan : (sum_other > 0 ? acc_t(1) / sum_other : acc_t(0));
           for (int64_t d = 0; d < dim; ++d) {
             grad_same[i * dim + d] *= inv_same;
             grad_other[i * dim + d] *= inv_other;
