@@ -28,6 +28,13 @@ def _cpu_backends() -> list[str]:
 BACKENDS = _cpu_backends()
 VALUES = {"nan": float("nan"), "posinf": float("inf"), "neginf": float("-inf")}
 PLACES = ("feature", "same_row", "other_row", "own_row")
+# (features dtype, bank dtype): the CPU kernel's float64 and float32 paths (different row kernels)
+# and a bfloat16 bank (converted tile by tile); the reference runs on the same values in float64.
+PRECISIONS = {
+    "float64": (torch.float64, torch.float64),
+    "float32": (torch.float32, torch.float32),
+    "bf16bank": (torch.float32, torch.bfloat16),
+}
 B, N, D, K, T = 4, 40, 8, 5, 0.5
 QUERY = 1  # the query whose feature, own row or classes the placements are about
 COLUMN = 2  # the feature component that receives the value
@@ -68,10 +75,10 @@ def _stats(backend, features, indices, bank, bank_labels):
     lse_same, lse_other, values, rows = snca_ext.snca_stats(
         features, indices, bank, bank_labels, T, topk=K, backend=backend
     )
-    upstream = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    upstream = torch.linspace(0.5, 1.5, B, dtype=features.dtype)
     total = (upstream * lse_same).sum() + (upstream.flip(0) * lse_other).sum()
     finite_values = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
-    total = total + (finite_values * torch.linspace(-1.0, 1.0, K, dtype=torch.float64)).sum()
+    total = total + (finite_values * torch.linspace(-1.0, 1.0, K, dtype=features.dtype)).sum()
     (grad,) = torch.autograd.grad(total, features)
     return lse_same.detach(), lse_other.detach(), values.detach(), rows, grad
 
@@ -85,10 +92,22 @@ def _loss(backend, features, indices, bank, bank_labels, margin=0.3):
     return loss.detach(), grad
 
 
-def _close(actual, expected, what):
+def _close(actual, expected, what, tolerance=1e-9):
+    """Equal, NaN where NaN and the same infinities; finite values within ``tolerance``."""
+    if actual.is_floating_point():
+        actual = actual.double()
     torch.testing.assert_close(
-        actual, expected, rtol=1e-9, atol=1e-12, equal_nan=True, msg=lambda m: f"{what}: {m}"
+        actual, expected, rtol=tolerance, atol=tolerance, equal_nan=True, msg=lambda m: f"{what}: {m}"
     )
+
+
+def _in_precision(inputs, precision):
+    """The inputs in ``precision`` for the backend, and the same values in float64 for the
+    reference."""
+    features, indices, bank, bank_labels = inputs
+    feature_dtype, bank_dtype = PRECISIONS[precision]
+    features, bank = features.to(feature_dtype), bank.to(bank_dtype)
+    return (features, indices, bank, bank_labels), (features.double(), indices, bank.double(), bank_labels)
 
 
 def _reference_stats(features, indices, bank, bank_labels):
@@ -180,27 +199,31 @@ def test_reference_topk_ranks_nan_first_and_pads_last():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
-def test_stats_and_gradient_match_reference(backend, place, value):
-    inputs, _ = _place(place, VALUES[value])
-    ours = _stats(backend, *inputs)
-    expected = _reference_stats(*inputs)
+def test_stats_and_gradient_match_reference(backend, precision, place, value):
+    ours_in, reference_in = _in_precision(_place(place, VALUES[value])[0], precision)
+    ours = _stats(backend, *ours_in)
+    expected = _reference_stats(*reference_in)
+    tolerance = 1e-9 if precision == "float64" else 1e-5
     for got, want, name in zip(
         ours, expected, ("lse_same", "lse_other", "values", "rows", "grad"), strict=True
     ):
-        _close(got, want, f"{backend} {place}={value} {name}")
+        _close(got, want, f"{backend} {precision} {place}={value} {name}", tolerance)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
-def test_loss_and_gradient_match_reference(backend, place, value):
-    inputs, _ = _place(place, VALUES[value])
-    loss, grad = _loss(backend, *inputs)
-    expected_loss, expected_grad = _loss("reference", *inputs)
-    _close(loss, expected_loss, f"{backend} {place}={value} loss")
-    _close(grad, expected_grad, f"{backend} {place}={value} gradient")
+def test_loss_and_gradient_match_reference(backend, precision, place, value):
+    ours_in, reference_in = _in_precision(_place(place, VALUES[value])[0], precision)
+    loss, grad = _loss(backend, *ours_in)
+    expected_loss, expected_grad = _loss("reference", *reference_in)
+    tolerance = 1e-9 if precision == "float64" else 1e-5
+    _close(loss, expected_loss, f"{backend} {precision} {place}={value} loss", tolerance)
+    _close(grad, expected_grad, f"{backend} {precision} {place}={value} gradient", tolerance)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
