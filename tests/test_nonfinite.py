@@ -40,11 +40,11 @@ QUERY = 1  # the query whose feature, own row or classes the placements are abou
 COLUMN = 2  # the feature component that receives the value
 
 
-def _problem():
+def _problem(classes: int = 3):
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(B, D, generator=generator, dtype=torch.float64), dim=1)
     bank = F.normalize(torch.randn(N, D, generator=generator, dtype=torch.float64), dim=1)
-    bank_labels = torch.arange(N) % 3
+    bank_labels = torch.arange(N) % classes
     indices = torch.tensor([0, 4, 8, 12])
     # Query QUERY's component COLUMN is positive, another query's is negative: the same inf in a
     # bank row then gives +inf to one score and -inf to the other.
@@ -53,9 +53,9 @@ def _problem():
     return features, indices, bank, bank_labels
 
 
-def _place(place: str, value: float):
+def _place(place: str, value: float, classes: int = 3):
     """The problem with ``value`` at ``place``; also returns the bank row touched (or -1)."""
-    features, indices, bank, bank_labels = _problem()
+    features, indices, bank, bank_labels = _problem(classes)
     label = int(bank_labels[indices[QUERY]])
     own = {int(i) for i in indices}
     if place == "feature":
@@ -262,3 +262,25 @@ def test_cpu_bank_topk_bfloat16_filter_keeps_nonfinite_rows(monkeypatch, bank_dt
     )
     torch.testing.assert_close(rows, want_rows)
     torch.testing.assert_close(values.double(), want_values, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
+def test_many_classes_match_reference(backend, precision, place, value):
+    """20 classes: one same-class row in 20, so the CPU kernel adds the same-class rows one by one
+    instead of through the dense GEMM (its sparse path), and the query's same-class group is the
+    placed row alone."""
+    ours_in, reference_in = _in_precision(_place(place, VALUES[value], classes=20)[0], precision)
+    ours = _stats(backend, *ours_in)
+    expected = _reference_stats(*reference_in)
+    tolerance = 1e-9 if precision == "float64" else 1e-5
+    for got, want, name in zip(
+        ours, expected, ("lse_same", "lse_other", "values", "rows", "grad"), strict=True
+    ):
+        _close(got, want, f"{backend} {precision} {place}={value} {name}", tolerance)
+    loss, grad = _loss(backend, *ours_in)
+    expected_loss, expected_grad = _loss("reference", *reference_in)
+    _close(loss, expected_loss, f"{backend} {precision} {place}={value} loss", tolerance)
+    _close(grad, expected_grad, f"{backend} {precision} {place}={value} loss gradient", tolerance)
