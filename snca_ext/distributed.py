@@ -299,14 +299,17 @@ class _ShardedStats(torch.autograd.Function):
         )
         mine = _own_slice(sizes)
         ctx.inv_temperature = 1.0 / temperature
+        mine_same, mine_other = lse_same[mine], lse_other[mine]
         if with_grad:
-            ctx.save_for_backward(wmean_same[mine], wmean_other[mine])
-        return lse_same[mine], lse_other[mine]
+            # The output is kept as the anchor that makes a second derivative raise, not vanish.
+            ctx.save_for_backward(wmean_same[mine], wmean_other[mine], mine_same)
+        return mine_same, mine_other
 
     @staticmethod
     def backward(ctx, grad_same, grad_other):
-        wmean_same, wmean_other = ctx.saved_tensors
+        wmean_same, wmean_other, anchor = ctx.saved_tensors
         grad = _autograd.lse_grad(grad_same, grad_other, wmean_same, wmean_other, ctx.inv_temperature)
+        grad = _autograd.refuse_second_order(grad, anchor)
         return grad, None, None, None, None, None, None, None, None
 
 

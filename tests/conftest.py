@@ -26,3 +26,16 @@ BACKENDS_UNDER_TEST = _backends_under_test()
 @pytest.fixture(params=BACKENDS_UNDER_TEST, ids=[f"{b}-{d}" for b, d in BACKENDS_UNDER_TEST])
 def backend_device(request) -> tuple[str, str]:
     return request.param
+
+
+def pytest_report_header(config) -> str:
+    """One line naming the backends this run checks, and the ones it cannot."""
+    checked = [f"{backend} on {device}" for backend, device in BACKENDS_UNDER_TEST]
+    if "triton" in snca_ext.available_backends("cpu"):
+        checked.append("triton in the interpreter on cpu")
+    missing = [] if torch.cuda.is_available() else ["cuda and triton on a GPU (no GPU here)"]
+    return (
+        "snca_ext backends checked: "
+        + ", ".join(checked)
+        + ("; not run: " + ", ".join(missing) if missing else "")
+    )

@@ -164,6 +164,17 @@ def _rank_ops(out: Path) -> None:
                 "loss": loss.detach(),
                 "grad": local.grad,
             }
+        # A second derivative through the sharded combine is refused, never silently wrong.
+        local = features[mine].clone().requires_grad_(True)
+        lse_same, lse_other = sd.sharded_snca_stats(
+            local, indices[mine], bank[start:end], bank_labels[start:end], T, labels=labels[mine], start=start
+        )
+        (first,) = torch.autograd.grad(snca_ext.loss_from_lse(lse_same, lse_other), local, create_graph=True)
+        try:
+            first.square().sum().backward()
+            saved[f"{name}/second_order"] = "no error"
+        except RuntimeError as error:
+            saved[f"{name}/second_order"] = str(error)
         for k in TOPK:
             exclude = indices[mine]
             values, rows = sd.sharded_topk(features[mine], bank[start:end], k, start=start, exclude=exclude)
@@ -259,6 +270,12 @@ def test_loss_and_gradient_equal_the_single_process_op(ops_results, mode, dtype,
         torch.testing.assert_close(got["lse_same"], lse_same[mine].detach(), **close)
         torch.testing.assert_close(got["lse_other"], lse_other[mine].detach(), **close)
         torch.testing.assert_close(got["grad"] * shares[rank], features.grad[mine], **close)
+
+
+def test_sharded_second_derivatives_are_refused(ops_results):
+    for saved in ops_results:
+        for name in ("float64", "float32"):
+            assert "once differentiable" in saved[f"{name}/second_order"]
 
 
 @pytest.mark.parametrize("k", TOPK)
