@@ -398,13 +398,13 @@ def kernel_config(
     wide_bank = bank in ("fp32", "fp64")  # 4 or 8 bytes a value, and split into two parts (fp32)
     # Register budget (255 a thread at 8 warps): the split queries, two [BLOCK_B, D] gradient
     # accumulators or the log-sum-exp state beside a running top-k, and the bank tile's split
-    # parts as MMA fragments. Those configurations take 16 queries a program; a wide bank with
-    # the gradient, or a 128-wide top-k, also halves the tile.
-    if with_grad or features == "fp64" or (with_lse and topk > 0):
+    # parts as MMA fragments. Those configurations take 16 queries a program; the gradient beside
+    # a wide bank or a 128-wide top-k also halves the tile.
+    if with_grad or features == "fp64" or topk > 32 or (with_lse and topk > 0):
         block_b = 16
     else:
         block_b = 32
-    block_n = 32 if (wide_bank and with_grad) or topk > 32 or block_d > 128 else 64
+    block_n = 32 if (with_grad and (wide_bank or topk > 32)) or block_d > 128 else 64
     num_warps = 8 if block_d >= 128 else 4
     # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise.
     num_stages = 2 if wide_bank or block_d > 128 else 3
