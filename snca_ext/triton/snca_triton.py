@@ -17,6 +17,20 @@ once per step instead of twice, and the backward is the shared O(B*D) formula of
 Its cost, two extra tile products per tile, is paid only when features require grad, and the
 state it adds per program is two [BLOCK_B, D] accumulators, which fit beside the tile at D = 128;
 a two-pass backward would re-read the whole bank and recompute every exponential.
+
+Precision: fp32 features run on tf32 tensor cores with split operands (each value = a high and a
+low tf32 part; the products high*high + high*low + low*high, about fp32 accuracy; a bf16/fp16
+bank is exact in tf32 and needs two). The split rounds in software, so every product is exact
+and the interpreter's fp32 matmul computes what a tensor core does up to the order of the fp32
+additions. Only where PyTorch allows TF32 matmuls does one tf32 product do. fp64 uses fp64 MMAs.
+
+Non-finite scores follow one contract with every backend: a group's lse is NaN if any of its
+scores is NaN, else +inf if any is +inf; -inf scores add nothing; in the top-k NaN ranks above
++inf. A split product cannot carry inf (inf * 0 = NaN in a cross term), so the rare tile whose
+scores come out non-finite recomputes them in IEEE fp32.
+
+Top-k: a running list of at most 128 per query lives in registers; a larger k (any k <= N) runs
+in rounds, each a streaming pass that continues after the previous round's last (value, row).
 """
 
 from __future__ import annotations
