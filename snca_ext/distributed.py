@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional as F
 
-from . import _autograd
+from . import _autograd, combine
 from .memory import MemoryBank, momentum_update
 from .ops import bank_topk, loss_from_lse, snca_partials
 
@@ -256,22 +256,20 @@ def combine_lse_partials(
     """Exact cross-rank combine of per-rank log-sum-exps and weighted means over disjoint rows.
 
     Each rank passes its partials for the same queries; every rank gets the partials of the union.
-    A group empty on every rank stays -inf with a zero mean (never NaN).
+    A group empty on every rank stays -inf with a zero mean (never NaN); the non-finite rules are
+    those of snca_ext/combine.py, which the Triton backend's split combine shares.
     """
-    lse = torch.stack([lse_same, lse_other])
-    peak = all_reduce(lse.clone(), dist.ReduceOp.MAX)
-    # An empty group everywhere has peak -inf; a 0 pivot then gives exp(-inf) = 0 instead of NaN.
-    pivot = torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak)
-    scale = torch.exp(lse - pivot)
-    if wmean_same is None or wmean_other is None:
-        total = all_reduce(scale)
-        lse = pivot + torch.log(total)
+    part_max, part_sum = combine.lse_as_partial(torch.stack([lse_same, lse_other]))
+    with_means = wmean_same is not None and wmean_other is not None
+    lse, wmean = combine.combine_lse(
+        part_max,
+        part_sum,
+        torch.stack([wmean_same, wmean_other]) if with_means else None,
+        reduce_max=lambda t: all_reduce(t.clone(), dist.ReduceOp.MAX),
+        reduce_sum=all_reduce,
+    )
+    if wmean is None:
         return lse[0], lse[1], None, None
-    packed = torch.cat([scale[..., None], scale[..., None] * torch.stack([wmean_same, wmean_other])], dim=-1)
-    all_reduce(packed)
-    total = packed[..., 0]
-    lse = pivot + torch.log(total)
-    wmean = packed[..., 1:] / torch.where(total > 0, total, torch.ones_like(total))[..., None]
     return lse[0], lse[1], wmean[0], wmean[1]
 
 
@@ -364,14 +362,9 @@ def sharded_snca_loss(
 
 
 def merge_topk(values: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k best of candidates ``[B, C]`` (rows global, -1 for none): value descending, then row
-    ascending; candidates with row -1 go last."""
-    rank_rows = torch.where(rows >= 0, rows, torch.full_like(rows, torch.iinfo(torch.long).max))
-    by_row = rank_rows.argsort(dim=1, stable=True)
-    values, rows = values.gather(1, by_row), rows.gather(1, by_row)
-    # Stable: among equal values the lower row, placed first above, stays first.
-    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return values.gather(1, by_value), rows.gather(1, by_value)
+    """The k best of candidates ``[B, C]`` (rows global, -1 for none): value descending (NaN
+    first), then row ascending; candidates with row -1 go last (snca_ext/combine.py)."""
+    return tuple(combine.merge_topk(values, rows, k))
 
 
 @torch.no_grad()

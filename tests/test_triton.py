@@ -7,6 +7,7 @@ slow. With a GPU the same tests run the compiled kernels on CUDA tensors.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -349,6 +350,138 @@ def test_bank_topk_large_k_spans_splits():
     torch.testing.assert_close(values.double(), want_values, rtol=0, atol=4 * EPS32)
 
 
+def test_topk_width_is_bounded_for_any_k():
+    """The running list compiled into the kernel is never wider than the widest width: k up to
+    N (1.28M at ImageNet size) compiles the same kernels as k = 128."""
+    widest = kernels.TOPK_WIDTHS[-1]
+    for k in (1, 32, 33, widest, widest + 1, 32768, 32769, 1_281_167):
+        width = kernels.topk_width(k)
+        assert width <= widest and (width >= k or width == widest), (k, width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_k_runs_in_rounds(monkeypatch, dtype):
+    """k above the widest width: rounds of streaming passes, each continuing after the previous
+    round's last (value, row); ties across a round boundary still go to the lower row."""
+    monkeypatch.setattr(kernels, "TOPK_WIDTHS", (4, 8))
+    spy = _LaunchSpy()
+    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    queries, bank = _tied_bank(copies=3, rows=20)  # every value three times: ties everywhere
+    queries, bank = queries.to(dtype), bank.to(dtype)
+    exclude = torch.tensor([0, 20, -1, 59, 5, 33], device=DEVICE)
+    values, rows = snca_ext.bank_topk(queries, bank, 30, exclude=exclude, backend="triton")
+    want_values, want_rows = reference.bank_topk_reference(queries, bank, 30, exclude=exclude)
+    torch.testing.assert_close(rows, want_rows)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    assert [launch[2]["TOPK"] for launch in spy.launches] == [8, 8, 8, 8]  # 8 + 8 + 8 + 6
+
+    # k = N: the rounds run out of rows and pad with -1 / -inf (query 0 excludes one row).
+    values, rows = snca_ext.bank_topk(queries, bank, 60, exclude=exclude, backend="triton")
+    want_values, want_rows = reference.bank_topk_reference(queries, bank, 60, exclude=exclude)
+    torch.testing.assert_close(rows, want_rows)
+    assert rows[0, -1] == -1 and values[0, -1] == float("-inf") and (rows[2] >= 0).all()
+
+    # snca_stats: the log-sum-exp pass without a top-k, then the same top-k rounds (every round
+    # runs one compiled kernel, so a pair's score is the same bits in every round).
+    spy.launches.clear()
+    features, indices, bank, bank_labels = make_problem(4, 90, 16, dtype=dtype, seed=20)
+    ours = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.1, topk=19, backend="triton")
+    want = reference.snca_stats_reference(
+        features.double(), indices, bank.double(), bank_labels, 0.1, topk=19
+    )
+    torch.testing.assert_close(ours[3], want[3])
+    torch.testing.assert_close(ours[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    assert [launch[2]["TOPK"] for launch in spy.launches] == [0, 8, 8, 8]
+
+
+def test_launch_runs_on_the_tensors_device(monkeypatch):
+    """Tensors on cuda:1 launch on cuda:1, not on the current device."""
+    guard = kernels._device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    active, seen = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    class _GuardSpy(_LaunchSpy):
+        def __call__(self, kernel):
+            launcher = torch.library.wrap_triton(kernel)
+
+            class _Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        seen.append(list(active))
+                        return launcher[grid](*args, **kwargs)
+
+                    return launch
+
+            return _Grid()
+
+    monkeypatch.setattr(kernels, "_device_guard", recording_guard)
+    monkeypatch.setattr(kernels, "wrap_triton", _GuardSpy())
+    features, indices, bank, bank_labels = make_problem(3, 50, 8, dtype=torch.float32, seed=21)
+    snca_ext.snca_stats(features, indices, bank, bank_labels, 0.1, topk=2, backend="triton")
+    snca_ext.bank_topk(features, bank, 2, backend="triton")
+    assert seen == [[features.device], [features.device]]
+
+
+# ----------------------------------------------------------------------------- non-finite scores
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bank_dtype"),
+    [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
+)
+def test_non_finite_scores_follow_the_contract(dtype, bank_dtype):
+    """Each group's lse is the IEEE log-sum-exp of its scores: NaN if any is NaN, else +inf if any
+    is +inf, -inf scores add nothing; other queries are unaffected; in the top-k NaN ranks above
+    +inf. The split tf32 products alone would turn inf * 0 into NaN: the kernel recomputes such
+    tiles in IEEE arithmetic."""
+    features, indices, bank, bank_labels = make_problem(6, 150, 16, dtype=torch.float64, seed=22)
+    labels = bank_labels[indices]
+    inf = float("inf")
+    # Row 70 is 0 but for a +inf first component: its score is f_i0 * inf, +inf, -inf or NaN.
+    row = 70
+    bank[row] = 0.0
+    bank[row, 0] = inf
+    features[:, 0] = torch.tensor([0.5, -0.5, 0.0, 0.25, 0.1, -0.1], dtype=torch.float64)
+    features[5] = float("nan")  # a NaN query: its own outputs NaN, the others' untouched
+    indices[indices == row] = 0
+    features, bank = features.to(dtype), bank.to(bank_dtype)
+    ours = snca_ext.snca_stats(
+        features, indices, bank, bank_labels, 0.05, labels=labels, topk=3, backend="triton"
+    )
+    want = reference.snca_stats_reference(
+        features.double(), indices, bank.double(), bank_labels, 0.05, labels=labels, topk=3
+    )
+    same_row = bank_labels[row] == labels
+    for i, (score_sign, group) in enumerate(zip([1, -1, 0, 1], same_row[:4].tolist(), strict=True)):
+        hit, missed = (ours[0], ours[1]) if group else (ours[1], ours[0])
+        if score_sign > 0:
+            assert hit[i] == inf, i
+        elif score_sign == 0:
+            assert torch.isnan(hit[i]), i
+        else:  # a -inf score adds nothing: the reference's finite value
+            assert torch.isfinite(hit[i]), i
+        assert torch.isfinite(missed[i]), i
+    assert torch.isnan(ours[0][5]) and torch.isnan(ours[1][5])
+    tol = 1e-10 if dtype == torch.float64 else 4 * EPS32 / 0.05
+    for got, expected in zip(ours[:2], want[:2], strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol, equal_nan=True)
+    # Top-k: +inf first for queries 0 and 3, NaN first for query 2, row order for the NaN query.
+    assert ours[3][0, 0] == row and ours[2][0, 0] == inf and ours[3][3, 0] == row
+    assert ours[3][2, 0] == row and torch.isnan(ours[2][2, 0])
+    torch.testing.assert_close(ours[3][:5], want[3][:5])
+    # The NaN query: every score NaN, so its top-k is its first eligible rows.
+    assert torch.isnan(ours[2][5]).all()
+    assert ours[3][5].tolist() == [r for r in range(4) if r != indices[5]][:3]
+
+
 # ----------------------------------------------------------------------------- launch path
 
 
@@ -382,15 +515,22 @@ def test_results_come_from_the_split_kernel(monkeypatch):
     snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, topk=3, backend="triton")
     snca_ext.bank_topk(features, bank, 2, backend="triton")
     assert len(spy.launches) == 2
-    plan = kernels._Plan(5, 300, 16, False, 3, False, features.device)
+    config = kernels.kernel_config(16, "fp32", "fp32", True, False, 32, "split")
+    plan = kernels._Plan(config, 5, 300, features.device)
     assert plan.splits > 1
     for kernel, grid, options in spy.launches:
         assert kernel is kernels._snca_partials_kernel
         assert grid == plan.grid
-        assert options["INPUT_PRECISION"] == "ieee"
+        assert options["PRECISION"] == "split"
     assert spy.launches[0][2]["WITH_LSE"] and not spy.launches[1][2]["WITH_LSE"]
     # No device branches besides the program count: the plan and launch code never mention one.
-    for fn in (kernels._launch, kernels._Plan, kernels._snca_forward_impl, kernels._bank_topk_impl):
+    for fn in (
+        kernels._launch,
+        kernels._Plan,
+        kernels.kernel_config,
+        kernels._snca_forward_impl,
+        kernels._bank_topk_impl,
+    ):
         source = inspect.getsource(fn)
         for device_test in ("device.type", '"cpu"', "is_cuda", "TRITON_INTERPRET", "knobs"):
             assert device_test not in source, (fn, device_test)
@@ -402,7 +542,7 @@ def test_results_come_from_the_split_kernel(monkeypatch):
                 def __getitem__(self, grid):
                     def launch(*args, **kwargs):
                         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
-                        for partial in args[9:13]:  # max_same, sum_same, max_other, sum_other
+                        for partial in args[11:15]:  # max_same, sum_same, max_other, sum_other
                             partial.fill_(0.25)
 
                     return launch
@@ -427,15 +567,17 @@ def test_tf32_follows_pytorch_setting(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(previous)
     snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, backend="triton")
-    assert [launch[2]["INPUT_PRECISION"] for launch in spy.launches] == ["tf32", "ieee"]
+    # TF32 alone only where PyTorch allows it; otherwise split operands, as accurate as fp32.
+    assert [launch[2]["PRECISION"] for launch in spy.launches] == ["tf32", "split"]
 
 
 @pytest.mark.parametrize("programs", [1, 1000])
 def test_split_count_does_not_change_the_answer(monkeypatch, programs):
     monkeypatch.setattr(kernels, "_device_programs", lambda device: programs)
     features, indices, bank, bank_labels = make_problem(3, 300, 8, seed=16)
-    plan = kernels._Plan(3, 300, 8, True, 4, True, features.device)
-    assert plan.splits == (2 if programs == 1 else 19)
+    config = kernels.kernel_config(8, "fp64", "fp64", True, True, 32, "ieee")
+    plan = kernels._Plan(config, 3, 300, features.device)
+    assert plan.splits == (2 if programs == 1 else 10)
     _compare_with_reference(features, indices, bank, bank_labels, 0.01)
 
 

@@ -17,9 +17,26 @@ once per step instead of twice, and the backward is the shared O(B*D) formula of
 Its cost, two extra tile products per tile, is paid only when features require grad, and the
 state it adds per program is two [BLOCK_B, D] accumulators, which fit beside the tile at D = 128;
 a two-pass backward would re-read the whole bank and recompute every exponential.
+
+Precision: fp32 features run on tf32 tensor cores with split operands (each value = a high and a
+low tf32 part; the products high*high + high*low + low*high, about fp32 accuracy; a bf16/fp16
+bank is exact in tf32 and needs two). The split rounds in software, so every product is exact
+and the interpreter's fp32 matmul computes what a tensor core does up to the order of the fp32
+additions. Only where PyTorch allows TF32 matmuls does one tf32 product do. fp64 uses fp64 MMAs.
+
+Non-finite scores follow one contract with every backend: a group's lse is NaN if any of its
+scores is NaN, else +inf if any is +inf; -inf scores add nothing; in the top-k NaN ranks above
++inf. A split product cannot carry inf (inf * 0 = NaN in a cross term), so the rare tile whose
+scores come out non-finite recomputes them in IEEE fp32.
+
+Top-k: a running list of at most 128 per query lives in registers; a larger k (any k <= N) runs
+in rounds, each a streaming pass that continues after the previous round's last (value, row).
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -27,12 +44,86 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import _autograd
+from .. import _autograd, combine
 
 _NEG_INF = float("-inf")
 # Globals read inside @triton.jit functions must be constexpr.
 _MINUS_INF = tl.constexpr(float("-inf"))
+_PLUS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _tf32_round(x):
+    """x rounded to the nearest tf32 value (ties away from zero, as cvt.rna.tf32.f32 does), held
+    in fp32. A product of two such values is exact in fp32, so a tensor core and the interpreter's
+    fp32 matmul compute the same products; only the order of the fp32 additions differs. For
+    finite x only: a NaN's payload could carry into the sign bit."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_split(x, FINITE: tl.constexpr):
+    """x = high + low, both tf32 values (low up to a rounding of 2^-22 |x|). +-inf and NaN stay in
+    the high part alone (their low part would be inf - inf = NaN); FINITE skips those guards. A
+    finite |x| within half a tf32 step of the fp32 maximum rounds to inf, as the hardware does."""
+    high = _tf32_round(x)
+    if not FINITE:
+        high = tl.where(x != x, x, high)
+    low = x - high
+    if not FINITE:
+        low = tl.where(tl.abs(low) < _PLUS_INF, low, 0.0)
+    return high, _tf32_round(low)
+
+
+@triton.jit
+def _dot_split(a_high, a_low, b_high, b_low, B_EXACT: tl.constexpr):
+    """a @ b on tf32 tensor cores at about fp32 accuracy ("3xTF32"): the three products of the
+    split parts that matter, the small ones first; low x low (below 2^-22 relative) is dropped.
+    With B_EXACT (b already a tf32 value: a bf16/fp16 bank) b_low is zero and its product skipped."""
+    out = tl.dot(a_low, b_high, input_precision="tf32")
+    if not B_EXACT:
+        out = tl.dot(a_high, b_low, out, input_precision="tf32")
+    return tl.dot(a_high, b_high, out, input_precision="tf32")
+
+
+@triton.jit
+def _fma_dots(
+    features_ptr, stride_fb, stride_fd, queries, query_ok, bank_ptr, stride_mn, stride_md, rows, row_ok, dim
+):
+    """The [queries, rows] inner products in plain fp32 FMAs, one dimension after the other."""
+    out = tl.zeros([queries.shape[0], rows.shape[0]], tl.float32)
+    for d in range(dim):
+        f = tl.load(features_ptr + queries.to(tl.int64) * stride_fb + d * stride_fd, mask=query_ok, other=0.0)
+        m = tl.load(bank_ptr + rows.to(tl.int64) * stride_mn + d * stride_md, mask=row_ok, other=0.0)
+        out += f.to(tl.float32)[:, None] * m.to(tl.float32)[None, :]
+    return out
+
+
+@triton.jit
+def _order_key(x, USE_FP64: tl.constexpr):
+    """An integer whose order is torch.topk's order of the scores: NaN above +inf, -0.0 == 0.0.
+    Integer keys make the top-k a total order that max/min reductions handle exactly."""
+    x = tl.where(x == 0, 0.0, x)  # -0.0 and 0.0 tie
+    if USE_FP64:
+        bits = x.to(tl.int64, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+        key = tl.where(x != x, 0x7FF8000000000000, key)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = tl.where(x != x, 0x7FC00000, key)
+    return key
+
+
+@triton.jit
+def _key_value(key, EMPTY: tl.constexpr, USE_FP64: tl.constexpr):
+    """The score of an _order_key (the map is its own inverse); -inf for an empty slot."""
+    if USE_FP64:
+        value = tl.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).to(tl.float64, bitcast=True)
+    else:
+        value = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+    return tl.where(key == EMPTY, _MINUS_INF, value)
 
 
 @triton.jit
@@ -46,6 +137,8 @@ def _snca_partials_kernel(
     stride_mn,
     stride_md,
     bank_labels_ptr,
+    cursor_keys_ptr,
+    cursor_rows_ptr,
     max_same_ptr,
     sum_same_ptr,
     max_other_ptr,
@@ -63,16 +156,22 @@ def _snca_partials_kernel(
     WITH_GRAD: tl.constexpr,
     TOPK: tl.constexpr,
     USE_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BANK_EXACT: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Partials of one (query block, bank split) pair; layouts: [splits, B] for the LSE state,
-    [splits, B, D] for the weighted sums, [splits, B, TOPK] for the top-k candidates."""
+    [splits, B, D] for the weighted sums, [splits, B, TOPK] for the top-k candidates.
+
+    PRECISION: "split" (fp32 features: tf32 tensor cores on split operands, about fp32 accuracy),
+    "tf32" (one tf32 product, when PyTorch allows TF32 matmuls) or "ieee" (fp64 products)."""
     query_block = tl.program_id(0)
     split = tl.program_id(1)
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
+    key_dtype = tl.int64 if USE_FP64 else tl.int32
+    EMPTY: tl.constexpr = -9223372036854775808 if USE_FP64 else -2147483648
 
     queries = query_block * BLOCK_B + tl.arange(0, BLOCK_B)
     query_ok = queries < num_queries
@@ -83,6 +182,9 @@ def _snca_partials_kernel(
         mask=query_ok[:, None] & dim_ok[None, :],
         other=0.0,
     ).to(acc_dtype)
+    if PRECISION == "split":
+        # The queries never change: split them once, not once per tile.
+        feats_high, feats_low = _tf32_split(feats, False)
     own = tl.load(own_rows_ptr + queries, mask=query_ok, other=-1)
     if WITH_LSE:
         labels = tl.load(labels_ptr + queries, mask=query_ok, other=0)
@@ -97,12 +199,16 @@ def _snca_partials_kernel(
     nan_other = tl.zeros([BLOCK_B], tl.int32)
     acc_same = tl.zeros([BLOCK_B, BLOCK_D], acc_dtype)
     acc_other = tl.zeros([BLOCK_B, BLOCK_D], acc_dtype)
-    # The running top-k, unsorted. Empty slots hold -inf with distinct negative rows (-1 - slot) so
-    # that "the worst slot" (lowest value, then highest row) is always exactly one slot.
+    # The running top-k as order keys, unsorted. Empty slots hold the EMPTY key (below every
+    # score, -inf included) with distinct negative rows (-1 - slot), so that "the worst slot"
+    # (lowest key, then highest row) is always exactly one slot. Only candidates ranked after the
+    # cursor (key, row) enter: a later round of a large k continues where the previous one ended.
     if TOPK > 0:
         slots = tl.arange(0, TOPK)
-        top_values = tl.full([BLOCK_B, TOPK], _MINUS_INF, acc_dtype)
+        top_keys = tl.full([BLOCK_B, TOPK], EMPTY, key_dtype)
         top_rows = tl.zeros([BLOCK_B, TOPK], tl.int32) - 1 - slots[None, :]
+        cursor_key = tl.load(cursor_keys_ptr + queries, mask=query_ok, other=EMPTY)
+        cursor_row = tl.load(cursor_rows_ptr + queries, mask=query_ok, other=0)
 
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, tl.cdiv(bank_rows, BLOCK_N))
@@ -114,11 +220,35 @@ def _snca_partials_kernel(
             mask=row_ok[:, None] & dim_ok[None, :],
             other=0.0,
         ).to(acc_dtype)
-        if USE_FP64:
-            # fp64 exists for the float64 test oracle; plain products keep it exact on any GPU.
-            dots = tl.sum(feats[:, None, :] * bank_tile[None, :, :], axis=2)
+        if PRECISION == "split":
+            if BANK_EXACT:
+                bank_high = bank_tile
+                bank_low = bank_tile
+            else:
+                bank_high, bank_low = _tf32_split(bank_tile, False)
+            dots = _dot_split(feats_high, feats_low, tl.trans(bank_high), tl.trans(bank_low), BANK_EXACT)
         else:
-            dots = tl.dot(feats, tl.trans(bank_tile), input_precision=INPUT_PRECISION)
+            dots = tl.dot(feats, tl.trans(bank_tile), input_precision=PRECISION)
+        if PRECISION != "ieee":
+            # A non-finite input breaks the tf32 products (inf * 0 = NaN in a split's cross term,
+            # and tf32 rounding can carry a huge value to inf), but it always makes the tile's
+            # result non-finite too: such a rare tile recomputes those scores in IEEE fp32.
+            finite = tl.abs(dots) < _PLUS_INF
+            if tl.min(finite.to(tl.int32)) == 0:
+                exact = _fma_dots(
+                    features_ptr,
+                    stride_fb,
+                    stride_fd,
+                    queries,
+                    query_ok,
+                    bank_ptr,
+                    stride_mn,
+                    stride_md,
+                    rows,
+                    row_ok,
+                    dim,
+                )
+                dots = tl.where(finite, dots, exact)
         eligible = row_ok[None, :] & (rows[None, :] != own[:, None])
         is_nan = dots != dots
 
@@ -135,46 +265,59 @@ def _snca_partials_kernel(
 
             new_max_same = tl.maximum(max_same, tl.max(logit_same, axis=1))
             new_max_other = tl.maximum(max_other, tl.max(logit_other, axis=1))
-            # An all -inf group subtracts 0 instead of -inf, so exp gives 0, never NaN.
+            # An all -inf group subtracts 0 instead of -inf, so exp gives 0, never NaN; a score at
+            # a +inf max weighs 1 (exp(inf - inf) would be NaN): the sum counts the +inf scores,
+            # the lse is +inf and the weighted mean is their mean, the softmax's limit.
             shift_same = tl.where(new_max_same == _MINUS_INF, 0.0, new_max_same)
             shift_other = tl.where(new_max_other == _MINUS_INF, 0.0, new_max_other)
-            scale_same = tl.exp(max_same - shift_same)
-            scale_other = tl.exp(max_other - shift_other)
-            weight_same = tl.exp(logit_same - shift_same[:, None])
-            weight_other = tl.exp(logit_other - shift_other[:, None])
+            scale_same = tl.where(max_same == shift_same, 1.0, tl.exp(max_same - shift_same))
+            scale_other = tl.where(max_other == shift_other, 1.0, tl.exp(max_other - shift_other))
+            weight_same = tl.where(
+                logit_same == shift_same[:, None], 1.0, tl.exp(logit_same - shift_same[:, None])
+            )
+            weight_other = tl.where(
+                logit_other == shift_other[:, None], 1.0, tl.exp(logit_other - shift_other[:, None])
+            )
             sum_same = sum_same * scale_same + tl.sum(weight_same, axis=1)
             sum_other = sum_other * scale_other + tl.sum(weight_other, axis=1)
             max_same = new_max_same
             max_other = new_max_other
             if WITH_GRAD:
-                if USE_FP64:
-                    tile_same = tl.sum(weight_same[:, :, None] * bank_tile[None, :, :], axis=1)
-                    tile_other = tl.sum(weight_other[:, :, None] * bank_tile[None, :, :], axis=1)
+                if PRECISION == "split":
+                    # Softmax weights lie in [0, 1]: no non-finite guard needed.
+                    same_high, same_low = _tf32_split(weight_same, True)
+                    other_high, other_low = _tf32_split(weight_other, True)
+                    tile_same = _dot_split(same_high, same_low, bank_high, bank_low, BANK_EXACT)
+                    tile_other = _dot_split(other_high, other_low, bank_high, bank_low, BANK_EXACT)
                 else:
-                    tile_same = tl.dot(weight_same, bank_tile, input_precision=INPUT_PRECISION)
-                    tile_other = tl.dot(weight_other, bank_tile, input_precision=INPUT_PRECISION)
+                    tile_same = tl.dot(weight_same.to(acc_dtype), bank_tile, input_precision=PRECISION)
+                    tile_other = tl.dot(weight_other.to(acc_dtype), bank_tile, input_precision=PRECISION)
                 acc_same = acc_same * scale_same[:, None] + tile_same
                 acc_other = acc_other * scale_other[:, None] + tile_other
 
         if TOPK > 0:
-            # Rows arrive in increasing order, so a candidate equal to the current k-th value has
-            # a higher row and loses the tie: only strictly larger values enter. Each round moves
-            # every query's best remaining candidate (ties to the lower row) into its worst slot;
-            # after the first tiles a round or two is all a tile needs.
-            candidates = tl.where(eligible & ~is_nan, dots, _MINUS_INF)
+            # Rows arrive in increasing order, so a candidate whose key equals the current worst
+            # has a higher row and loses the tie: only strictly larger keys enter. Each round
+            # moves every query's best remaining candidate (ties to the lower row) into its worst
+            # slot; after the first tiles a round or two is all a tile needs.
+            keys = _order_key(dots, USE_FP64)
+            after = (keys < cursor_key[:, None]) | (
+                (keys == cursor_key[:, None]) & (rows[None, :] > cursor_row[:, None])
+            )
+            candidates = tl.where(eligible & after, keys, EMPTY)
             best = tl.max(candidates, axis=1)
-            worst = tl.min(top_values, axis=1)
+            worst = tl.min(top_keys, axis=1)
             pending = tl.sum((best > worst).to(tl.int32), axis=0)
             while pending > 0:
                 take = best > worst
                 best_row = tl.min(tl.where(candidates == best[:, None], rows[None, :], 2147483647), axis=1)
-                worst_row = tl.max(tl.where(top_values == worst[:, None], top_rows, -2147483647), axis=1)
-                replace = take[:, None] & (top_values == worst[:, None]) & (top_rows == worst_row[:, None])
-                top_values = tl.where(replace, best[:, None], top_values)
+                worst_row = tl.max(tl.where(top_keys == worst[:, None], top_rows, -2147483647), axis=1)
+                replace = take[:, None] & (top_keys == worst[:, None]) & (top_rows == worst_row[:, None])
+                top_keys = tl.where(replace, best[:, None], top_keys)
                 top_rows = tl.where(replace, best_row[:, None], top_rows)
-                candidates = tl.where(rows[None, :] == best_row[:, None], _MINUS_INF, candidates)
+                candidates = tl.where(rows[None, :] == best_row[:, None], EMPTY, candidates)
                 best = tl.max(candidates, axis=1)
-                worst = tl.min(top_values, axis=1)
+                worst = tl.min(top_keys, axis=1)
                 pending = tl.sum((best > worst).to(tl.int32), axis=0)
 
     state = split * num_queries + queries
@@ -193,33 +336,122 @@ def _snca_partials_kernel(
             tl.store(acc_other_ptr + acc_offsets, acc_other, mask=acc_mask)
     if TOPK > 0:
         top_offsets = state[:, None].to(tl.int64) * TOPK + slots[None, :]
+        top_values = _key_value(top_keys, EMPTY, USE_FP64)
         tl.store(top_values_ptr + top_offsets, top_values, mask=query_ok[:, None])
         tl.store(top_rows_ptr + top_offsets, top_rows, mask=query_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- launch plan
 
+# Widths of the running top-k the kernel is compiled with. A larger k runs in rounds of the
+# largest width, each a streaming pass that continues after the previous round's last (value,
+# row): registers bound the per-query list, never the k the API accepts (k <= N).
+TOPK_WIDTHS = (32, 128)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything that selects one compiled kernel: its constexprs and launch options."""
+
+    features: str  # "fp32" or "fp64"
+    bank: str  # "fp32", "bf16", "fp16" or "fp64"
+    with_lse: bool
+    with_grad: bool
+    topk: int  # width of the running top-k, 0 for none
+    precision: str  # "split", "tf32" or "ieee"
+    block_b: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        mode = ("lse+grad" if self.with_grad else "lse") if self.with_lse else "topk"
+        if self.with_lse and self.topk:
+            mode += "+topk"
+        return (
+            f"{self.features}/{self.bank} {mode} k{self.topk} {self.precision} "
+            f"{self.block_b}x{self.block_n}x{self.block_d} w{self.num_warps} s{self.num_stages}"
+        )
+
+    def launch_options(self) -> dict:
+        # maxnreg: left to itself ptxas sometimes caps a kernel at 128 registers and spills;
+        # the explicit 255 (the most a thread may have at 8 warps) lets it keep every value.
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "maxnreg": 255}
+
+    def constexprs(self) -> dict:
+        return {
+            "WITH_LSE": self.with_lse,
+            "WITH_GRAD": self.with_grad,
+            "TOPK": self.topk,
+            "USE_FP64": self.features == "fp64",
+            "PRECISION": self.precision,
+            "BANK_EXACT": self.bank in ("bf16", "fp16"),
+            "BLOCK_B": self.block_b,
+            "BLOCK_N": self.block_n,
+            "BLOCK_D": self.block_d,
+        }
+
+
+def topk_width(k: int) -> int:
+    """The running top-k width for a request of k (a round's share when k exceeds every width)."""
+    return next((width for width in TOPK_WIDTHS if k <= width), TOPK_WIDTHS[-1]) if k > 0 else 0
+
+
+def kernel_config(
+    dim: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int, precision: str
+) -> KernelConfig:
+    """The tile shape of one launch. It depends on no device: every configuration fits the opt-in
+    shared memory of sm_80/86/89/90 without spills (checked ahead of time for each of them by
+    benchmarks/static_triton.py and tests/test_triton_static.py)."""
+    # tl.dot needs every side >= 16; narrow rows are padded to 64 columns, a few wasted MMAs
+    # against one compiled kernel fewer per width.
+    block_d = max(64, triton.next_power_of_2(dim))
+    wide_bank = bank in ("fp32", "fp64")  # 4 or 8 bytes a value, and split into two parts (fp32)
+    # Register budget (255 a thread at 8 warps): the split queries, two [BLOCK_B, D] gradient
+    # accumulators or the log-sum-exp state beside a running top-k, and the bank tile's split
+    # parts as MMA fragments. Those configurations take 16 queries a program; the gradient beside
+    # a wide bank or a 128-wide top-k also halves the tile.
+    if with_grad or features == "fp64" or topk > 32 or (with_lse and topk > 0):
+        block_b = 16
+    else:
+        block_b = 32
+    block_n = 32 if (with_grad and (wide_bank or topk > 32)) or block_d > 128 else 64
+    num_warps = 8 if block_d >= 128 else 4
+    # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise.
+    num_stages = 2 if wide_bank or block_d > 128 else 3
+    return KernelConfig(
+        features, bank, with_lse, with_grad, topk, precision, block_b, block_n, block_d, num_warps, num_stages
+    )
+
+
+def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
+    """Every configuration the launcher can choose for D <= max_dim."""
+    configs = []
+    dims = [64 << i for i in range(max(0, (max_dim // 64).bit_length()))]
+    banks = ("fp32", "bf16", "fp16")
+    pairs = [("fp32", bank, precision) for bank in banks for precision in ("split", "tf32")]
+    pairs.append(("fp64", "fp64", "ieee"))
+    for dim in dims:
+        for features, bank, precision in pairs:
+            for with_grad in (False, True):
+                for topk in (0, *TOPK_WIDTHS):
+                    configs.append(kernel_config(dim, features, bank, True, with_grad, topk, precision))
+            for topk in TOPK_WIDTHS:
+                configs.append(kernel_config(dim, features, bank, False, False, topk, precision))
+    return list(dict.fromkeys(configs))
+
 
 class _Plan:
-    """Block sizes and bank split of one launch. The same code plans GPU and interpreter runs;
-    only the number of programs to aim for comes from the device."""
+    """The kernel configuration and bank split of one launch. The same code plans GPU and
+    interpreter runs; only the number of programs to aim for comes from the device."""
 
-    def __init__(self, batch: int, bank_rows: int, dim: int, fp64: bool, k: int, with_grad: bool, device):
-        self.block_d = max(16, triton.next_power_of_2(dim))
-        self.topk = triton.next_power_of_2(k) if k > 0 else 0
-        if fp64:
-            # Elementwise products materialise [BLOCK_B, BLOCK_N, BLOCK_D]: keep the tiles small.
-            self.block_b, self.block_n, self.num_warps = 16, 16, 4
-        else:
-            # tl.dot needs every side >= 16. Two [BLOCK_B, D] accumulators or a wide top-k state
-            # cost registers, so those configurations take fewer queries per program.
-            heavy = (with_grad and self.block_d >= 128) or self.topk > 32 or self.block_d > 256
-            self.block_b = 32 if heavy else 64
-            # Wide rows take shorter tiles, so the pipelined bank tiles still fit in shared memory.
-            self.block_n = 64 if self.block_d <= 128 else 32
-            self.num_warps = 8 if self.block_d >= 128 else 4
-        self.query_blocks = triton.cdiv(batch, self.block_b)
-        num_tiles = triton.cdiv(bank_rows, self.block_n)
+    def __init__(self, config: KernelConfig, batch: int, bank_rows: int, device):
+        self.config = config
+        self.query_blocks = triton.cdiv(batch, config.block_b)
+        num_tiles = triton.cdiv(bank_rows, config.block_n)
         # Aim for two waves of programs over the device; each split is a whole number of tiles.
         wanted_splits = triton.cdiv(2 * _device_programs(device), self.query_blocks)
         splits = max(1, min(wanted_splits, num_tiles))
@@ -241,16 +473,49 @@ def _device_programs(device: torch.device) -> int:
     return 4
 
 
-def _input_precision() -> str:
-    # Triton's default would be tf32; honour PyTorch's float32 matmul setting instead.
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _device_guard(device: torch.device):
+    """Launch on the tensors' device (cuda:1 as well), not on the current one."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
-def _launch(features, labels, own_rows, bank, bank_labels, temperature, with_lse, with_grad, k):
+def _precision(features: Tensor) -> str:
+    if features.dtype == torch.float64:
+        return "ieee"
+    # One tf32 product only where PyTorch itself is allowed TF32 matmuls; otherwise split
+    # operands on tf32 tensor cores, at least as accurate as an fp32 matmul.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "split"
+
+
+def order_keys(values: Tensor) -> Tensor:
+    """The kernel's _order_key in torch: integers ordered as torch.topk orders the scores."""
+    if values.dtype == torch.float64:
+        int_dtype, flip, nan_key = torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF8000000000000
+    else:
+        int_dtype, flip, nan_key = torch.int32, 0x7FFFFFFF, 0x7FC00000
+    values = torch.where(values == 0, torch.zeros_like(values), values)
+    bits = values.view(int_dtype)
+    keys = torch.where(bits < 0, bits ^ flip, bits)
+    return torch.where(torch.isnan(values), torch.full_like(keys, nan_key), keys)
+
+
+def _launch(features, labels, own_rows, bank, bank_labels, temperature, with_lse, with_grad, k, cursor=None):
+    """One streaming pass: per-split partials. ``cursor`` (keys, rows) restricts the top-k to the
+    candidates ranked after it (a later round of a large k)."""
     batch, dim = features.shape
     bank_rows = bank.shape[0]
-    fp64 = features.dtype == torch.float64
-    plan = _Plan(batch, bank_rows, dim, fp64, k, with_grad, features.device)
+    width = topk_width(k)
+    config = kernel_config(
+        dim,
+        _DTYPE_NAMES[features.dtype],
+        _DTYPE_NAMES[bank.dtype],
+        with_lse,
+        with_grad,
+        width,
+        _precision(features),
+    )
+    plan = _Plan(config, batch, bank_rows, features.device)
     acc_dtype = features.dtype
     splits = plan.splits
     state_shape = (splits, batch) if with_lse else (0,)
@@ -261,75 +526,102 @@ def _launch(features, labels, own_rows, bank, bank_labels, temperature, with_lse
     acc_shape = (splits, batch, dim) if with_grad else (0,)
     acc_same = features.new_empty(acc_shape, dtype=acc_dtype)
     acc_other = features.new_empty(acc_shape, dtype=acc_dtype)
-    top_shape = (splits, batch, plan.topk) if k > 0 else (0,)
+    top_shape = (splits, batch, width) if k > 0 else (0,)
     top_values = features.new_empty(top_shape, dtype=acc_dtype)
     top_rows = features.new_empty(top_shape, dtype=torch.int32)
-    wrap_triton(_snca_partials_kernel)[plan.grid](
-        features,
-        features.stride(0),
-        features.stride(1),
-        labels,
-        own_rows,
-        bank,
-        bank.stride(0),
-        bank.stride(1),
-        bank_labels,
-        max_same,
-        sum_same,
-        max_other,
-        sum_other,
-        acc_same,
-        acc_other,
-        top_values,
-        top_rows,
-        batch,
-        bank_rows,
-        dim,
-        features.new_full((1,), 1.0 / temperature),
-        plan.tiles_per_split,
-        WITH_LSE=with_lse,
-        WITH_GRAD=with_grad,
-        TOPK=plan.topk,
-        USE_FP64=fp64,
-        INPUT_PRECISION=_input_precision(),
-        BLOCK_B=plan.block_b,
-        BLOCK_N=plan.block_n,
-        BLOCK_D=plan.block_d,
-        num_warps=plan.num_warps,
-    )
+    if cursor is None:
+        # The largest key: every candidate ranks after it.
+        key_max = torch.iinfo(torch.int64 if features.dtype == torch.float64 else torch.int32).max
+        cursor = (own_rows.new_full((batch,), key_max), own_rows.new_full((batch,), -1))
+    cursor_keys = cursor[0].to(torch.int64 if features.dtype == torch.float64 else torch.int32)
+    with _device_guard(features.device):
+        wrap_triton(_snca_partials_kernel)[plan.grid](
+            features,
+            features.stride(0),
+            features.stride(1),
+            labels,
+            own_rows,
+            bank,
+            bank.stride(0),
+            bank.stride(1),
+            bank_labels,
+            cursor_keys.contiguous(),
+            cursor[1].to(torch.int32).contiguous(),
+            max_same,
+            sum_same,
+            max_other,
+            sum_other,
+            acc_same,
+            acc_other,
+            top_values,
+            top_rows,
+            batch,
+            bank_rows,
+            dim,
+            features.new_full((1,), 1.0 / temperature),
+            plan.tiles_per_split,
+            **config.constexprs(),
+            **config.launch_options(),
+        )
     return (max_same, sum_same, max_other, sum_other, acc_same, acc_other, top_values, top_rows)
 
 
 # ----------------------------------------------------------------------------- combine
 
 
-def _combine_lse(part_max: Tensor, part_sum: Tensor, part_acc: Tensor | None):
-    """log-sum-exp (and normalised weighted sum) of a group from its per-split partials."""
-    top = part_max.amax(dim=0)
-    shift = torch.where(top == _NEG_INF, torch.zeros_like(top), top)
-    # exp(-inf - shift) = 0 drops the splits that saw no row of the group.
-    scale = torch.exp(part_max - shift)
-    total = (part_sum * scale).sum(dim=0)
-    lse = torch.where(total == 0, torch.full_like(total, _NEG_INF), shift + torch.log(total))
-    if part_acc is None:
-        return lse, None
-    weighted = (part_acc * scale[:, :, None]).sum(dim=0)
-    wmean = torch.where(total[:, None] == 0, torch.zeros_like(weighted), weighted / total[:, None])
-    return lse, wmean
+def _combine_groups(max_same, sum_same, max_other, sum_other, acc_same, acc_other, with_grad):
+    """(lse_same, lse_other, wmean_same, wmean_other) from the per-split partials, both groups in
+    one exact combine (snca_ext/combine.py)."""
+    part_acc = torch.stack([acc_same, acc_other], dim=1) if with_grad else None
+    reduce_max, reduce_sum = combine.local_reduce(0)
+    lse, wmean = combine.combine_lse(
+        torch.stack([max_same, max_other], dim=1),
+        torch.stack([sum_same, sum_other], dim=1),
+        part_acc,
+        reduce_max=reduce_max,
+        reduce_sum=reduce_sum,
+    )
+    # Separate tensors: a custom op's outputs may not alias one another.
+    if wmean is None:
+        return lse[0].clone(), lse[1].clone(), None, None
+    return lse[0].clone(), lse[1].clone(), wmean[0].clone(), wmean[1].clone()
 
 
-def _combine_topk(part_values: Tensor, part_rows: Tensor, k: int, dtype: torch.dtype):
-    """Top k of the per-split candidates: value descending, ties to the lower bank row."""
-    batch = part_values.shape[1]
-    values = part_values.permute(1, 0, 2).reshape(batch, -1)
-    rows = part_rows.permute(1, 0, 2).reshape(batch, -1).long()
-    # Two stable sorts give the (value desc, row asc) order; empty slots (-inf) sort last.
-    by_row = torch.argsort(rows, dim=1, stable=True)
-    values, rows = values.gather(1, by_row), rows.gather(1, by_row)
-    by_value = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
-    values, rows = values.gather(1, by_value), rows.gather(1, by_value)
+def _merge_split_topk(top_values: Tensor, top_rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best of every split's candidates; the kernel's empty slots (rows < 0) become -1."""
+    batch = top_values.shape[1]
+    values = top_values.permute(1, 0, 2).reshape(batch, -1)
+    rows = top_rows.permute(1, 0, 2).reshape(batch, -1).long()
     rows = torch.where(rows < 0, torch.full_like(rows, -1), rows)
-    return values.to(dtype), rows
+    return combine.merge_topk(values, rows, k)
+
+
+def _topk_rounds(queries, exclude, bank, k):
+    """The k best rows of every query, in rounds of at most the widest top-k width: each round is
+    one streaming pass that takes the next candidates after the previous round's last (value,
+    row). Every round launches the same compiled kernel (the same tile shape and products), so a
+    pair's score is bit-identical in every round, which the cursor comparison relies on."""
+    width = TOPK_WIDTHS[-1]
+    launch_k = min(k, width)
+    values, rows = [], []
+    cursor = None
+    found = 0
+    while found < k:
+        take = min(width, k - found)
+        *_, part_values, part_rows = _launch(
+            queries, exclude, exclude, bank, exclude, 1.0, False, False, launch_k, cursor
+        )
+        round_values, round_rows = _merge_split_topk(part_values, part_rows, take)
+        values.append(round_values)
+        rows.append(round_rows)
+        found += take
+        # The last kept (value, row) is where the next round starts; a padded round (row -1) has
+        # run out of candidates, and the EMPTY cursor key lets nothing through afterwards.
+        last_keys = order_keys(round_values[:, -1])
+        empty = torch.iinfo(last_keys.dtype).min
+        last_keys = torch.where(round_rows[:, -1] < 0, torch.full_like(last_keys, empty), last_keys)
+        cursor = (last_keys, round_rows[:, -1])
+    return torch.cat(values, dim=1), torch.cat(rows, dim=1)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -385,24 +677,32 @@ def _snca_forward_impl(
             features.new_empty(0, k),
             features.new_empty(0, k, dtype=torch.long),
         )
+    indices = indices.long().contiguous()
+    # A top-k that fits one running list rides on the log-sum-exp pass; a larger one takes its
+    # own rounds after it.
+    fused_topk = k <= TOPK_WIDTHS[-1]
     max_same, sum_same, max_other, sum_other, acc_same, acc_other, top_values, top_rows = _launch(
         features,
         labels.long().contiguous(),
-        indices.long().contiguous(),
+        indices,
         bank,
         bank_labels.long().contiguous(),
         temperature,
         True,
         with_grad,
-        k,
+        k if fused_topk else 0,
     )
-    lse_same, wmean_same = _combine_lse(max_same, sum_same, acc_same if with_grad else None)
-    lse_other, wmean_other = _combine_lse(max_other, sum_other, acc_other if with_grad else None)
+    lse_same, lse_other, wmean_same, wmean_other = _combine_groups(
+        max_same, sum_same, max_other, sum_other, acc_same, acc_other, with_grad
+    )
     if not with_grad:
         wmean_same = features.new_empty(0, dim)
         wmean_other = features.new_empty(0, dim)
     if k > 0:
-        values, rows = _combine_topk(top_values, top_rows, k, features.dtype)
+        if fused_topk:
+            values, rows = _merge_split_topk(top_values, top_rows, k)
+        else:
+            values, rows = _topk_rounds(features, indices, bank, k)
     else:
         values, rows = features.new_empty(batch, 0), features.new_empty(batch, 0, dtype=torch.long)
     return lse_same, lse_other, wmean_same, wmean_other, values, rows
@@ -415,9 +715,7 @@ def _bank_topk_impl(queries: Tensor, bank: Tensor, k: int, exclude: Tensor) -> t
     batch = queries.shape[0]
     if batch == 0 or k == 0:
         return queries.new_empty(batch, k), queries.new_empty(batch, k, dtype=torch.long)
-    exclude = exclude.long().contiguous()
-    *_, top_values, top_rows = _launch(queries, exclude, exclude, bank, exclude, 1.0, False, False, k)
-    return _combine_topk(top_values, top_rows, k, queries.dtype)
+    return tuple(_topk_rounds(queries, exclude.long().contiguous(), bank, k))
 
 
 snca_forward = triton_op("snca_ext::snca_forward_triton", mutates_args=(), schema=_FORWARD_SCHEMA)(

@@ -1,0 +1,224 @@
+"""Static report of the Triton kernel, without a GPU: every configuration the launcher can choose
+(snca_ext.triton.snca_triton.launch_configs), compiled ahead of time for sm_80, sm_86, sm_89 and
+sm_90, with its registers, spills and shared memory (from the cubin) and the warp-instructions
+and tensor-core MMAs of one bank tile (from the SASS of the main loop).
+
+    python -m benchmarks.static_triton            # the markdown table (all configurations)
+    python -m benchmarks.static_triton --default  # only the D = 128 configurations
+
+Compiling every configuration for four targets takes a few minutes; Triton's cache makes a second
+run fast. ``triton_static_rows()`` returns the rows for other reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+from snca_ext.triton import snca_triton
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of each target.
+SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ROW_KEYS = (
+    "kernel",
+    "config",
+    "target",
+    "registers",
+    "spills_bytes",
+    "shared_bytes",
+    "warp_instructions_per_tile",
+    "mma_per_tile",
+)
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_POINTER_TYPES = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*fp16"}
+# Tensor-core instructions: mma.sync (HMMA, DMMA for fp64) and Hopper's warpgroup MMA (HGMMA).
+_MMA = re.compile(r"\b(HMMA|HGMMA|DMMA)\b")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+
+
+def _signature(config: snca_triton.KernelConfig) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of the kernel as the launcher calls it on contiguous
+    tensors: unit inner strides (Triton specialises 1) and 16-aligned pointers and row strides."""
+    kernel = snca_triton._snca_partials_kernel
+    features = _POINTER_TYPES[config.features]
+    key = "*i64" if config.features == "fp64" else "*i32"
+    pointers = {
+        "features_ptr": features,
+        "labels_ptr": "*i64",
+        "own_rows_ptr": "*i64",
+        "bank_ptr": _POINTER_TYPES[config.bank],
+        "bank_labels_ptr": "*i64",
+        "cursor_keys_ptr": key,
+        "cursor_rows_ptr": "*i32",
+        "top_rows_ptr": "*i32",
+    }
+    constexprs = {"stride_fd": 1, "stride_md": 1, **config.constexprs()}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, features)
+        else:
+            signature[name] = "i32"
+    # The launch of interest: D = BLOCK_D and B a multiple of 16 (B = 256), which Triton
+    # specialises as divisible by 16, as it does 16-aligned pointers and row strides.
+    aligned = {name for name in kernel.arg_names if name.endswith("_ptr")}
+    aligned |= {"stride_fb", "stride_mn", "dim", "num_queries"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name in aligned}
+    return signature, constexprs, attrs
+
+
+def compile_config(config: snca_triton.KernelConfig, arch: int):
+    """The kernel compiled ahead of time for sm_<arch> (no device needed)."""
+    signature, constexprs, attrs = _signature(config)
+    source = triton.compiler.ASTSource(
+        fn=snca_triton._snca_partials_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())
+
+
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run(
+            [_CUOBJDUMP, *flags, file.name], check=True, capture_output=True, text=True
+        ).stdout
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread). A Triton kernel holds no local arrays, so
+    every stack byte is a spill slot."""
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(cubin, "-res-usage"))
+    if usage is None:
+        raise RuntimeError("cuobjdump -res-usage printed no REG/STACK line")
+    return int(usage.group(1)), int(usage.group(2))
+
+
+def main_loop_counts(sass: str) -> tuple[int, int]:
+    """(instructions, MMAs) of one warp in one pass of the main loop: the outermost backward
+    branch whose body holds tensor-core MMAs (an inner loop, the top-k insertion, counts once)."""
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for address, text in instructions:
+        branch = _BRANCH.search(text)
+        if branch and int(branch.group(1), 16) <= address:
+            begin = int(branch.group(1), 16)
+            body = [op for at, op in instructions if begin <= at <= address]
+            mmas = sum(1 for op in body if _MMA.search(op))
+            if mmas:
+                loops.append((len(body), mmas))
+    if not loops:
+        return 0, 0
+    return max(loops)
+
+
+def static_row(config: snca_triton.KernelConfig, arch: int) -> dict:
+    compiled = compile_config(config, arch)
+    registers, spills = resource_usage(compiled.asm["cubin"])
+    instructions, mmas = main_loop_counts(_cuobjdump(compiled.asm["cubin"], "-sass"))
+    return {
+        "kernel": "_snca_partials_kernel",
+        "config": config.name,
+        "target": f"sm_{arch}",
+        "registers": registers,
+        "spills_bytes": spills,
+        "shared_bytes": compiled.metadata.shared,
+        # Every warp of the program runs the loop body once per tile.
+        "warp_instructions_per_tile": instructions * config.num_warps if instructions else None,
+        "mma_per_tile": mmas * config.num_warps if mmas else None,
+    }
+
+
+def _static_row(job: tuple[snca_triton.KernelConfig, int]) -> dict:
+    return static_row(*job)
+
+
+def triton_static_rows(
+    configs: Iterable[snca_triton.KernelConfig] | None = None,
+    archs: Iterable[int] = tuple(SHARED_LIMITS),
+    jobs: int = 1,
+) -> list[dict]:
+    """One row per (configuration, target); by default every configuration the launcher can
+    choose, for sm_80, sm_86, sm_89 and sm_90. ``jobs`` > 1 compiles in that many processes."""
+    configs = snca_triton.launch_configs() if configs is None else list(configs)
+    archs = list(archs)
+    if not isinstance(snca_triton._snca_partials_kernel, JITFunction):
+        return _rows_in_subprocess(configs, archs, jobs)
+    work = [(config, arch) for config in configs for arch in archs]
+    if jobs <= 1:
+        return [static_row(*job) for job in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_static_row, work))
+
+
+def _rows_in_subprocess(configs: list[snca_triton.KernelConfig], archs: list[int], jobs: int) -> list[dict]:
+    """Under TRITON_INTERPRET=1 (set before triton was imported, as the CPU test suite does) the
+    kernels are interpreted functions, which do not compile: a fresh process without it does."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    request = json.dumps({"configs": [dataclasses.asdict(c) for c in configs], "archs": archs, "jobs": jobs})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.static_triton", "--json"],
+        input=request,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling the Triton kernel failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def fits(row: dict) -> bool:
+    """No spill, and the shared memory within the target's opt-in limit."""
+    return row["spills_bytes"] == 0 and row["shared_bytes"] <= SHARED_LIMITS[int(row["target"][3:])]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(ROW_KEYS) + " | fits |", "|" + "---|" * (len(ROW_KEYS) + 1)]
+    for row in rows:
+        cells = ["-" if row[key] is None else str(row[key]) for key in ROW_KEYS]
+        lines.append("| " + " | ".join(cells) + f" | {'yes' if fits(row) else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--default", action="store_true", help="only the D = 128 configurations")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # stdin -> stdout rows
+    args = parser.parse_args()
+    if args.json:
+        request = json.loads(sys.stdin.read())
+        configs = [snca_triton.KernelConfig(**config) for config in request["configs"]]
+        print(json.dumps(triton_static_rows(configs, request["archs"], request["jobs"])))
+        return
+    configs = snca_triton.launch_configs()
+    if args.default:
+        configs = [config for config in configs if config.block_d == 128]
+    rows = triton_static_rows(configs, jobs=args.jobs)
+    print(markdown(rows))
+    bad = [row for row in rows if not fits(row)]
+    print(f"\n{len(rows)} rows; {len(bad)} spill or exceed the opt-in shared memory")
+
+
+if __name__ == "__main__":
+    main()
