@@ -322,12 +322,19 @@ def sharded_snca_stats(
     start: int,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """``(lse_same, lse_other)`` of this rank's queries over the whole bank, of which this rank
-    holds rows ``[start, start + len(shard))``; differentiable in ``features``.
+    """The loss statistics of this rank's queries over the whole bank, of which this rank holds
+    rows ``[start, start + len(shard))``. Collective: every rank must call it, with the same
+    temperature and backend; the batch sizes may differ.
 
-    ``indices`` are global bank rows (-1 for none); ``labels`` the queries' classes (a query's own
-    row may live on another rank, so its class cannot be read from the shard). Collective: every
-    rank must call it, with the same temperature and backend; the batch sizes may differ.
+    Args:
+        features: [b, D] this rank's queries. indices: [b] their global bank rows (-1 for none).
+        shard: [n, D] this rank's block of the bank. shard_labels: [n] its rows' classes.
+        temperature: T. labels: [b] the queries' classes (a query's own row may live on another
+            rank, so its class cannot be read from the shard). start: the block's first row.
+        backend: a fused backend.
+
+    Returns:
+        ``(lse_same [b], lse_other [b])`` as ``snca_stats``'s, differentiable in ``features``.
     """
     if labels is None:
         raise ValueError("labels must be given: a query's own bank row may be on another rank")
@@ -378,8 +385,15 @@ def sharded_topk(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The k rows of the sharded bank most similar to each of this rank's queries, as
-    ``bank_topk`` on the whole bank (rows are global; ties to the lower row). Collective; not
-    differentiable."""
+    ``bank_topk`` on the whole bank. Collective; not differentiable.
+
+    Args:
+        queries: [b, D]. shard: [n, D] this rank's block, whose first row is ``start``.
+        k: neighbours. exclude: [b] global rows to skip (-1 for none). backend: as ``bank_topk``.
+
+    Returns:
+        ``(values [b, k], rows [b, k])``: rows are global, ties to the lower row, -1 padding.
+    """
     sizes = gather_sizes(queries.shape[0], queries.device)
     all_queries = all_gather_cat(queries, sizes)
     if exclude is None:

@@ -53,8 +53,17 @@ class FewShotResult:
 def sample_episodes(
     labels: Tensor, *, ways: int, shots: int, queries: int, episodes: int, seed: int = 0
 ) -> Tensor:
-    """[episodes, ways, shots + queries] row indices into ``labels``: per episode ``ways`` distinct
-    classes, then for each ``shots + queries`` distinct rows of that class (support first)."""
+    """Seeded N-way K-shot episodes.
+
+    Args:
+        labels: [N] integer classes. ways: classes per episode (>= 2). shots, queries: support and
+            query examples per class. episodes: how many. seed: of the sampling.
+
+    Returns:
+        [episodes, ways, shots + queries] row indices into ``labels``: per episode ``ways``
+        distinct classes, then for each ``shots + queries`` distinct rows of that class (support
+        first).
+    """
     labels = torch.as_tensor(labels).long().cpu()
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")

@@ -82,7 +82,7 @@ def test_loss_and_gradient_float64_match_reference(backend_device, temperature, 
 
 
 def test_float32_at_least_as_accurate_as_plain_pytorch(backend_device):
-    """The rule of STYLE.md: |ours - gt| <= |plain PyTorch in the same dtype - gt| + tol."""
+    """The project's accuracy rule: |ours - gt| <= |plain PyTorch in the same dtype - gt| + tol."""
     backend, device = backend_device
     features, indices, bank, bank_labels = make_problem(16, 3001, 64, classes=10, device=device, seed=2)
     for temperature in (0.05, 0.01):

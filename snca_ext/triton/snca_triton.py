@@ -1,9 +1,11 @@
-"""Triton twin of the fused SNCA op (csrc/cpu/snca_cpu.cpp): ``snca_forward`` and ``bank_topk``.
+"""Triton twin of the fused SNCA op (csrc/cpu/snca_forward.cpp, bank_topk.cpp): ``snca_forward``
+and ``bank_topk``.
 
 One kernel streams the bank in tiles of BLOCK_N rows for a block of BLOCK_B queries and keeps, per
-query, the online-softmax state of MATH.md: a running max and rescaled sum for the same-class and
-the other-class log-sum-exp, optionally the rescaled softmax-weighted sums of bank rows (the
-gradient), and optionally a running top-k of the raw inner products, the query's own row excluded.
+query, the online-softmax state of the README's "How it works": a running max and rescaled sum for
+the same-class and the other-class log-sum-exp, optionally the rescaled softmax-weighted sums of
+bank rows (the gradient), and optionally a running top-k of the raw inner products, the query's
+own row excluded.
 
 Split-KV: B = 256 queries make only a handful of query blocks, far too few programs for a GPU,
 so the bank is also cut into contiguous runs of tiles, one per program along the grid's second
