@@ -285,15 +285,24 @@ def _snca_partials_kernel(
             max_same = new_max_same
             max_other = new_max_other
             if WITH_GRAD:
+                # A non-finite bank value enters the weighted sums as 0: its row's weight is 0
+                # (a -inf or NaN score) or its group's lse is +inf, whose gradient the combine
+                # sets to NaN; either way 0 * inf must not make the whole mean NaN.
+                sum_tile = tl.where(tl.abs(bank_tile) < _PLUS_INF, bank_tile, 0.0)
                 if PRECISION == "split":
                     # Softmax weights lie in [0, 1]: no non-finite guard needed.
                     same_high, same_low = _tf32_split(weight_same, True)
                     other_high, other_low = _tf32_split(weight_other, True)
-                    tile_same = _dot_split(same_high, same_low, bank_high, bank_low, BANK_EXACT)
-                    tile_other = _dot_split(other_high, other_low, bank_high, bank_low, BANK_EXACT)
+                    if BANK_EXACT:
+                        sum_high = sum_tile
+                        sum_low = sum_tile
+                    else:
+                        sum_high, sum_low = _tf32_split(sum_tile, True)
+                    tile_same = _dot_split(same_high, same_low, sum_high, sum_low, BANK_EXACT)
+                    tile_other = _dot_split(other_high, other_low, sum_high, sum_low, BANK_EXACT)
                 else:
-                    tile_same = tl.dot(weight_same.to(acc_dtype), bank_tile, input_precision=PRECISION)
-                    tile_other = tl.dot(weight_other.to(acc_dtype), bank_tile, input_precision=PRECISION)
+                    tile_same = tl.dot(weight_same.to(acc_dtype), sum_tile, input_precision=PRECISION)
+                    tile_other = tl.dot(weight_other.to(acc_dtype), sum_tile, input_precision=PRECISION)
                 acc_same = acc_same * scale_same[:, None] + tile_same
                 acc_other = acc_other * scale_other[:, None] + tile_other
 
@@ -586,6 +595,8 @@ def _combine_groups(max_same, sum_same, max_other, sum_other, acc_same, acc_othe
     # Separate tensors: a custom op's outputs may not alias one another.
     if wmean is None:
         return lse[0].clone(), lse[1].clone(), None, None
+    # The gradient of a NaN or +inf log-sum-exp is NaN (the contract of snca_ext/reference.py).
+    wmean = torch.where((torch.isnan(lse) | torch.isposinf(lse))[..., None], torch.nan, wmean)
     return lse[0].clone(), lse[1].clone(), wmean[0].clone(), wmean[1].clone()
 
 
