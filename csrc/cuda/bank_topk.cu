@@ -10,8 +10,8 @@
 // that beat it (binary search in the sorted list), which yields the sorted top k directly. Once
 // the list is full few rows pass, so the common tile costs one ballot per query row. Larger k
 // falls back to materialising B x N inner products and sorting them (documented, slow, exact).
-// Order: larger value first, ties to the lower bank row; NaN is never a candidate; the query's
-// own row is never a candidate; fewer than k candidates pad the tail with -inf / -1.
+// Order: larger value first, NaN above +inf (as torch.topk), ties to the lower bank row; the
+// query's own row is never a candidate; fewer than k candidates pad the tail with -inf / -1.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -26,7 +26,7 @@ namespace {
 // Merges n_new candidates (distinct rows, any order) into the sorted list (ov, oi, n_old),
 // writing the first k of the union, sorted, to (nv, ni). Called by a whole warp.
 template <typename acc_t>
-__device__ void merge_candidates(const acc_t* cv, const int* ci, int n_new, const acc_t* ov,
+__device__ __forceinline__ void merge_candidates(const acc_t* cv, const int* ci, int n_new, const acc_t* ov,
                                  const int* oi, int n_old, acc_t* nv, int* ni, int k,
                                  acc_t* threshold, int lane) {
   for (int t = lane; t < n_new; t += 32) {
@@ -98,9 +98,9 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(const typename E
       const bool full = n_old == a.k;
       const acc_t th = threshold[r];
       const acc_t v0 = ss[r * kLdS + lane], v1 = ss[r * kLdS + lane + 32];
-      // Not full: any non-NaN value; full: strictly above the k-th (a tie has the higher row).
-      const bool take0 = lane < n && start + lane != self && (full ? v0 > th : v0 == v0);
-      const bool take1 = lane + 32 < n && start + lane + 32 != self && (full ? v1 > th : v1 == v1);
+      // Not full: any value (NaN included); full: strictly above the k-th (a tie has the higher row).
+      const bool take0 = lane < n && start + lane != self && (!full || ranks_above(v0, th));
+      const bool take1 = lane + 32 < n && start + lane + 32 != self && (!full || ranks_above(v1, th));
       const unsigned m0 = __ballot_sync(kFullMask, take0);
       const unsigned m1 = __ballot_sync(kFullMask, take1);
       const int n_new = __popc(m0) + __popc(m1);
@@ -201,6 +201,7 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Te
                  int64_t k, at::Tensor& values, at::Tensor& indices) {
   using acc_t = typename E::acc_t;
   auto a = make_args<E>(queries, bank, exclude, 1.0);
+  const at::Tensor queries_padded = pad_queries<E>(queries, a);
   a.k = static_cast<int>(k);
   const int64_t query_blocks = a.Bpad / kRows;
   const size_t smem = topk_common_bytes<acc_t>() + E::smem_bytes(a.D);
@@ -225,12 +226,13 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Te
 }
 
 // k > kMaxFastK: materialise the B x N inner products and sort (B x N memory). Same order and
-// padding as the streaming kernels: excluded rows and NaN go last and come out as -inf / -1.
+// padding as the streaming kernels: a descending stable sort puts NaN first and ties in row
+// order; the excluded rows go last and come out as -inf / -1.
 void topk_materialised(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& exclude,
                        int64_t k, at::Tensor& values, at::Tensor& indices) {
   const at::Tensor dots = at::mm(queries, bank.to(queries.scalar_type()).t());
   const at::Tensor rows = at::arange(bank.size(0), exclude.options());
-  const at::Tensor excluded = rows.unsqueeze(0).eq(exclude.unsqueeze(1)).logical_or_(dots.isnan());
+  const at::Tensor excluded = rows.unsqueeze(0).eq(exclude.unsqueeze(1));
   const at::Tensor key = dots.masked_fill(excluded, -std::numeric_limits<double>::infinity());
   const at::Tensor by_value = std::get<1>(at::sort(key, /*stable=*/true, 1, /*descending=*/true));
   const at::Tensor excluded_sorted = excluded.gather(1, by_value).to(at::kByte);
@@ -249,7 +251,7 @@ void run_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Tenso
     topk_materialised(queries, bank, exclude, k, values, indices);
     return;
   }
-  with_engine(queries, bank, [&](auto tag) {
+  with_engine(queries, bank, device_config(queries), [&](auto tag) {
     launch_topk<typename decltype(tag)::type>(queries, bank, exclude, k, values, indices);
   });
 }

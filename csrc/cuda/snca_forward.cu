@@ -12,7 +12,7 @@ namespace {
 // ----------------------------------------------------------------------------- lse kernels
 
 template <class E>
-__global__ void __launch_bounds__(kThreads, 2) lse_partial_kernel(const typename E::Args a) {
+__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(const typename E::Args a) {
   using acc_t = typename E::acc_t;
   extern __shared__ __align__(128) unsigned char smem[];
   acc_t* ss = reinterpret_cast<acc_t*>(smem);
@@ -59,18 +59,20 @@ __global__ void __launch_bounds__(kThreads, 2) lse_partial_kernel(const typename
       }
       const int64_t label = a.labels[row], self = a.self_rows[row];
       acc_t vs[2], vo[2];
-      bool bad = false;
+      int flags = 0;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int c = lane + 32 * h;
         const bool in = c < n && start + c != self;
         const acc_t s = ss[r * kLdS + c] * a.inv_t;
-        const bool is_nan = in && s != s;
-        bad |= is_nan;
-        const bool ok = in && !is_nan;
-        const bool same = ok && labs[c] == label;
-        vs[h] = same ? s : neg_inf<acc_t>();
-        vo[h] = (ok && !same) ? s : neg_inf<acc_t>();
+        const bool same = in && labs[c] == label;
+        // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the
+        // rest) and kept out of the sums, which would turn them into NaN for the whole group.
+        const bool summed = in && (s == s) && s != std::numeric_limits<acc_t>::infinity();
+        if (in && s != s) flags |= same ? kNanSame : kNanOther;
+        if (in && s == std::numeric_limits<acc_t>::infinity()) flags |= same ? kInfSame : kInfOther;
+        vs[h] = (summed && same) ? s : neg_inf<acc_t>();
+        vo[h] = (summed && !same) ? s : neg_inf<acc_t>();
       }
       const acc_t tile_max_s = warp_max(fmax(vs[0], vs[1]));
       const acc_t tile_max_o = warp_max(fmax(vo[0], vo[1]));
@@ -92,7 +94,8 @@ __global__ void __launch_bounds__(kThreads, 2) lse_partial_kernel(const typename
       }
       const acc_t tile_sum_s = warp_sum(ps[0] + ps[1]);
       const acc_t tile_sum_o = warp_sum(pov[0] + pov[1]);
-      const bool any_bad = __any_sync(kFullMask, bad);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) flags |= __shfl_xor_sync(kFullMask, flags, offset);
       if (a.with_grad) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // each lane overwrites only the scores it read
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_partial_kernel(const typename
         sum_other[r] = sum_other[r] * f_o + tile_sum_o;
         fac[r] = f_s;
         fac[kRows + r] = f_o;
-        if (any_bad) nan_flag[r] = 1;
+        nan_flag[r] |= flags;
         if (f_s != acc_t(1) || f_o != acc_t(1)) rescale[r / 16] = 1;
       }
     }
@@ -141,11 +144,11 @@ __global__ void lse_combine_kernel(const acc_t* stats, const acc_t* osum, int sp
   const acc_t* st = stats + row;
   // Every thread finds the maxima itself: splits is small, and this needs no synchronisation.
   acc_t max_s = neg_inf<acc_t>(), max_o = neg_inf<acc_t>();
-  bool bad = false;
+  int flags = 0;
   for (int s = 0; s < splits; ++s) {
     max_s = fmax(max_s, st[0 * plane + s * Bpad]);
     max_o = fmax(max_o, st[2 * plane + s * Bpad]);
-    bad |= st[4 * plane + s * Bpad] != acc_t(0);
+    flags |= static_cast<int>(st[4 * plane + s * Bpad]);
   }
   for (int s = threadIdx.x; s < splits; s += blockDim.x) {
     factor[s] = rescale_factor(st[0 * plane + s * Bpad], max_s);
@@ -159,10 +162,15 @@ __global__ void lse_combine_kernel(const acc_t* stats, const acc_t* osum, int sp
       sum_o += st[3 * plane + s * Bpad] * factor[splits + s];
     }
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    lse_same[row] = bad ? nan : (sum_s > 0 ? max_s + log_acc(sum_s) : neg_inf<acc_t>());
-    lse_other[row] = bad ? nan : (sum_o > 0 ? max_o + log_acc(sum_o) : neg_inf<acc_t>());
-    inv_sum[0] = bad ? nan : (sum_s > 0 ? acc_t(1) / sum_s : acc_t(0));
-    inv_sum[1] = bad ? nan : (sum_o > 0 ? acc_t(1) / sum_o : acc_t(0));
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    // Each group on its own: NaN if it holds a NaN score, else +inf if it holds a +inf one. The
+    // gradient of such a group is undefined: NaN, as autograd through torch.logsumexp gives.
+    const bool nan_s = flags & kNanSame, nan_o = flags & kNanOther;
+    const bool inf_s = flags & kInfSame, inf_o = flags & kInfOther;
+    lse_same[row] = nan_s ? nan : inf_s ? inf : (sum_s > 0 ? max_s + log_acc(sum_s) : neg_inf<acc_t>());
+    lse_other[row] = nan_o ? nan : inf_o ? inf : (sum_o > 0 ? max_o + log_acc(sum_o) : neg_inf<acc_t>());
+    inv_sum[0] = (nan_s || inf_s) ? nan : (sum_s > 0 ? acc_t(1) / sum_s : acc_t(0));
+    inv_sum[1] = (nan_o || inf_o) ? nan : (sum_o > 0 ? acc_t(1) / sum_o : acc_t(0));
   }
   __syncthreads();
   if (!with_grad) return;
@@ -187,6 +195,7 @@ void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
                 at::Tensor& wmean_same, at::Tensor& wmean_other) {
   using acc_t = typename E::acc_t;
   auto a = make_args<E>(features, bank, indices, temperature);
+  const at::Tensor queries_padded = pad_queries<E>(features, a);
   a.labels = labels.data_ptr<int64_t>();
   a.bank_labels = bank_labels.data_ptr<int64_t>();
   a.with_grad = with_grad;
@@ -228,7 +237,7 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   auto [lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices] =
       empty_forward_outputs(features, with_grad, k);
   if (features.size(0) > 0) {
-    with_engine(features, bank, [&](auto tag) {
+    with_engine(features, bank, device_config(features), [&](auto tag) {
       launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
                                                temperature, with_grad, lse_same, lse_other,
                                                wmean_same, wmean_other);

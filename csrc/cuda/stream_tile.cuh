@@ -34,6 +34,17 @@
 // TF32) a single TF32 product is used. Converting the queries to bf16/fp16 instead would lose
 // 16 bits of the fp32 features and is not done.
 //
+// Tensor-core rounding. Whether an MMA rounds its fp32 accumulation to nearest or toward zero is
+// not documented (papers measure both). Each k-step of 8 therefore starts from zero and its
+// result is added into the running fp32 fragment with an ordinary add (round to nearest): the
+// MMA's own rounding touches one short partial, so its bias cannot build up over D (scores) or
+// over the bank (weighted sums). tests/test_cuda_emulation.py replays this arithmetic under
+// both models and holds it to the accuracy rule; a carried accumulator fails it under RZ.
+//
+// Non-finite values. Only finite values are split (inf - tf32(inf) would be NaN), and the cross
+// products use the finite part of the other operand, so a score is +-inf or NaN exactly when the
+// IEEE inner product is. Per query and group, a NaN score makes the lse NaN and a +inf one +inf.
+//
 // Lazy rescaling. The weighted-sum accumulators live in WMMA fragments, whose element-to-row map
 // is opaque, so rescaling a row means a round trip through shared memory. The reference max of a
 // group is therefore moved only when a tile's max exceeds it by more than kLazyRescale (8 logit
@@ -43,10 +54,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "../checks.h"
+#include "tile_config.h"
 
 #include <mma.h>
 
@@ -54,6 +65,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <type_traits>
 
 // setup.py drops architectures below sm_80 from TORCH_CUDA_ARCH_LIST; this guards a manual build.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -65,16 +78,19 @@ namespace {
 
 using namespace nvcuda;
 
-constexpr int kRows = 64;                      // queries per block
-constexpr int kCols = 64;                      // bank rows per tile
-constexpr int kThreads = 256;                  // 8 warps
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = kRows / kWarps;   // query rows per warp in the row phase
-constexpr int kLdS = kCols + 4;                // scores row stride (+4: rows in different banks)
+using tile::kCols;
+using tile::kLdS;
+using tile::kRows;
+using tile::kRowsPerWarp;
+using tile::kThreads;
+using tile::kWarps;
 constexpr int kMaxSplits = 1024;
 constexpr int kMaxFastK = 1024;
 constexpr float kLazyRescale = 8.0f;
 constexpr unsigned kFullMask = 0xffffffffu;
+// Non-finite flags of a query's partial (the last stats plane): a NaN or a +inf score in a group
+// makes that group's lse NaN or +inf (NaN first); -inf scores simply contribute nothing.
+constexpr int kNanSame = 1, kNanOther = 2, kInfSame = 4, kInfOther = 8;
 constexpr int64_t kTopkWorkspaceBytes = int64_t(128) << 20;
 
 // ----------------------------------------------------------------------------- device helpers
@@ -109,10 +125,19 @@ __device__ __forceinline__ T rescale_factor(T old_max, T new_max) {
   return old_max == neg_inf<T>() ? T(0) : exp_acc(old_max - new_max);
 }
 
-// The top-k order: (v1, i1) comes before (v2, i2).
+// The top-k order: (v1, i1) comes before (v2, i2). NaN ranks above +inf, as in torch.topk; equal
+// values (NaN with NaN too) go to the lower bank row.
 template <typename T>
 __device__ __forceinline__ bool beats(T v1, int i1, T v2, int i2) {
+  const bool nan1 = v1 != v1, nan2 = v2 != v2;
+  if (nan1 || nan2) return nan1 && (!nan2 || i1 < i2);
   return v1 > v2 || (v1 == v2 && i1 < i2);
+}
+
+// v comes strictly before the value th in the top-k order, whatever the rows.
+template <typename T>
+__device__ __forceinline__ bool ranks_above(T v, T th) {
+  return (v != v && th == th) || v > th;
 }
 
 // Number of entries of a sorted list that come before (v, i): they form a prefix.
@@ -142,10 +167,12 @@ struct StreamArgs {
   int64_t B, N, D, Bpad;       // Bpad = B rounded up to kRows
   int num_tiles, splits;
   acc_t inv_t;
-  int terms;       // tensor-core products per multiply: 1 (TF32), 2 or 3 (split precision)
+  bool tf32_only;  // tensor-core engine: one TF32 product per multiply (allowTF32CuBLAS())
+  const float* queries_padded;  // tensor-core engine without queries in shared memory: [Bpad, Dp]
   bool with_grad;
   bool vec_ok;     // D == the engine's padded D and 16-byte aligned bank: vector loads
-  // lse partials: stats [5][splits][Bpad] (max_same, sum_same, max_other, sum_other, nan flag),
+  // lse partials: stats [5][splits][Bpad] (max_same, sum_same, max_other, sum_other, non-finite
+  // flags: kNanSame | kNanOther | kInfSame | kInfOther, as a small integer),
   // accumulators [2][splits][Bpad][acc_cols] (same class, other classes)
   acc_t* stats;
   acc_t* osum;
@@ -158,64 +185,130 @@ struct StreamArgs {
 
 // ----------------------------------------------------------------------------- engines
 
-// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32). Queries and the bank tile
-// sit in shared memory as fp32 (zero-padded to Dp columns and to full tiles), so every WMMA
+// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32). The bank tile sits in
+// shared memory as fp32 (zero-padded to Dp columns and to full tiles); the queries too when
+// kQueriesInSmem, else they are read through L1/L2 from a copy zero-padded to [Bpad, Dp] (the
+// configuration for GPUs with 99 KB of shared memory per block, tile_config.h). So every WMMA
 // operand is in bounds. Warp w computes scores rows 16*(w/2).., columns 32*(w%2)..; for the
 // weighted sums it owns accumulator rows 16*(w/2).. and columns (Dp/2)*(w%2)..
-template <int Dp, typename bank_type>
+template <int Dp, typename bank_type, bool kQueriesInSmem>
 struct TensorCoreEngine {
   static_assert(Dp % 32 == 0, "Dp must be a multiple of 32");
   using acc_t = float;
   using bank_t = bank_type;
   using Args = StreamArgs<float, bank_t>;
   static constexpr int kLd = Dp + 4;
+  static constexpr int kLdQ = kQueriesInSmem ? kLd : Dp;
   static constexpr int kOCols = Dp / 2;
   static constexpr int kOFrags = kOCols / 16;
+  // A bf16/fp16 value is exact in TF32: the bank needs no low part, so 2 products per multiply
+  // (lo(f) m + hi(f) m); an fp32 bank 3 (+ hi(f) lo(m)). Fixed at compile time, so the products a
+  // bank type does not need are not in the code.
+  static constexpr bool kSplitBank = std::is_same<bank_t, float>::value;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
-  float* qs;       // [kRows][kLd]
-  float* ms;       // [kCols][kLd]
-  float* scratch;  // [kWarps][16 * 16], for rescaling fragments
-  int terms;
+  const float* qs;  // [kRows][kLdQ], shared or global
+  float* ms;        // [kCols][kLd]
+  float* scratch;   // [kWarps][16 * 16], for rescaling fragments
+  bool tf32_only;   // allowTF32CuBLAS(): one TF32 product, as PyTorch's own matmul would do
   FragC o[2][kOFrags];
 
+  static constexpr bool kPaddedQueries = !kQueriesInSmem;
+  // Blocks per SM the lse kernel is compiled for. At Dp = 128 the weighted-sum accumulators take
+  // 64 registers per thread and 128 (two blocks) would spill; one block of 8 warps is also all
+  // that fits in shared memory on sm_80/86/89 with this configuration.
+  static constexpr int kMinBlocks = Dp == 128 ? 1 : 2;
   static int64_t acc_cols(int64_t) { return Dp; }
-  static size_t smem_bytes(int64_t) {
-    return sizeof(float) * (size_t(kRows + kCols) * kLd + size_t(kWarps) * 256);
+  static size_t smem_bytes(int64_t) { return tile::tensor_core_bytes(Dp, kQueriesInSmem); }
+
+  // x = hi + lo with hi = tf32(x) (round to nearest), lo = tf32(x - hi), the part hi misses; fin is
+  // hi for a finite x and 0 otherwise. A non-finite x gets lo = 0 (x - hi would be NaN) and the
+  // cross products use fin, so that inf * 0 = NaN can only come from the main product hi * hi,
+  // exactly where the IEEE inner product has it.
+  template <class Frag>
+  __device__ __forceinline__ static void split(Frag& hi, Frag& lo, Frag& fin) {
+#pragma unroll
+    for (int t = 0; t < hi.num_elements; ++t) {
+      const float x = hi.x[t];
+      const float h = wmma::__float_to_tf32(x);
+      const bool finite = isfinite(x);
+      hi.x[t] = h;
+      lo.x[t] = finite ? wmma::__float_to_tf32(x - h) : 0.0f;
+      fin.x[t] = finite ? h : 0.0f;
+    }
   }
 
-  // hi = tf32(x) (round to nearest); lo = tf32(x - hi), the part hi misses.
+  // (hi, lo) only: for operands whose cross products need no finite part (see accumulate).
   template <class Frag>
-  __device__ __forceinline__ static void split(Frag& hi, Frag& lo, bool want_lo) {
+  __device__ __forceinline__ static void split(Frag& hi, Frag& lo) {
 #pragma unroll
     for (int t = 0; t < hi.num_elements; ++t) {
       const float x = hi.x[t];
       const float h = wmma::__float_to_tf32(x);
       hi.x[t] = h;
-      lo.x[t] = want_lo ? wmma::__float_to_tf32(x - h) : 0.0f;
+      lo.x[t] = isfinite(x) ? wmma::__float_to_tf32(x - h) : 0.0f;
     }
   }
 
+  // fin only: the bank operand of an unsplit (bf16/fp16) bank in the cross product lo(f) m.
+  template <class Frag>
+  __device__ __forceinline__ static void finite_part(const Frag& x, Frag& fin) {
+#pragma unroll
+    for (int t = 0; t < x.num_elements; ++t) fin.x[t] = isfinite(x.x[t]) ? x.x[t] : 0.0f;
+  }
+
+  // c += a b for one k-step of 8. The products start from zero and their sum is added into c with
+  // an fp32 add (round to nearest): how a tensor core rounds its own accumulation (RN or RZ; it
+  // is not documented) then touches one k-step's partial only, never the running sum, so a
+  // biased rounding cannot build up over D or over the bank (tests/test_cuda_emulation.py).
+  // The small cross products go first, so they are not lost against the large one.
   template <class FA, class FB>
-  __device__ __forceinline__ void mma(FragC& c, const FA& a_hi, const FA& a_lo, const FB& b_hi,
-                                      const FB& b_lo) const {
-    // The small cross terms first, so they are not lost against the large one.
-    if (terms >= 2) wmma::mma_sync(c, a_lo, b_hi, c);
-    if (terms == 3) wmma::mma_sync(c, a_hi, b_lo, c);
-    wmma::mma_sync(c, a_hi, b_hi, c);
+  __device__ __forceinline__ void mma_step(FragC& c, const FA& a_hi, const FA& a_lo, const FA& a_fin,
+                                           const FB& b_hi, const FB& b_lo, const FB& b_fin) const {
+    FragC t;
+    wmma::fill_fragment(t, 0.0f);
+    if (!tf32_only) {
+      wmma::mma_sync(t, a_lo, b_fin, t);
+      if (kSplitBank) wmma::mma_sync(t, a_fin, b_lo, t);
+    }
+    wmma::mma_sync(t, a_hi, b_hi, t);
+#pragma unroll
+    for (int e = 0; e < c.num_elements; ++e) c.x[e] += t.x[e];
+  }
+
+  // The bank operand of the weighted sums: (hi, lo), the cross products take hi itself.
+  __device__ __forceinline__ void load_bank(FragB& b_hi, FragB& b_lo, const float* ptr) const {
+    wmma::load_matrix_sync(b_hi, ptr, kLd);
+    if (kSplitBank) split(b_hi, b_lo);
+  }
+
+  // Loads the bank-side fragment and prepares (hi, lo, fin) for this bank type.
+  template <class FB>
+  __device__ __forceinline__ void load_bank(FB& b_hi, FB& b_lo, FB& b_fin, const float* ptr) const {
+    wmma::load_matrix_sync(b_hi, ptr, kLd);
+    if (kSplitBank) {
+      split(b_hi, b_lo, b_fin);
+    } else {
+      finite_part(b_hi, b_fin);  // exact in TF32 already: no rounding, no low part
+    }
   }
 
   __device__ void init(unsigned char* smem, const Args& a, int, int64_t row0) {
-    qs = reinterpret_cast<float*>(smem);
-    ms = qs + kRows * kLd;
+    float* q_smem = reinterpret_cast<float*>(smem);
+    ms = q_smem + (kQueriesInSmem ? kRows * kLd : 0);
     scratch = ms + kCols * kLd;
-    terms = a.terms;
-    for (int e = threadIdx.x; e < kRows * Dp; e += kThreads) {
-      const int r = e / Dp, d = e % Dp;
-      qs[r * kLd + d] = (row0 + r < a.B && d < a.D) ? a.features[(row0 + r) * a.D + d] : 0.0f;
+    tf32_only = a.tf32_only;
+    if (kQueriesInSmem) {
+      for (int e = threadIdx.x; e < kRows * Dp; e += kThreads) {
+        const int r = e / Dp, d = e % Dp;
+        q_smem[r * kLd + d] = (row0 + r < a.B && d < a.D) ? a.features[(row0 + r) * a.D + d] : 0.0f;
+      }
+      qs = q_smem;
+    } else {
+      qs = a.queries_padded + row0 * Dp;
     }
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
@@ -228,7 +321,10 @@ struct TensorCoreEngine {
     if (a.vec_ok) {
       constexpr int kVec = 16 / sizeof(bank_t);
       constexpr int kVecPerRow = Dp / kVec;
-      for (int e = threadIdx.x; e < kCols * kVecPerRow; e += kThreads) {
+      static_assert(kCols * kVecPerRow % kThreads == 0, "whole vectors per thread");
+#pragma unroll
+      for (int it = 0; it < kCols * kVecPerRow / kThreads; ++it) {
+        const int e = threadIdx.x + it * kThreads;
         const int j = e / kVecPerRow, d0 = (e % kVecPerRow) * kVec;
         float vals[kVec];
         if (j < n) {
@@ -260,17 +356,17 @@ struct TensorCoreEngine {
     FragC c[2];
     wmma::fill_fragment(c[0], 0.0f);
     wmma::fill_fragment(c[1], 0.0f);
-#pragma unroll 4
+    // Not unrolled: with the 64 accumulator registers live, unrolled k-steps spill.
+#pragma unroll 1
     for (int kk = 0; kk < Dp; kk += 8) {
-      FragA a_hi, a_lo;
-      wmma::load_matrix_sync(a_hi, qs + g * 16 * kLd + kk, kLd);
-      split(a_hi, a_lo, terms >= 2);
+      FragA a_hi, a_lo, a_fin;
+      wmma::load_matrix_sync(a_hi, qs + g * 16 * kLdQ + kk, kLdQ);
+      split(a_hi, a_lo, a_fin);
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
-        FragBt b_hi, b_lo;  // M^T: element (kk + x, col) at ms[col * kLd + kk + x]
-        wmma::load_matrix_sync(b_hi, ms + (h * 32 + t * 16) * kLd + kk, kLd);
-        split(b_hi, b_lo, terms == 3);
-        mma(c[t], a_hi, a_lo, b_hi, b_lo);
+        FragBt b_hi, b_lo, b_fin;  // M^T: element (kk + x, col) at ms[col * kLd + kk + x]
+        load_bank(b_hi, b_lo, b_fin, ms + (h * 32 + t * 16) * kLd + kk);
+        mma_step(c[t], a_hi, a_lo, a_fin, b_hi, b_lo, b_fin);
       }
     }
 #pragma unroll
@@ -298,20 +394,22 @@ struct TensorCoreEngine {
         }
       }
     }
-#pragma unroll 2
+    // The weights are finite (exp of finite scores; NaN and +inf scores are kept out), so their
+    // hi is its own finite part. A non-finite bank value makes these sums non-finite whatever
+    // the cross products give, so the bank's hi is used as is too (fewer registers, no spills).
+#pragma unroll 1
     for (int kk = 0; kk < kCols; kk += 8) {
       FragA s_hi, s_lo, t_hi, t_lo;
       wmma::load_matrix_sync(s_hi, ps + g * 16 * kLdS + kk, kLdS);
       wmma::load_matrix_sync(t_hi, po + g * 16 * kLdS + kk, kLdS);
-      split(s_hi, s_lo, terms >= 2);
-      split(t_hi, t_lo, terms >= 2);
+      split(s_hi, s_lo);
+      split(t_hi, t_lo);
 #pragma unroll
       for (int f = 0; f < kOFrags; ++f) {
         FragB b_hi, b_lo;
-        wmma::load_matrix_sync(b_hi, ms + kk * kLd + h * kOCols + f * 16, kLd);
-        split(b_hi, b_lo, terms == 3);
-        mma(o[0][f], s_hi, s_lo, b_hi, b_lo);
-        mma(o[1][f], t_hi, t_lo, b_hi, b_lo);
+        load_bank(b_hi, b_lo, ms + kk * kLd + h * kOCols + f * 16);
+        mma_step(o[0][f], s_hi, s_lo, s_hi, b_hi, b_lo, b_hi);
+        mma_step(o[1][f], t_hi, t_lo, t_hi, b_hi, b_lo, b_hi);
       }
     }
   }
@@ -342,6 +440,8 @@ struct GenericEngine {
   acc_t* os = nullptr;  // this split's same-class accumulators, row row0
   acc_t* oo = nullptr;  // other classes
 
+  static constexpr bool kPaddedQueries = false;
+  static constexpr int kMinBlocks = 2;
   static int64_t acc_cols(int64_t D) { return D; }
   static size_t smem_bytes(int64_t) { return 0; }
 
@@ -397,23 +497,15 @@ struct GenericEngine {
 
 // ----------------------------------------------------------------------------- shared memory
 
-__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
-
-// lse kernel: scores/P_same [kRows][kLdS], P_other [kRows][kLdS], state [4][kRows] (max_same,
-// sum_same, max_other, sum_other), fac [2][kRows], bank labels [kCols], nan flags [kRows],
-// rescale flags [kRows / 16]; then the engine's part.
+// Layouts in tile_config.h, which the host uses to choose a configuration without a GPU.
 template <typename acc_t>
-__host__ __device__ constexpr size_t lse_common_bytes() {
-  return align128(sizeof(acc_t) * (2 * kRows * kLdS + 6 * kRows) + sizeof(int64_t) * kCols +
-                  sizeof(int) * (kRows + kRows / 16));
+constexpr size_t lse_common_bytes() {
+  return tile::lse_common_bytes(sizeof(acc_t));
 }
 
-// top-k kernel: scores [kRows][kLdS], candidates [kWarps][kCols] (value, row), threshold [kRows],
-// count [kRows], live buffer [kRows]; then the engine's part.
 template <typename acc_t>
-__host__ __device__ constexpr size_t topk_common_bytes() {
-  return align128(sizeof(acc_t) * (kRows * kLdS + kWarps * kCols + kRows) +
-                  sizeof(int) * (kWarps * kCols + 2 * kRows));
+constexpr size_t topk_common_bytes() {
+  return tile::topk_common_bytes(sizeof(acc_t));
 }
 
 __device__ __forceinline__ void split_range(int num_tiles, int splits, int split_id, int* begin,
@@ -439,23 +531,33 @@ inline int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-// Calls f(EngineTag<E>{}) with the engine for these dtypes and D.
+// The tile configuration for these features on the current device: from its opt-in shared memory
+// per block (99 KB on sm_86/89/120, 163 KB on sm_80, 227 KB on sm_90), tile_config.h.
+inline tile::Config device_config(const at::Tensor& features) {
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const tile::Config c = tile::choose_config(features.size(1), features.scalar_type() == at::kDouble, optin);
+  TORCH_CHECK(c.fits, "snca_ext's CUDA kernels need ", std::max(c.lse_smem, c.topk_smem),
+              " bytes of shared memory per block; this GPU allows ", optin);
+  return c;
+}
+
+// Calls f(EngineTag<E>{}) with the engine of configuration c for these dtypes.
 template <typename F>
-void with_engine(const at::Tensor& features, const at::Tensor& bank, F&& f) {
-  const int64_t D = features.size(1);
+void with_engine(const at::Tensor& features, const at::Tensor& bank, const tile::Config& c, F&& f) {
   if (features.scalar_type() == at::kDouble) {
     f(EngineTag<GenericEngine<double, double>>{});
     return;
   }
-  const bool tensor_cores = D <= 128 && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 8;
   auto pick = [&](auto bank_tag) {
     using bank_t = typename decltype(bank_tag)::type;
-    if (!tensor_cores) {
+    if (!c.tensor_cores) {
       f(EngineTag<GenericEngine<float, bank_t>>{});
-    } else if (D <= 64) {
-      f(EngineTag<TensorCoreEngine<64, bank_t>>{});
+    } else if (c.dp == 64) {
+      f(EngineTag<TensorCoreEngine<64, bank_t, true>>{});
+    } else if (c.queries_in_smem) {
+      f(EngineTag<TensorCoreEngine<128, bank_t, true>>{});
     } else {
-      f(EngineTag<TensorCoreEngine<128, bank_t>>{});
+      f(EngineTag<TensorCoreEngine<128, bank_t, false>>{});
     }
   };
   switch (bank.scalar_type()) {
@@ -488,11 +590,21 @@ typename E::Args make_args(const at::Tensor& features, const at::Tensor& bank,
   a.Bpad = (a.B + kRows - 1) / kRows * kRows;
   a.num_tiles = static_cast<int>((a.N + kCols - 1) / kCols);
   a.inv_t = static_cast<acc_t>(1.0 / temperature);
-  const bool tf32 = at::globalContext().allowTF32CuBLAS();
-  a.terms = tf32 ? 1 : (bank.scalar_type() == at::kFloat ? 3 : 2);
+  a.tf32_only = at::globalContext().allowTF32CuBLAS();
   a.vec_ok = E::acc_cols(a.D) == a.D &&
              reinterpret_cast<uintptr_t>(bank.data_ptr()) % 16 == 0;
   return a;
+}
+
+// The zero-padded [Bpad, Dp] copy of the queries for an engine that reads them from global memory
+// (an undefined tensor for the others); it must stay alive until the kernels have run.
+template <class E>
+at::Tensor pad_queries(const at::Tensor& features, typename E::Args& a) {
+  if (!E::kPaddedQueries) return at::Tensor();
+  at::Tensor padded = at::zeros({a.Bpad, E::acc_cols(a.D)}, features.options());
+  padded.narrow(0, 0, a.B).narrow(1, 0, a.D).copy_(features);
+  a.queries_padded = padded.data_ptr<float>();
+  return padded;
 }
 
 // Enough splits for every SM to hold as many blocks as fit, at most one per tile.
@@ -513,21 +625,19 @@ int choose_splits(Kernel kernel, size_t smem, int64_t query_blocks, int num_tile
 
 
 inline void check_common(const at::Tensor& features, const at::Tensor& bank, const at::Tensor& self_rows,
-                  int64_t k, const char* features_name, const char* self_name) {
+                         int64_t k, const char* features_name, const char* self_name) {
   check_bank_inputs(features, bank, self_rows, k, features_name, self_name);
   TORCH_CHECK(bank.size(0) < std::numeric_limits<int>::max(),
               "bank must have fewer than 2^31 - 1 rows for the CUDA backend, got ", bank.size(0));
   // The kernels only compare bank rows with these, never index with them, so an out-of-range
-  // value cannot read out of bounds; the check (one device sync) is skipped under graph capture.
-  if (self_rows.numel() > 0 &&
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
-    const auto [low_t, high_t] = at::aminmax(self_rows);
-    const int64_t low = low_t.item<int64_t>(), high = high_t.item<int64_t>();
-    TORCH_CHECK(low >= -1 && high < bank.size(0), self_name, " must be in [-1, N=", bank.size(0),
-                "), got ", low < -1 ? low : high);
+  // value cannot read out of bounds. Checked on the device: reading the range on the host would
+  // synchronise every call (and could not run under CUDA graph capture).
+  if (self_rows.numel() > 0) {
+    const std::string message =
+        std::string(self_name) + " must be in [-1, N=" + std::to_string(bank.size(0)) + ")";
+    at::_assert_async(at::logical_and(self_rows.ge(-1), self_rows.lt(bank.size(0))).all(), message);
   }
 }
-
 
 }  // namespace
 }  // namespace snca_ext
