@@ -3,9 +3,10 @@
 How a tensor core rounds its fp32 accumulation is not documented, and measurements disagree
 (round-to-nearest or round-toward-zero). This file replays exactly what the kernel computes
 (csrc/cuda/stream_tile.cuh): TF32 splits of the fp32 operands, MMAs of k = 8 whose exact inner
-products are added to their accumulator with one rounding (RN or RZ, both tried), each k-step
-started from zero and added into an fp32 register in round-to-nearest, the online log-sum-exp
-with lazy rescaling, the combine of split partials. It then checks the rule the GPU tests apply
+products are added to their accumulator with one rounding (RN or RZ, both tried), each chunk of
+k-steps (4 in the scores, a 64-row tile in the weighted sums) started from zero and added into an
+fp32 register in round-to-nearest, the online log-sum-exp with lazy rescaling, the combine of
+split partials. It then checks the rule the GPU tests apply
 (tests/test_ops.py): at least as accurate as plain PyTorch in fp32, on the same problems.
 """
 
@@ -21,8 +22,8 @@ from tests.problems import make_problem
 
 ROWS = COLS = 64  # queries per block, bank rows per tile (tile_config.h)
 K_STEP = 8  # the k of one TF32 MMA (m16n8k8 / WMMA m16n16k8)
-SCORE_CHUNK = 1  # k-steps per chunk in the scores (stream_tile.cuh: TensorCoreEngine::scores)
-SUM_CHUNK = 1  # k-steps per chunk in the weighted sums (TensorCoreEngine::accumulate)
+SCORE_CHUNK = 4  # k-steps per chunk in the scores (stream_tile.cuh: TensorCoreEngine::scores)
+SUM_CHUNK = 8  # k-steps per chunk in the weighted sums: one tile (TensorCoreEngine::accumulate)
 LAZY_RESCALE = 8.0
 NEG_INF = float("-inf")
 
@@ -75,7 +76,7 @@ def mma_steps(terms: list[tuple[torch.Tensor, torch.Tensor]], mode: str, chunk: 
 
 
 def add_steps(acc: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """acc + each k-step in turn, each addition an fp32 FADD (round to nearest)."""
+    """acc + each chunk in turn, each addition an fp32 FADD (round to nearest)."""
     for i in range(steps.shape[-3]):
         acc = round_to_fp32(acc.double() + steps[..., i, :, :].double(), "rn")
     return acc
@@ -128,7 +129,9 @@ def emulate_forward(
     same = tile_labels.view(num_tiles, 1, COLS) == labels[None, :, None]
     partials = []
     for s in range(splits):
-        tiles = range(num_tiles * s // splits, num_tiles * (s + 1) // splits)
+        q, r = divmod(num_tiles, splits)  # split_range in stream_tile.cuh
+        first = s * q + min(s, r)
+        tiles = range(first, first + q + (s < r))
         result = {}
         for g, member_all in (("same", eligible & same), ("other", eligible & ~same)):
             nan = (

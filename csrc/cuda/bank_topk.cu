@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(const typename E
     __syncthreads();
     eng.load_tile(a, start, n);
     __syncthreads();
-    eng.scores(a, ss);
+    eng.scores(a, ss, start, n);
     __syncthreads();
 
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {

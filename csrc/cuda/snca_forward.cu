@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
     if (tid < kRows / 16) rescale[tid] = 0;
     eng.load_tile(a, start, n);
     __syncthreads();
-    eng.scores(a, ss);
+    eng.scores(a, ss, start, n);
     __syncthreads();
 
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -55,6 +55,10 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
       const int64_t row = row0 + r;
       if (row >= a.B) {
         if (lane == 0) fac[r] = fac[kRows + r] = acc_t(1);
+        if (a.with_grad) {  // zero weights: the padding rows' sums read defined memory (initcheck)
+          ss[r * kLdS + lane] = ss[r * kLdS + lane + 32] = acc_t(0);
+          po[r * kLdS + lane] = po[r * kLdS + lane + 32] = acc_t(0);
+        }
         continue;
       }
       const int64_t label = a.labels[row], self = a.self_rows[row];
@@ -94,8 +98,7 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
       }
       const acc_t tile_sum_s = warp_sum(ps[0] + ps[1]);
       const acc_t tile_sum_o = warp_sum(pov[0] + pov[1]);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) flags |= __shfl_xor_sync(kFullMask, flags, offset);
+      flags = static_cast<int>(__reduce_or_sync(kFullMask, static_cast<unsigned>(flags)));
       if (a.with_grad) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // each lane overwrites only the scores it read
@@ -115,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
       }
     }
     __syncthreads();
-    if (a.with_grad) eng.accumulate(a, ss, po, fac, rescale);
+    if (a.with_grad) eng.accumulate(a, ss, po, fac, rescale, start, n);
   }
 
   __syncthreads();

@@ -35,11 +35,11 @@
 // 16 bits of the fp32 features and is not done.
 //
 // Tensor-core rounding. Whether an MMA rounds its fp32 accumulation to nearest or toward zero is
-// not documented (papers measure both). Each k-step of 8 therefore starts from zero and its
-// result is added into the running fp32 fragment with an ordinary add (round to nearest): the
-// MMA's own rounding touches one short partial, so its bias cannot build up over D (scores) or
-// over the bank (weighted sums). tests/test_cuda_emulation.py replays this arithmetic under
-// both models and holds it to the accuracy rule; a carried accumulator fails it under RZ.
+// not documented (papers measure both). The MMAs therefore accumulate short chunks from zero (4
+// k-steps of the scores, one 64-row tile of the weighted sums), each added into the running fp32
+// fragment with an ordinary add (round to nearest): a biased rounding cannot build up over the
+// bank. tests/test_cuda_emulation.py replays this arithmetic under both models and holds it to
+// the accuracy rule; an accumulator carried through a split's tiles fails it under RZ.
 //
 // Non-finite values. Only finite values are split (inf - tf32(inf) would be NaN), and the cross
 // products use the finite part of the other operand, so a score is +-inf or NaN exactly when the
@@ -217,10 +217,11 @@ struct TensorCoreEngine {
   FragC o[2][kOFrags];
 
   static constexpr bool kPaddedQueries = !kQueriesInSmem;
-  // Blocks per SM the lse kernel is compiled for. At Dp = 128 the weighted-sum accumulators take
-  // 64 registers per thread and 128 (two blocks) would spill; one block of 8 warps is also all
-  // that fits in shared memory on sm_80/86/89 with this configuration.
-  static constexpr int kMinBlocks = Dp == 128 ? 1 : 2;
+  // Blocks per SM the lse kernel is compiled for. At Dp = 128 the weighted-sum accumulators and
+  // the tile's partial take 128 registers per thread, and with an fp32 bank the split bank
+  // operands do not fit 128 either: two blocks (128 registers) would spill. One block of 8 warps
+  // is also all that fits in shared memory on sm_80/86/89 at Dp = 128.
+  static constexpr int kMinBlocks = (Dp == 128 || kSplitBank) ? 1 : 2;
   static int64_t acc_cols(int64_t) { return Dp; }
   static size_t smem_bytes(int64_t) { return tile::tensor_core_bytes(Dp, kQueriesInSmem); }
 
@@ -260,21 +261,24 @@ struct TensorCoreEngine {
     for (int t = 0; t < x.num_elements; ++t) fin.x[t] = isfinite(x.x[t]) ? x.x[t] : 0.0f;
   }
 
-  // c += a b for one k-step of 8. The products start from zero and their sum is added into c with
-  // an fp32 add (round to nearest): how a tensor core rounds its own accumulation (RN or RZ; it
-  // is not documented) then touches one k-step's partial only, never the running sum, so a
-  // biased rounding cannot build up over D or over the bank (tests/test_cuda_emulation.py).
-  // The small cross products go first, so they are not lost against the large one.
+  // t += a b for one k-step of 8, with the small cross products first, so that they are not lost
+  // against the large one. t is a chunk's accumulator, started from zero by the caller and then
+  // added into the running fp32 fragment with an ordinary add (round to nearest): whatever
+  // rounding the tensor core applies to its own accumulation (RN or RZ, not documented) then
+  // touches a short partial only, and a biased rounding cannot build up over D (scores: chunks
+  // of 4 k-steps) or over the bank (weighted sums: one chunk per tile of 64 rows).
+  // tests/test_cuda_emulation.py replays this arithmetic under both models.
   template <class FA, class FB>
-  __device__ __forceinline__ void mma_step(FragC& c, const FA& a_hi, const FA& a_lo, const FA& a_fin,
-                                           const FB& b_hi, const FB& b_lo, const FB& b_fin) const {
-    FragC t;
-    wmma::fill_fragment(t, 0.0f);
+  __device__ __forceinline__ void mma_terms(FragC& t, const FA& a_hi, const FA& a_lo, const FA& a_fin,
+                                            const FB& b_hi, const FB& b_lo, const FB& b_fin) const {
     if (!tf32_only) {
       wmma::mma_sync(t, a_lo, b_fin, t);
       if (kSplitBank) wmma::mma_sync(t, a_fin, b_lo, t);
     }
     wmma::mma_sync(t, a_hi, b_hi, t);
+  }
+
+  __device__ __forceinline__ static void add_into(FragC& c, const FragC& t) {
 #pragma unroll
     for (int e = 0; e < c.num_elements; ++e) c.x[e] += t.x[e];
   }
@@ -351,23 +355,32 @@ struct TensorCoreEngine {
     }
   }
 
-  __device__ void scores(const Args&, float* ss) const {
+  __device__ void scores(const Args&, float* ss, int64_t, int) const {
     const int warp = threadIdx.x / 32, g = warp / 2, h = warp % 2;
     FragC c[2];
     wmma::fill_fragment(c[0], 0.0f);
     wmma::fill_fragment(c[1], 0.0f);
-    // Not unrolled: with the 64 accumulator registers live, unrolled k-steps spill.
+    // Chunks of 4 k-steps (32 columns of D); the chunk loop is not unrolled: with the weighted-sum
+    // accumulators live, more unrolled k-steps spill.
 #pragma unroll 1
-    for (int kk = 0; kk < Dp; kk += 8) {
-      FragA a_hi, a_lo, a_fin;
-      wmma::load_matrix_sync(a_hi, qs + g * 16 * kLdQ + kk, kLdQ);
-      split(a_hi, a_lo, a_fin);
+    for (int kk = 0; kk < Dp; kk += 32) {
+      FragC t[2];
+      wmma::fill_fragment(t[0], 0.0f);
+      wmma::fill_fragment(t[1], 0.0f);
 #pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        FragBt b_hi, b_lo, b_fin;  // M^T: element (kk + x, col) at ms[col * kLd + kk + x]
-        load_bank(b_hi, b_lo, b_fin, ms + (h * 32 + t * 16) * kLd + kk);
-        mma_step(c[t], a_hi, a_lo, a_fin, b_hi, b_lo, b_fin);
+      for (int k8 = kk; k8 < kk + 32; k8 += 8) {
+        FragA a_hi, a_lo, a_fin;
+        wmma::load_matrix_sync(a_hi, qs + g * 16 * kLdQ + k8, kLdQ);
+        split(a_hi, a_lo, a_fin);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          FragBt b_hi, b_lo, b_fin;  // M^T: element (k8 + x, col) at ms[col * kLd + k8 + x]
+          load_bank(b_hi, b_lo, b_fin, ms + (h * 32 + u * 16) * kLd + k8);
+          mma_terms(t[u], a_hi, a_lo, a_fin, b_hi, b_lo, b_fin);
+        }
       }
+      add_into(c[0], t[0]);
+      add_into(c[1], t[1]);
     }
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
@@ -377,7 +390,7 @@ struct TensorCoreEngine {
 
   // O = O * fac (rows whose reference max moved) + P M, for both groups.
   __device__ void accumulate(const Args&, const float* ps, const float* po, const float* fac,
-                             const int* rescale) {
+                             const int* rescale, int64_t, int) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = warp / 2, h = warp % 2;
     if (rescale[g]) {
       float* sc = scratch + warp * 256;
@@ -397,6 +410,13 @@ struct TensorCoreEngine {
     // The weights are finite (exp of finite scores; NaN and +inf scores are kept out), so their
     // hi is its own finite part. A non-finite bank value makes these sums non-finite whatever
     // the cross products give, so the bank's hi is used as is too (fewer registers, no spills).
+    // This tile's P M from zero (one chunk), then added into the running sums.
+    FragC tile[2][kOFrags];
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int f = 0; f < kOFrags; ++f) wmma::fill_fragment(tile[grp][f], 0.0f);
+    }
 #pragma unroll 1
     for (int kk = 0; kk < kCols; kk += 8) {
       FragA s_hi, s_lo, t_hi, t_lo;
@@ -408,9 +428,14 @@ struct TensorCoreEngine {
       for (int f = 0; f < kOFrags; ++f) {
         FragB b_hi, b_lo;
         load_bank(b_hi, b_lo, ms + kk * kLd + h * kOCols + f * 16);
-        mma_step(o[0][f], s_hi, s_lo, s_hi, b_hi, b_lo, b_hi);
-        mma_step(o[1][f], t_hi, t_lo, t_hi, b_hi, b_lo, b_hi);
+        mma_terms(tile[0][f], s_hi, s_lo, s_hi, b_hi, b_lo, b_hi);
+        mma_terms(tile[1][f], t_hi, t_lo, t_hi, b_hi, b_lo, b_hi);
       }
+    }
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int f = 0; f < kOFrags; ++f) add_into(o[grp][f], tile[grp][f]);
     }
   }
 
@@ -435,8 +460,9 @@ struct GenericEngine {
   using acc_t = acc_type;
   using bank_t = bank_type;
   using Args = StreamArgs<acc_t, bank_t>;
-  int64_t row0 = 0, start = 0;
-  int n = 0;
+  // The tile's start and row count come as arguments, not members: a member written in one call
+  // and read in the next was kept in local memory (a stack frame) by ptxas.
+  int64_t row0 = 0;
   acc_t* os = nullptr;  // this split's same-class accumulators, row row0
   acc_t* oo = nullptr;  // other classes
 
@@ -456,12 +482,9 @@ struct GenericEngine {
     }
   }
 
-  __device__ void load_tile(const Args&, int64_t tile_start, int rows) {
-    start = tile_start;
-    n = rows;
-  }
+  __device__ void load_tile(const Args&, int64_t, int) {}
 
-  __device__ void scores(const Args& a, acc_t* ss) const {
+  __device__ void scores(const Args& a, acc_t* ss, int64_t start, int n) const {
     for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
       const int r = e / kCols, c = e % kCols;
       acc_t s = 0;
@@ -475,7 +498,7 @@ struct GenericEngine {
   }
 
   __device__ void accumulate(const Args& a, const acc_t* ps, const acc_t* po, const acc_t* fac,
-                             const int*) {
+                             const int*, int64_t start, int n) {
     for (int64_t e = threadIdx.x; e < kRows * a.D; e += kThreads) {
       const int r = static_cast<int>(e / a.D);
       const int64_t d = e % a.D;
@@ -508,10 +531,13 @@ constexpr size_t topk_common_bytes() {
   return tile::topk_common_bytes(sizeof(acc_t));
 }
 
+// The tiles of split split_id: the first num_tiles % splits splits get one more. 32-bit
+// arithmetic on purpose: a 64-bit division is a subroutine call, around which ptxas spills.
 __device__ __forceinline__ void split_range(int num_tiles, int splits, int split_id, int* begin,
                                             int* end) {
-  *begin = static_cast<int>(int64_t(num_tiles) * split_id / splits);
-  *end = static_cast<int>(int64_t(num_tiles) * (split_id + 1) / splits);
+  const int q = num_tiles / splits, r = num_tiles % splits;
+  *begin = split_id * q + min(split_id, r);
+  *end = *begin + q + (split_id < r ? 1 : 0);
 }
 
 
