@@ -93,8 +93,12 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
       acc_t ps[2], pov[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        ps[h] = vs[h] == neg_inf<acc_t>() ? acc_t(0) : exp_acc(vs[h] - ref_s);
-        pov[h] = vo[h] == neg_inf<acc_t>() ? acc_t(0) : exp_acc(vo[h] - ref_o);
+        // One exp per score: a score is in one group at most (the other holds -inf there).
+        const bool in_same = vs[h] != neg_inf<acc_t>();
+        const acc_t v = in_same ? vs[h] : vo[h];
+        const acc_t e = v == neg_inf<acc_t>() ? acc_t(0) : exp_acc(v - (in_same ? ref_s : ref_o));
+        ps[h] = in_same ? e : acc_t(0);
+        pov[h] = in_same ? acc_t(0) : e;
       }
       const acc_t tile_sum_s = warp_sum(ps[0] + ps[1]);
       const acc_t tile_sum_o = warp_sum(pov[0] + pov[1]);
