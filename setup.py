@@ -2,10 +2,15 @@
 
 The CUDA sources are compiled when torch is a CUDA build and a CUDA toolkit (nvcc) is found;
 set SNCA_EXT_BUILD_CUDA=0 to skip them, or =1 to insist (the build then fails without a toolkit).
-With no GPU visible, TORCH_CUDA_ARCH_LIST defaults to Ampere and Hopper ("8.0;9.0").
+The kernels need sm_80 or newer: older entries of TORCH_CUDA_ARCH_LIST (or, when it is unset, of the
+visible GPUs) are dropped with a message, and the CUDA kernels are skipped when none remain, so a
+pre-Ampere GPU never fails the build. With no GPU visible the list defaults to "8.0;9.0". The list
+built is recorded in the library (torch.ops.snca_ext._cuda_archs()), so that at run time `auto`
+skips `cuda` on a GPU the binary has no code for.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -29,6 +34,15 @@ except ImportError:  # pragma: no cover - the message is the point
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_cuda_arch():
+    # The package is not importable before it is built; this module needs the standard library only.
+    path = os.path.join(HERE, "snca_ext", "_cuda_arch.py")
+    spec = importlib.util.spec_from_file_location("_snca_cuda_arch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _log(message: str) -> None:
@@ -55,6 +69,21 @@ def _want_cuda() -> bool:
     return True
 
 
+def _cuda_arch_list() -> str:
+    """The architectures to build the CUDA kernels for, >= sm_80 only ("" = skip the kernels)."""
+    visible = []
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
+        visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    try:
+        archs, message = _load_cuda_arch().build_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), visible)
+    except ValueError as error:
+        archs, message = "", f"CUDA backend: not built: {error}"
+    _log(message)
+    if not archs and os.environ.get("SNCA_EXT_BUILD_CUDA", "auto").lower() in ("1", "true", "yes", "on"):
+        sys.exit("SNCA_EXT_BUILD_CUDA=1 but " + message)
+    return archs
+
+
 def _extension():
     sources = [os.path.join("csrc", "ops.cpp"), *sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # BuildExtension picks the C++ standard torch needs
@@ -62,16 +91,19 @@ def _extension():
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run on one thread
         cxx_flags.remove("-fopenmp")
         link_flags = []
-    if _want_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    archs = _cuda_arch_list() if _want_cuda() else ""
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        _log(f"backends: cpu, cuda (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+        _log(f"backends: cpu, cuda (TORCH_CUDA_ARCH_LIST={archs})")
+        # ops.cpp records the list (commas: no shell-special character on the command line; only the
+        # C++ compiler gets it, nvcc would read the commas as separators).
+        record = [f"-DSNCA_CUDA_ARCHS={archs.replace(';', ',')}"]
         return CUDAExtension(
             "snca_ext._C",
             sources,
             extra_compile_args={
-                "cxx": cxx_flags,
+                "cxx": cxx_flags + record,
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=link_flags,

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The one GPU check for a session lent a GPU (an H200): run from anywhere, it works in the repo
-# root and writes nothing outside the repo except /tmp (and $OUT, when the device tool sets it).
+# The one GPU check for a session lent a GPU: run from anywhere, it works in the repo root and
+# writes nothing outside the repo except /tmp (and $OUT, when the device tool sets it).
 #
 #   bash benchmarks/gpu_check.sh
 #
-# Steps, each time-boxed so the whole stays under about 8 minutes:
-#   1. build snca_ext._C with the CUDA kernels for sm_90 (TORCH_CUDA_ARCH_LIST=9.0)
-#   2. the test suite on the GPU (python3 -m pytest -x -q tests)
-#   3. compute-sanitizer memcheck on a small CUDA smoke run, if compute-sanitizer is there
-#   4. the benchmark table (benchmarks/gpu_table.py): cuda / triton / plain PyTorch
-# A failing step is reported and the next one still runs; the exit status is non-zero if any
-# step failed.
+# Steps, each time-boxed so the whole stays under about 8 minutes (a step that fails is reported,
+# the next one still runs; the exit status is non-zero if any step failed):
+#   1. build snca_ext._C for this GPU's architecture only (TORCH_CUDA_ARCH_LIST from the device)
+#   2. tensor-core rounding probe: raw inner products against float64, mean error times the sign
+#      of the true value, for TF32 and bf16 MMAs and for the cuda backend's own scores
+#      (benchmarks/tc_rounding_probe.py); the kernel's design holds under RN and RZ
+#      (tests/test_cuda_emulation.py), this says which one the hardware does
+#   3. edge shapes against the float64 reference under compute-sanitizer memcheck, racecheck,
+#      synccheck and initcheck, on tiny launches (benchmarks/edge_shapes.py); the same run checks
+#      the non-finite contract shared by every backend (per group: NaN if a score is NaN, +inf if
+#      one is +inf, -inf scores contribute nothing; NaN first in the top-k, ties to the lower row)
+#   4. timings (benchmarks/gpu_table.py): forward, forward+grad, top-k k = 30 and 1024, fp32 and
+#      bf16 banks, TF32 off and on, a same-size matmul for calibration, cuda / triton / PyTorch
+#   5. ncu counters of one forward+grad launch, if ncu is installed
+#   6. the full test suite on the GPU, last, with a timeout that leaves room for Triton's JIT; no -x
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,15 +29,18 @@ step() { echo; echo "=== $1 ($(date +%T), ${SECONDS}s in)"; }
 
 step "environment"
 python3 --version
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader || echo "nvidia-smi: not available"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
 python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not importable"
 
-step "build (sm_90)"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SNCA_EXT_BUILD_CUDA=1
+step "build (this GPU's architecture only)"
+arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} SNCA_EXT_BUILD_CUDA=1
+echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 # torch finds nvcc through PATH; point CUDA_HOME at the toolkit folder so that -lcudart resolves.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if timeout 240 python3 setup.py build_ext --inplace >"$LOG_DIR/build.log" 2>&1; then
+  grep -E "\[snca_ext\]" "$LOG_DIR/build.log"
   grep -iE "warning" "$LOG_DIR/build.log" | grep -v "^Remark" | head -20
   echo "build ok in ${SECONDS}s"
 else
@@ -39,28 +50,48 @@ else
 fi
 python3 - <<'EOF' || failed+=("import")
 import torch, snca_ext
-print("backends on cuda:", snca_ext.available_backends("cuda"))
+print("compiled for:", torch.ops.snca_ext._cuda_archs(), "| backends on cuda:", snca_ext.available_backends("cuda"))
 assert torch._C._dispatch_has_kernel_for_dispatch_key("snca_ext::snca_forward", "CUDA"), "no CUDA kernel registered"
+assert "cuda" in snca_ext.available_backends("cuda"), "auto would not pick the cuda backend on this GPU"
 EOF
 
-step "tests on the GPU"
-timeout 180 python3 -m pytest -x -q tests 2>&1 | tail -40 || failed+=("tests")
+step "tensor-core rounding probe"
+timeout 60 python3 benchmarks/tc_rounding_probe.py 2>&1 | tee "$LOG_DIR/rounding_probe.txt" || failed+=("probe")
 
-step "compute-sanitizer memcheck (smoke run)"
+step "edge shapes vs reference (plain run, then compute-sanitizer)"
+timeout 90 python3 benchmarks/edge_shapes.py 2>&1 | tail -20 || failed+=("edge shapes")
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -n "$sanitizer" ]; then
-  timeout 120 "$sanitizer" --tool memcheck --error-exitcode 99 --print-limit 20 \
-    python3 benchmarks/gpu_table.py --smoke 2>&1 | tail -30 || failed+=("memcheck")
+  for tool in memcheck racecheck synccheck initcheck; do
+    echo "--- $tool"
+    timeout 45 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      python3 benchmarks/edge_shapes.py --finite-only --tiny 2>&1 | tail -8 || failed+=("$tool")
+  done
 else
-  echo "compute-sanitizer: not found, plain smoke run instead"
-  timeout 60 python3 benchmarks/gpu_table.py --smoke 2>&1 | tail -30 || failed+=("smoke")
+  echo "compute-sanitizer: not found, sanitizer runs skipped"
 fi
 
-step "benchmark table"
-budget=$((450 - SECONDS))
+step "timings"
+budget=$((300 - SECONDS))
 [ "$budget" -lt 60 ] && budget=60
+[ "$budget" -gt 120 ] && budget=120
 timeout $((budget + 60)) python3 benchmarks/gpu_table.py --budget "$budget" --out "$LOG_DIR/gpu_table.md" \
-  || failed+=("benchmark")
+  || failed+=("timings")
+
+step "ncu counters (one forward+grad launch)"
+if command -v ncu >/dev/null 2>&1; then
+  timeout 60 ncu --kernel-name regex:lse_partial_kernel --launch-count 1 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy python3 benchmarks/gpu_table.py --one-launch 2>&1 \
+    | tail -60 || failed+=("ncu")
+else
+  echo "ncu: not found, skipped"
+fi
+
+step "tests on the GPU"
+# What is left of the 8 minutes, but never less than 3 (Triton compiles each kernel once).
+left=$((480 - SECONDS))
+[ "$left" -lt 180 ] && left=180
+timeout "$left" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 || failed+=("tests")
 
 step "done in ${SECONDS}s"
 if [ ${#failed[@]} -gt 0 ]; then

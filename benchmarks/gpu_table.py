@@ -2,10 +2,12 @@
 
     python3 benchmarks/gpu_table.py [--budget SECONDS] [--out FILE]   # one markdown table
     python3 benchmarks/gpu_table.py --smoke                           # small runs of the CUDA backend
+    python3 benchmarks/gpu_table.py --one-launch                      # one forward+backward, for ncu
 
 Times the SNCA loss (forward, and forward+backward) for the fused backends (cuda, triton) and
 plain PyTorch (reference.snca_loss_original, reference.snca_loss_reference) at B=256, D=128 and
-N = 50,000 / 1,281,167 with an fp32 and a bf16 bank, and bank_topk (k = 30, 200) against
+N = 50,000 / 1,281,167 with an fp32 and a bf16 bank (TF32 off, and the fused backends again with
+TF32 on), a same-size cuBLAS product F M^T for calibration, and bank_topk (k = 30, 1024) against
 torch.topk on the materialised B x N matrix. Each row is the median of CUDA-event timings,
 the peak memory beyond the inputs, and the fraction of the floor reached:
 floor = max(bank bytes / 4.3 TB/s, products * 2*B*N*D / rate), rate 990e12 (bf16 bank) or
@@ -166,6 +168,55 @@ def _bench_topk(table: Table, tag: str, n: int, bank_dtype, features, bank, k: i
         table.add(f"bank_topk k={k}, {tag}", name, fn, _floor_ms(n, bank_dtype, 1), check)
 
 
+def _bench_matmul(table: Table, tag: str, n: int, bank_dtype, features, bank) -> None:
+    """The same-size product F M^T by cuBLAS, TF32 off and on: what this GPU does with these shapes."""
+    lhs = features.to(bank_dtype)
+    for tf32 in (False, True):
+        if bank_dtype != torch.float32 and tf32:
+            continue
+
+        def product(tf32=tf32):
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                return lhs @ bank.T
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+
+        label = f"matmul B x N x D (calibration){', TF32' if tf32 else ''}, {tag}"
+        table.add(label, "cuBLAS", product, _floor_ms(n, bank_dtype, 1))
+
+
+def _bench_tf32(table: Table, tag: str, n: int, bank_dtype, features, indices, bank, bank_labels) -> None:
+    """The fused backends with torch.backends.cuda.matmul.allow_tf32 on (one TF32 product per multiply)."""
+    import snca_ext
+
+    leaf = features.detach().requires_grad_(True)
+    for backend in ("cuda", "triton"):
+
+        def forward_backward(backend=backend):
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                leaf.grad = None
+                snca_ext.snca_loss(leaf, indices, bank, bank_labels, T, backend=backend).backward()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+
+        table.add(f"loss fwd+bwd TF32 on, {tag}", backend, forward_backward, _floor_ms(n, bank_dtype, 3))
+
+
+def run_one_launch() -> int:
+    """One forward+backward of the cuda backend at ImageNet size, bf16 bank (for ncu)."""
+    import snca_ext
+
+    features, indices, bank, bank_labels = _inputs(1_281_167, torch.bfloat16, 1000)
+    leaf = features.detach().requires_grad_(True)
+    snca_ext.snca_loss(leaf, indices, bank, bank_labels, T, backend="cuda").backward()
+    torch.cuda.synchronize()
+    return 0
+
+
 def run_table(budget_s: float, out: str | None) -> int:
     table = Table(budget_s)
     for n, classes in ((50_000, 10), (1_281_167, 1000)):
@@ -173,8 +224,10 @@ def run_table(budget_s: float, out: str | None) -> int:
             tag = f"N={n:,} bank {str(bank_dtype).replace('torch.', '')}"
             try:
                 features, indices, bank, bank_labels = _inputs(n, bank_dtype, classes)
+                _bench_matmul(table, tag, n, bank_dtype, features, bank)
                 _bench_loss(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
-                for k in (30, 200):
+                _bench_tf32(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
+                for k in (30, 1024):
                     _bench_topk(table, tag, n, bank_dtype, features, bank, k)
             except Exception as error:  # the inputs or the float64 check itself failed
                 table.rows.append((tag, "(setup)", _short(error), "", "", "", ""))
@@ -240,10 +293,13 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="small CUDA runs instead of the table")
     parser.add_argument("--budget", type=float, default=200.0, help="seconds after which rows are skipped")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--one-launch", action="store_true", help="one cuda forward+backward (for ncu)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False; nothing to time", file=sys.stderr)
         return 2
+    if args.one_launch:
+        return run_one_launch()
     return run_smoke() if args.smoke else run_table(args.budget, args.out)
 
 

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
 
 namespace snca_ext {
 
@@ -59,6 +60,27 @@ inline void check_label_inputs(const at::Tensor& features, const at::Tensor& lab
                   bank_labels.scalar_type() == at::kLong,
               "bank_labels must be int64 with N=", bank.size(0), " entries, got ",
               bank_labels.scalar_type(), " of shape ", bank_labels.sizes());
+}
+
+// The outputs of snca_forward, allocated alike by every backend (shapes in ops.cpp): lse_same,
+// lse_other [B]; wmean_same, wmean_other [B, D] when with_grad, else [0, D]; topk values and
+// indices [B, k]. Accumulation dtype = the features' dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+empty_forward_outputs(const at::Tensor& features, bool with_grad, int64_t k) {
+  const int64_t rows = features.size(0), dim = features.size(1);
+  const auto opts = features.options();
+  return {at::empty({rows}, opts),
+          at::empty({rows}, opts),
+          at::empty({with_grad ? rows : 0, dim}, opts),
+          at::empty({with_grad ? rows : 0, dim}, opts),
+          at::empty({rows, k}, opts),
+          at::empty({rows, k}, opts.dtype(at::kLong))};
+}
+
+// The outputs of bank_topk: values [B, k] in the queries' dtype, indices [B, k] int64.
+inline std::tuple<at::Tensor, at::Tensor> empty_topk_outputs(const at::Tensor& queries, int64_t k) {
+  const int64_t rows = queries.size(0);
+  return {at::empty({rows, k}, queries.options()), at::empty({rows, k}, queries.options().dtype(at::kLong))};
 }
 
 }  // namespace snca_ext

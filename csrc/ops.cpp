@@ -14,6 +14,38 @@
 // features), bf16 or fp16 (with fp32 features).
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cuda/tile_config.h"
+
+// setup.py passes the TORCH_CUDA_ARCH_LIST it built the CUDA kernels for (commas for semicolons)
+// when it builds them; nothing otherwise.
+#ifdef SNCA_CUDA_ARCHS
+#define SNCA_STRINGIFY_(...) #__VA_ARGS__
+#define SNCA_STRINGIFY(...) SNCA_STRINGIFY_(__VA_ARGS__)
+#define SNCA_CUDA_ARCH_STRING SNCA_STRINGIFY(SNCA_CUDA_ARCHS)
+#else
+#define SNCA_CUDA_ARCH_STRING ""
+#endif
+
+namespace {
+
+std::string cuda_archs() { return SNCA_CUDA_ARCH_STRING; }
+
+// The tile configuration the CUDA kernels pick for features of dimension `dim` and dtype
+// `features_dtype` on a device with `smem_optin` bytes of opt-in shared memory per block:
+// [tensor_cores, padded D, queries_in_smem, lse kernel bytes, top-k kernel bytes, fits].
+std::vector<int64_t> cuda_tile_config(int64_t dim, c10::ScalarType features_dtype, int64_t smem_optin) {
+  TORCH_CHECK(dim > 0, "dim must be > 0, got ", dim);
+  TORCH_CHECK(features_dtype == c10::kFloat || features_dtype == c10::kDouble,
+              "features_dtype must be float32 or float64, got ", features_dtype);
+  const auto c = snca_ext::tile::choose_config(dim, features_dtype == c10::kDouble, smem_optin);
+  return {c.tensor_cores, c.dp, c.queries_in_smem, int64_t(c.lse_smem), int64_t(c.topk_smem), c.fits};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(snca_ext, m) {
   m.def(
       "snca_forward(Tensor features, Tensor labels, Tensor indices, Tensor bank, "
@@ -22,6 +54,10 @@ TORCH_LIBRARY(snca_ext, m) {
       "Tensor topk_values, Tensor topk_indices)");
   // The k largest <q_i, m_j> over the bank, j != exclude[i] (exclude[i] = -1 excludes nothing).
   m.def("bank_topk(Tensor queries, Tensor bank, int k, Tensor exclude) -> (Tensor values, Tensor indices)");
+  // The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for ("" when they were not): ops.py skips
+  // the cuda backend on a GPU this list has no code for.
+  m.def("_cuda_archs() -> str", &cuda_archs);
+  m.def("_cuda_tile_config(int dim, ScalarType features_dtype, int smem_optin) -> int[]", &cuda_tile_config);
 }
 
 // Lets `import snca_ext._C` load the library that carries the registrations above.

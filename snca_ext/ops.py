@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from . import _autograd, reference
+from . import _autograd, _cuda_arch, reference
 
 try:
     from . import _C  # noqa: F401  (loading it registers the C++/CUDA kernels)
@@ -91,8 +91,13 @@ def _triton_usable(device: torch.device) -> bool:
 def _usable(backend: str, device: torch.device) -> bool:
     if backend == "reference":
         return True
-    if backend in ("cpu", "cuda"):
-        return device.type == backend and _COMPILED_FOR[backend]
+    if backend == "cpu":
+        return device.type == "cpu" and _COMPILED_FOR["cpu"]
+    if backend == "cuda":
+        # The binary may lack code for this GPU (e.g. built for sm_90 only and run on an sm_86):
+        # `auto` then falls back, after one warning that names the reason.
+        compiled = device.type == "cuda" and _COMPILED_FOR["cuda"]
+        return compiled and _cuda_arch.device_unusable_reason(device) is None
     return device.type in ("cpu", "cuda") and _triton_usable(device)
 
 
@@ -110,9 +115,12 @@ def _missing_backend_message(backend: str, device: torch.device) -> str:
             f"({_C_IMPORT_ERROR}); build it with `pip install --no-build-isolation -e .`"
         )
     if backend == "cuda" and device.type == "cuda":
-        return (
-            "backend='cuda' was not built into snca_ext._C (no CUDA toolkit at build time); rebuild with nvcc"
-        )
+        if not _COMPILED_FOR["cuda"]:
+            return (
+                "backend='cuda' was not built into snca_ext._C (no CUDA toolkit, or no architecture >= "
+                "sm_80 in TORCH_CUDA_ARCH_LIST, at build time); rebuild with nvcc"
+            )
+        return f"backend='cuda' cannot run on {device}: {_cuda_arch.device_unusable_reason(device)}"
     if backend == "triton":
         return (
             f"backend='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 for "
@@ -192,8 +200,9 @@ def _check_features_and_bank(features, bank, features_name: str) -> None:
 def _check_rows_in_bank(rows: Tensor, name: str, bank_rows: int) -> None:
     if rows.numel() == 0:
         return
-    if torch.compiler.is_compiling():
-        # A data-dependent branch would break the graph; the check stays, on the device.
+    if torch.compiler.is_compiling() or rows.device.type != "cpu":
+        # On a GPU, reading the result on the host would synchronise every call, and while compiling
+        # a data-dependent branch would break the graph: the check stays, on the device.
         torch._assert_async(
             ((rows >= -1) & (rows < bank_rows)).all(), f"{name} must be in [-1, N={bank_rows})"
         )
@@ -236,7 +245,7 @@ def _prepare(features, indices, bank, bank_labels, temperature, labels, backend)
             "labels must be given when a query has no bank row (indices contains -1): "
             "its class cannot be read from bank_labels"
         )
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or indices.device.type != "cpu":  # no host sync (see above)
             torch._assert_async((indices >= 0).all(), message)
         elif bool((indices < 0).any()):
             raise ValueError(message)

@@ -1,0 +1,131 @@
+"""Edge shapes through every path of a backend, against the float64 reference: the driver that
+gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
+
+    python3 benchmarks/edge_shapes.py                         # cuda backend, tiny launches
+    python3 benchmarks/edge_shapes.py --backend cpu --device cpu   # the same cases on the CPU
+
+Covers: B and N of 1 and around the tile sizes (63, 64, 65, 129), D of 1, 37, 64, 65, 128 (the
+tensor-core engines) and 130 (the generic one), fp32/bf16/fp16/fp64, k = 0, 1, around 64 and
+above the streaming limit (1025), queries without a bank row (-1), gradients, and the non-finite
+contract (a NaN bank row; an inf feature, which gives +inf and -inf scores: each group's lse is the
+IEEE log-sum-exp of its scores; NaN ranks first in the top-k). Exits 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+T = 0.05
+
+
+def _cases():
+    # (B, N, D, features dtype, bank dtype, k)
+    yield from [
+        (1, 1, 1, torch.float32, torch.float32, 0),
+        (1, 65, 37, torch.float32, torch.float32, 1),
+        (63, 129, 64, torch.float32, torch.bfloat16, 64),
+        (65, 64, 65, torch.float32, torch.float16, 63),
+        (64, 130, 128, torch.float32, torch.bfloat16, 65),
+        (3, 200, 130, torch.float32, torch.float32, 5),
+        (5, 129, 37, torch.float64, torch.float64, 129),
+        (2, 1100, 16, torch.float32, torch.float32, 1025),
+    ]
+
+
+def _problem(b, n, d, fdtype, bdtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    bank = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    bank_labels = torch.randint(0, 3, (n,), generator=gen)
+    indices = torch.randint(0, n, (b,), generator=gen)
+    indices[0] = -1
+    labels = bank_labels[indices.clamp(min=0)]
+    features = torch.nn.functional.normalize(torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1)
+    to = {"device": device}
+    return (
+        features.to(dtype=fdtype, **to),
+        labels.to(**to),
+        indices.to(**to),
+        bank.to(dtype=bdtype, **to),
+        bank_labels.to(**to),
+    )
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+    ours, ref = ours.double().cpu(), ref.double().cpu()
+    same_nan = torch.equal(ours.isnan(), ref.isnan())
+    same_inf = torch.equal(ours.isinf() & (ours > 0), ref.isinf() & (ref > 0))
+    finite = ref.isfinite() & ours.isfinite()
+    return (
+        same_nan
+        and same_inf
+        and bool(((ours[finite] - ref[finite]).abs() <= tol * (1 + ref[finite].abs())).all())
+    )
+
+
+def run(backend: str, device: str, non_finite: bool = True, limit: int | None = None) -> int:
+    import snca_ext
+    from snca_ext import reference
+
+    failures = 0
+    base = list(_cases())
+    cases = [("plain", case) for case in base[:limit]]
+    if non_finite:
+        cases += [("nan", base[2]), ("inf", base[4])]
+    for case_no, (kind, (b, n, d, fdtype, bdtype, k)) in enumerate(cases):
+        f, labels, indices, m, bank_labels = _problem(b, n, d, fdtype, bdtype, device, case_no)
+        if kind == "nan":
+            m[7] = math.nan  # a NaN bank row: NaN in the group it belongs to, first in the top-k
+        if kind == "inf":
+            f[1, 0] = math.inf  # query 1 only: +inf scores where m[j, 0] > 0, -inf where < 0
+        k = min(k, n)
+        tol = 1e-9 if fdtype == torch.float64 else 2e-4
+        ours = snca_ext.snca_stats(f, indices, m, bank_labels, T, labels=labels, topk=k, backend=backend)
+        ref = reference.snca_stats_reference(
+            f.double(), indices, m.double(), bank_labels, T, labels=labels, topk=k
+        )
+        ok = all(_close(o, r, tol) for o, r in zip(ours[:3], ref[:3], strict=True))
+        ok &= kind != "plain" or torch.equal(ours[3].cpu(), ref[3].cpu())
+        top = snca_ext.bank_topk(f, m, k, exclude=indices, backend=backend)
+        ok &= _close(top[0], ref[2], tol)
+        if kind == "plain":
+            leaf = f.detach().clone().requires_grad_(True)
+            loss = snca_ext.snca_loss(leaf, indices, m, bank_labels, T, labels=labels, backend=backend)
+            loss.backward()
+            leaf_ref = f.detach().double().requires_grad_(True)
+            loss_ref = reference.snca_loss_reference(
+                leaf_ref, indices, m.double(), bank_labels, T, labels=labels
+            )
+            loss_ref.backward()
+            ok &= _close(loss.detach().reshape(1), loss_ref.detach().reshape(1), tol)
+            ok &= _close(leaf.grad, leaf_ref.grad, 50 * tol)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {kind:5s} B={b} N={n} D={d} {fdtype}/{bdtype} k={k}")
+    print(f"{len(cases) - failures}/{len(cases)} cases agree with the float64 reference")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backend", default="cuda", choices=("cuda", "triton", "cpu", "reference"))
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--finite-only", action="store_true", help="skip the non-finite cases")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the first 4 cases only (for the slow sanitizers)"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no GPU: torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    return run(args.backend, args.device, non_finite=not args.finite_only, limit=4 if args.tiny else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

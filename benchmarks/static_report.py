@@ -1,0 +1,512 @@
+"""Static report of the GPU kernels: what the compiled code says before it ever runs.
+
+    python -m benchmarks.static_report                      # nvcc for sm_80, sm_86, sm_89, sm_90
+    python -m benchmarks.static_report --arch 90            # one architecture (about 2 minutes)
+    python -m benchmarks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
+    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs; seconds)
+
+For every kernel configuration that ``auto`` can choose (tile_config.h through the op
+snca_ext::_cuda_tile_config, per architecture's opt-in shared memory) it prints one markdown table:
+registers, spills (ptxas -v; with --so, which has no ptxas log, the stack bytes, which spills
+would make non-zero), dynamic shared memory and whether it fits each architecture, and for the lse
+kernel the warp-instructions and tensor-core MMAs per 64 x 64 tile in its main loop.
+
+Instructions per tile, per warp: the tile loop is the outermost loop of the kernel that holds MMAs
+(found from the backward branches of the SASS). An inner loop counts its body times its trip count,
+read from the loop's source line (nvdisasm -g, the code is built with -lineinfo): a header
+``for (int x = 0; x < LIMIT; x += STEP)`` with LIMIT one of Dp, kCols, kRowsPerWarp (and the
+``#pragma unroll N`` above it). An inner loop without such a header runs only on a rare path (the
+rescale of the accumulators, a top-k merge) and is left out; the rare straight-line code that
+forward branches skip is counted, so the figure is an upper bound of the common path.
+
+The Triton kernels' rows come from benchmarks/static_triton.py (triton_static_rows()) when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+BANKS = {"fp32": "f", "bf16": "N3c108BFloat16E", "fp16": "N3c104HalfE"}
+TARGET_INSTRUCTIONS = 3000
+LOOP_LIMITS = {"Dp": None, "kCols": 64, "kRowsPerWarp": 8}
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool: the toolkit's, else the copy Triton ships."""
+    for folder in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin",):
+        if (folder / name).exists():
+            return str(folder / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton
+
+        candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    raise FileNotFoundError(f"{name} not found: install the CUDA toolkit (or triton, which ships it)")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class PtxasEntry:
+    registers: int = 0
+    stack: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+
+def parse_ptxas(text: str) -> dict[tuple[str, int], PtxasEntry]:
+    """ptxas -v output -> {(mangled function, sm): registers, stack, spills}."""
+    out: dict[tuple[str, int], PtxasEntry] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for 'sm_(\d+)a?'", line)
+        if m:
+            current = (m.group(1), int(m.group(2)))
+            out[current] = PtxasEntry()
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            out[current].stack, out[current].spill_stores, out[current].spill_loads = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            out[current].registers = int(m.group(1))
+    return out
+
+
+@dataclass
+class Instruction:
+    address: int
+    opcode: str
+    target: int | None  # branch target
+    file: str | None
+    line: int | None
+
+
+@dataclass
+class Function:
+    name: str
+    instructions: list[Instruction] = field(default_factory=list)
+
+
+def parse_nvdisasm(text: str) -> dict[str, Function]:
+    """nvdisasm -g -c output -> functions with their instructions, branch targets, source lines."""
+    functions: dict[str, Function] = {}
+    labels: dict[tuple[str, str], int] = {}
+    waiting: list[str] = []  # labels seen, waiting for the address of the next instruction
+    branches: list[tuple[Instruction, tuple[str, str]]] = []
+    fn = None
+    file = line_no = None
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        m = re.match(r"^\.text\.(\S+):$", stripped)
+        if m:
+            fn = functions.setdefault(m.group(1), Function(m.group(1)))
+            continue
+        m = re.search(r'//## File "([^"]+)", line (\d+)', raw)
+        if m:
+            file, line_no = m.group(1), int(m.group(2))
+            continue
+        m = re.match(r"^(\.L_x_\d+):", stripped)
+        if m:
+            waiting.append(m.group(1))
+            continue
+        m = re.match(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", raw)
+        if m and fn is not None:
+            address = int(m.group(1), 16)
+            for label in waiting:
+                labels[(fn.name, label)] = address
+            waiting = []
+            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(2))
+            opcode = body.split()[0] if body else ""
+            ins = Instruction(address, opcode, None, file, line_no)
+            t = re.search(r"`\((\.L_x_\d+)\)", body)
+            if opcode.startswith("BRA") and t:
+                branches.append((ins, (fn.name, t.group(1))))
+            fn.instructions.append(ins)
+    for ins, key in branches:
+        ins.target = labels.get(key)
+    return functions
+
+
+def parse_cuobjdump_sass(text: str) -> dict[str, Function]:
+    """cuobjdump -sass output (no source lines) -> functions; branch targets are addresses."""
+    functions: dict[str, Function] = {}
+    fn = None
+    for raw in text.splitlines():
+        m = re.search(r"Function : (\S+)", raw)
+        if m:
+            fn = functions.setdefault(m.group(1), Function(m.group(1)))
+            continue
+        m = re.match(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", raw)
+        if m and fn is not None:
+            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(2))
+            opcode = body.split()[0] if body else ""
+            t = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", body)
+            fn.instructions.append(
+                Instruction(int(m.group(1), 16), opcode, int(t.group(1), 16) if t else None, None, None)
+            )
+    return functions
+
+
+def _is_mma(opcode: str) -> bool:
+    return opcode.startswith(("HMMA", "IMMA", "DMMA", "HGMMA"))
+
+
+def _loops(fn: Function) -> list[tuple[int, int, Instruction]]:
+    """(first index, last index, branch) of each loop: a branch to an earlier address."""
+    index = {ins.address: i for i, ins in enumerate(fn.instructions)}
+    loops = []
+    for i, ins in enumerate(fn.instructions):
+        if ins.target is not None and ins.target <= ins.address and ins.target in index:
+            loops.append((index[ins.target], i, ins))
+    return loops
+
+
+def _trips(ins: Instruction, dp: int, sources: dict[str, list[str]]) -> int | None:
+    """Trip count of the loop whose backward branch is `ins`, from its source line; None if unknown."""
+    if ins.file is None or ins.line is None:
+        return None
+    lines = sources.get(ins.file)
+    if lines is None:
+        try:
+            lines = Path(ins.file).read_text().splitlines()
+        except OSError:
+            lines = []
+        sources[ins.file] = lines
+    if not 0 < ins.line <= len(lines):
+        return None
+    m = re.search(r"for \(int (\w+) = 0; \1 < (\w+); (?:\1 \+= (\d+)|\+\+\1|\1\+\+)\)", lines[ins.line - 1])
+    if not m or m.group(2) not in LOOP_LIMITS:
+        return None
+    limit = dp if m.group(2) == "Dp" else LOOP_LIMITS[m.group(2)]
+    iterations = -(-limit // int(m.group(3) or 1))
+    unroll = re.search(r"#pragma unroll\s*(\d*)", lines[ins.line - 2]) if ins.line >= 2 else None
+    if unroll is None:
+        return iterations
+    return -(-iterations // int(unroll.group(1))) if unroll.group(1) else 1
+
+
+@dataclass
+class LoopCount:
+    instructions: int  # warp-instructions per tile (per warp) on the common path
+    mma: int
+    inner_loops: int  # inner loops counted with their trip count
+    rare_loops: int  # inner loops left out (no trip count: rare paths)
+    unexplained_mma_loops: int = 0  # left-out loops holding MMAs: the source does not match the binary
+
+
+def tile_loop_count(fn: Function, dp: int) -> LoopCount | None:
+    """Warp-instructions and MMAs per tile in the outermost loop holding MMAs (see the module doc)."""
+    loops = _loops(fn)
+    with_mma = [
+        (a, b, ins) for a, b, ins in loops if any(_is_mma(x.opcode) for x in fn.instructions[a : b + 1])
+    ]
+    if not with_mma:
+        return None
+    outer = max(with_mma, key=lambda lp: lp[1] - lp[0])
+    a0, b0, _ = outer
+    weight = [1] * len(fn.instructions)
+    counted = rare = unexplained = 0
+    sources: dict[str, list[str]] = {}
+    inner = sorted(
+        (lp for lp in loops if a0 <= lp[0] and lp[1] <= b0 and lp != outer), key=lambda lp: lp[1] - lp[0]
+    )
+    for a, b, ins in inner:
+        trips = _trips(ins, dp, sources)
+        if trips is None:
+            rare += 1
+            factor = 0
+            unexplained += any(_is_mma(x.opcode) for x in fn.instructions[a : b + 1])
+        else:
+            counted += 1
+            factor = trips
+        for i in range(a, b + 1):
+            weight[i] *= factor
+    instructions = sum(weight[a0 : b0 + 1])
+    mma = sum(
+        w
+        for w, ins in zip(weight[a0 : b0 + 1], fn.instructions[a0 : b0 + 1], strict=True)
+        if _is_mma(ins.opcode)
+    )
+    return LoopCount(instructions, mma, counted, rare, unexplained)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _includes() -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    return [f"-I{p}" for p in include_paths("cuda")] + [
+        f"-I{cuda_home / 'include'}",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
+
+
+def build_cubins(arch: int, out_dir: Path) -> str:
+    """nvcc -cubin of both CUDA sources for sm_<arch>, as setup.py compiles them; ptxas -v text."""
+    import torch
+
+    log = []
+    for source in ("snca_forward", "bank_topk"):
+        cmd = [
+            _tool("nvcc"),
+            "-std=c++20",
+            "-O3",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            f"-arch=sm_{arch}",
+            "-cubin",
+            "-Xptxas",
+            "-v",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            "-DTORCH_EXTENSION_NAME=_C",
+            *_includes(),
+            "-o",
+            str(out_dir / f"{source}_sm{arch}.cubin"),
+            str(ROOT / "csrc" / "cuda" / f"{source}.cu"),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"nvcc failed for {source} sm_{arch}:\n{result.stderr[-3000:]}")
+        log.append(result.stderr)
+        (out_dir / f"{source}_sm{arch}.ptxas.txt").write_text(result.stderr)
+    return "\n".join(log)
+
+
+def parse_res_usage(text: str, arch: int) -> dict[tuple[str, int], PtxasEntry]:
+    """cuobjdump -res-usage output -> registers, with the stack bytes as the spill figure."""
+    out: dict[tuple[str, int], PtxasEntry] = {}
+    function = None
+    for line in text.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            function = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+)", line)
+        if m and function:
+            reg, stack = map(int, m.groups())
+            out[(function, arch)] = PtxasEntry(reg, stack, stack, stack)
+    return out
+
+
+def extract_so(so_path: Path, out_dir: Path) -> list[int]:
+    """The cubins of a built library as <source>_sm<arch>.cubin plus a .resusage.txt; their archs."""
+    cuobjdump = _tool("cuobjdump")
+    subprocess.run([cuobjdump, "-xelf", "all", str(so_path)], cwd=out_dir, check=True, capture_output=True)
+    archs = set()
+    for cubin in out_dir.glob("*.sm_*.cubin"):
+        source, arch = cubin.name.split(".")[0], int(cubin.name.split(".sm_")[1].split(".")[0])
+        target = out_dir / f"{source}_sm{arch}.cubin"
+        cubin.rename(target)
+        usage = subprocess.run(
+            [cuobjdump, "-res-usage", str(target)], capture_output=True, text=True, check=True
+        )
+        (out_dir / f"{source}_sm{arch}.resusage.txt").write_text(usage.stdout)
+        archs.add(arch)
+    return sorted(archs)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def auto_configs(arch: int) -> list[dict]:
+    """The configurations `auto` can choose on sm_<arch> (tile_config.h via the op)."""
+    import torch
+
+    import snca_ext  # noqa: F401  (loads the op library)
+
+    rows = []
+    for features, dims in (("fp32", (64, 128, 129)), ("fp64", (128,))):
+        dtype = torch.float32 if features == "fp32" else torch.float64
+        for dim in dims:
+            tc, dp, in_smem, lse_smem, topk_smem, fits = torch.ops.snca_ext._cuda_tile_config(
+                dim, dtype, OPTIN[arch]
+            )
+            banks = ("fp32", "bf16", "fp16") if features == "fp32" else ("fp64",)
+            for bank in banks:
+                if tc:
+                    engine = f"TensorCoreEngineILi{dp}E{BANKS[bank]}Lb{int(in_smem)}E"
+                    label = f"tensor cores, D<={dp}" + ("" if in_smem else ", queries via L2")
+                else:
+                    engine = "GenericEngineIdd" if features == "fp64" else f"GenericEngineIf{BANKS[bank]}"
+                    label = "generic FMA" + (f", D={dim}" if features == "fp32" else "")
+                rows.append(
+                    {
+                        "features": features,
+                        "bank": bank,
+                        "engine": engine,
+                        "label": label,
+                        "dp": dp,
+                        "lse_smem": lse_smem,
+                        "topk_smem": topk_smem,
+                        "fits": bool(fits),
+                    }
+                )
+    unique = {}
+    for r in rows:
+        unique.setdefault((r["features"], r["bank"], r["engine"]), r)
+    return list(unique.values())
+
+
+def _find(functions: dict, kernel: str, engine: str):
+    for name, fn in functions.items():
+        if kernel in name and engine in name:
+            return name, fn
+    return None, None
+
+
+def _machine_code_arch(target: int, built: list[int]) -> int | None:
+    """The built arch whose machine code runs on sm_<target> (same major, minor at most target's)."""
+    fitting = [b for b in built if b // 10 == target // 10 and b <= target]
+    return max(fitting) if fitting else None
+
+
+def report(
+    targets: list[int], cubin_dir: Path | None, built: list[int] | None = None
+) -> tuple[str, list[str], list[str]]:
+    """The markdown table, the missed hard targets (spills, fit, a main loop the source does not
+    explain) and the main-loop figures of the fp32-feature / bf16-bank forward at D = 128.
+
+    targets: the architectures to report; built: the archs of existing cubins in cubin_dir (from a
+    library), whose machine code stands in for the targets it runs on (sm_80's for sm_86/89);
+    None: compile each target."""
+    work = cubin_dir or Path(tempfile.mkdtemp(prefix="snca_static_"))
+    failures: list[str] = []
+    speed: list[str] = []
+    lines = [
+        "| arch (code) | features / bank | configuration | kernel | registers | spills st/ld B "
+        "| shared B (opt-in) | warp-instr / tile | MMA / tile |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch in targets:
+        code = arch if built is None else _machine_code_arch(arch, built)
+        if code is None:
+            failures.append(f"sm_{arch}: the library has no machine code for it")
+            continue
+        if built is None and not (work / f"snca_forward_sm{code}.cubin").exists():
+            build_cubins(code, work)
+        ptxas = {}
+        functions = {}
+        for source in ("snca_forward", "bank_topk"):
+            log = work / f"{source}_sm{code}.ptxas.txt"
+            if log.exists():
+                ptxas.update(parse_ptxas(log.read_text()))
+            else:
+                ptxas.update(parse_res_usage((work / f"{source}_sm{code}.resusage.txt").read_text(), code))
+            text = subprocess.run(
+                [_tool("nvdisasm"), "-g", "-c", str(work / f"{source}_sm{code}.cubin")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            functions.update(parse_nvdisasm(text))
+        for cfg in auto_configs(arch):
+            for kernel, smem in (
+                ("lse_partial_kernel", cfg["lse_smem"]),
+                ("topk_partial_kernel", cfg["topk_smem"]),
+            ):
+                name, fn = _find(functions, kernel, cfg["engine"])
+                if fn is None:
+                    failures.append(f"sm_{arch}: {kernel} {cfg['engine']} not in the cubin")
+                    continue
+                entry = next((v for (n, sm), v in ptxas.items() if n == name and sm == code), PtxasEntry())
+                count = tile_loop_count(fn, cfg["dp"] or 64) if kernel == "lse_partial_kernel" else None
+                if entry.spill_stores or entry.spill_loads:
+                    failures.append(f"sm_{arch} {kernel} {cfg['label']} {cfg['bank']}: spills")
+                if smem > OPTIN[arch]:
+                    failures.append(f"sm_{arch} {kernel} {cfg['label']}: {smem} bytes > {OPTIN[arch]}")
+                if count and count.unexplained_mma_loops:
+                    failures.append(f"sm_{arch} {kernel}: a loop with MMAs has no trip count (stale build?)")
+                if count and cfg["features"] == "fp32" and cfg["bank"] == "bf16" and cfg["dp"] == 128:
+                    speed.append(f"sm_{arch} {cfg['label']}: {count.instructions} warp-instructions per tile")
+                cells = [
+                    f"sm_{arch} ({code})",
+                    f"{cfg['features']} / {cfg['bank']}",
+                    cfg["label"],
+                    kernel.split("_kernel")[0],
+                    entry.registers,
+                    f"{entry.spill_stores}/{entry.spill_loads}",
+                    f"{smem} ({OPTIN[arch]})",
+                    count.instructions if count else "-",
+                    count.mma if count else "-",
+                ]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
+    try:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.static_triton import triton_static_rows
+
+        for r in triton_static_rows():
+            keys = ("target", "config", "kernel", "registers", "spills_bytes", "shared_bytes")
+            cells = [r.get(k) for k in keys] + [
+                "-",
+                r.get("warp_instructions_per_tile"),
+                r.get("mma_per_tile"),
+            ]
+            cells.insert(1, "triton")
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    except ImportError:
+        pass
+    return "\n".join(lines), failures, speed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", type=int, action="append", choices=sorted(OPTIN), help="repeatable; default all"
+    )
+    parser.add_argument(
+        "--cubin-dir", type=Path, help="reuse (or keep) the cubins and ptxas logs in this folder"
+    )
+    parser.add_argument("--so", action="store_true", help="read the built snca_ext._C instead of compiling")
+    args = parser.parse_args(argv)
+    built = None
+    if args.so:
+        from snca_ext import _C
+
+        args.cubin_dir = args.cubin_dir or Path(tempfile.mkdtemp(prefix="snca_static_so_"))
+        args.cubin_dir.mkdir(parents=True, exist_ok=True)
+        built = extract_so(Path(_C.__file__), args.cubin_dir)
+    elif args.cubin_dir:
+        args.cubin_dir.mkdir(parents=True, exist_ok=True)
+    table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built)
+    print(table)
+    print()
+    print(
+        "Targets: no spills in any configuration auto can choose; every configuration fits "
+        "sm_80, sm_86/89, sm_90."
+    )
+    print("All met." if not failures else "Missed:\n  " + "\n  ".join(failures))
+    print(
+        "Main loop of the fp32-feature / bf16-bank forward with gradient, "
+        f"target <= {TARGET_INSTRUCTIONS} per tile:"
+    )
+    print("  " + "\n  ".join(speed))
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

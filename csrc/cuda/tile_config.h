@@ -1,0 +1,80 @@
+// The tile configuration of the CUDA kernels and its shared-memory footprint: plain C++ (no CUDA
+// header), so that ops.cpp can expose the choice as an op (snca_ext::_cuda_tile_config) and a test
+// can check, without a GPU, that every configuration the kernels can pick fits every architecture.
+//
+// Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_80 166,912 bytes,
+// sm_86/sm_89/sm_120 101,376, sm_90/sm_100 232,448. The fp32 tensor-core engine at D = 65..128
+// keeps the queries in shared memory when that fits (113,024 bytes: sm_80, sm_90) and otherwise
+// reads them through L1/L2 from a zero-padded copy (79,232 bytes: sm_86/89/120).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace snca_ext {
+namespace tile {
+
+constexpr int kRows = 64;                     // queries per block
+constexpr int kCols = 64;                     // bank rows per tile
+constexpr int kThreads = 256;                 // 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = kRows / kWarps;  // query rows per warp in the row phase
+constexpr int kLdS = kCols + 4;               // scores row stride (+4: rows in different banks)
+
+constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+// lse kernel: scores/P_same [kRows][kLdS], P_other [kRows][kLdS], state [4][kRows] (max_same,
+// sum_same, max_other, sum_other), fac [2][kRows], bank labels [kCols] (int64), nan flags [kRows],
+// rescale flags [kRows / 16]; then the engine's part.
+constexpr size_t lse_common_bytes(size_t acc_bytes) {
+  return align128(acc_bytes * (2 * kRows * kLdS + 6 * kRows) + 8 * kCols +
+                  sizeof(int) * (kRows + kRows / 16));
+}
+
+// top-k kernel: scores [kRows][kLdS], candidates [kWarps][kCols] (value, row), threshold [kRows],
+// count [kRows], live buffer [kRows]; then the engine's part.
+constexpr size_t topk_common_bytes(size_t acc_bytes) {
+  return align128(acc_bytes * (kRows * kLdS + kWarps * kCols + kRows) +
+                  sizeof(int) * (kWarps * kCols + 2 * kRows));
+}
+
+// The tensor-core engine: the bank tile [kCols][Dp + 4] as fp32, the queries [kRows][Dp + 4]
+// when they are kept in shared memory, and a 16 x 16 scratch per warp.
+constexpr size_t tensor_core_bytes(int dp, bool queries_in_smem) {
+  return 4 * (size_t((queries_in_smem ? kRows : 0) + kCols) * (dp + 4) + size_t(kWarps) * 256);
+}
+
+struct Config {
+  bool tensor_cores;     // false: the generic FMA engine (fp64, or D > 128)
+  int dp;                // the tensor-core engine's padded D (64 or 128), else 0
+  bool queries_in_smem;  // tensor-core engine: queries staged in shared memory
+  size_t lse_smem;       // dynamic shared memory of the lse kernel, bytes
+  size_t topk_smem;      // dynamic shared memory of the top-k kernel, bytes
+  bool fits;             // both fit smem_optin
+};
+
+// The configuration for features of dimension D (fp64 features when fp64) on a device whose opt-in
+// shared memory per block is smem_optin bytes: the fastest one that fits.
+inline Config choose_config(int64_t D, bool fp64, int64_t smem_optin) {
+  Config c{};
+  const size_t acc = fp64 ? 8 : 4;
+  c.tensor_cores = !fp64 && D <= 128;
+  if (!c.tensor_cores) {
+    c.lse_smem = lse_common_bytes(acc);
+    c.topk_smem = topk_common_bytes(acc);
+  } else {
+    c.dp = D <= 64 ? 64 : 128;
+    // Only the D = 128 engine has a variant with the queries outside shared memory.
+    for (bool in_smem : {true, false}) {
+      c.queries_in_smem = in_smem;
+      c.lse_smem = lse_common_bytes(acc) + tensor_core_bytes(c.dp, in_smem);
+      c.topk_smem = topk_common_bytes(acc) + tensor_core_bytes(c.dp, in_smem);
+      if (c.dp == 64 || (c.lse_smem <= size_t(smem_optin) && c.topk_smem <= size_t(smem_optin))) break;
+    }
+  }
+  c.fits = c.lse_smem <= size_t(smem_optin) && c.topk_smem <= size_t(smem_optin);
+  return c;
+}
+
+}  // namespace tile
+}  // namespace snca_ext
