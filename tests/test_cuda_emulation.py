@@ -161,7 +161,10 @@ def emulate_forward(
             if weights:
                 p_hi, p_lo, p_fin = split(torch.stack(weights))  # [t, B, COLS]
                 sl = slice(tiles.start, tiles.stop)
-                wterms = [(p_lo, b_fin[sl])] + ([(p_fin, b_lo[sl])] if fp32_bank else []) + [(p_hi, b_hi[sl])]
+                # Non-finite bank values enter the weighted sums as 0 (their weights are 0).
+                wterms = (
+                    [(p_lo, b_fin[sl])] + ([(p_fin, b_lo[sl])] if fp32_bank else []) + [(p_hi, b_fin[sl])]
+                )
                 steps = None if carry else mma_steps(wterms, mode, SUM_CHUNK)  # [t, S, B, dp]
                 for i in range(len(weights)):
                     acc = round_to_fp32(acc.double() * facs[i].double()[:, None], "rn")

@@ -291,10 +291,18 @@ struct TensorCoreEngine {
     for (int e = 0; e < c.num_elements; ++e) c.x[e] += t.x[e];
   }
 
-  // The bank operand of the weighted sums: (hi, lo), the cross products take hi itself.
+  // The bank operand of the weighted sums: (hi, lo) with non-finite values as 0. A bank row
+  // holding inf or NaN has a non-finite score for every query, hence weight exactly 0 (its group
+  // is flagged instead), and the contract says such a row contributes nothing: as 0 it cannot
+  // make 0 * inf = NaN in the other queries' sums.
   __device__ __forceinline__ void load_bank(FragB& b_hi, FragB& b_lo, const float* ptr) const {
-    wmma::load_matrix_sync(b_hi, ptr, kLd);
-    if (kSplitBank) split(b_hi, b_lo);
+    FragB raw;
+    wmma::load_matrix_sync(raw, ptr, kLd);
+    if (kSplitBank) {
+      split(raw, b_lo, b_hi);  // b_hi = fin(raw); the unmasked hi left in raw is not used
+    } else {
+      finite_part(raw, b_hi);
+    }
   }
 
   // Loads the bank-side fragment and prepares (hi, lo, fin) for this bank type.
@@ -416,8 +424,7 @@ struct TensorCoreEngine {
       }
     }
     // The weights are finite (exp of finite scores; NaN and +inf scores are kept out), so their
-    // hi is its own finite part. A non-finite bank value makes these sums non-finite whatever
-    // the cross products give, so the bank's hi is used as is too (fewer registers, no spills).
+    // hi is its own finite part; the bank operand comes finite from load_bank.
     // This tile's P M from zero (one chunk), then added into the running sums.
     FragC tile[2][kOFrags];
 #pragma unroll
