@@ -521,7 +521,9 @@ struct GenericEngine {
       acc_t s = os[e] * fac[r];
       acc_t o = oo[e] * fac[kRows + r];
       for (int c = 0; c < n; ++c) {
-        const acc_t m = static_cast<acc_t>(a.bank[(start + c) * a.D + d]);
+        // As in the tensor-core engine: a non-finite bank value has weight 0 and counts as 0.
+        const acc_t raw = static_cast<acc_t>(a.bank[(start + c) * a.D + d]);
+        const acc_t m = isfinite(raw) ? raw : acc_t(0);
         s += ps[r * kLdS + c] * m;
         o += po[r * kLdS + c] * m;
       }
