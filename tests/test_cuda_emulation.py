@@ -29,9 +29,9 @@ NEG_INF = float("-inf")
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
-    """cvt.rna.tf32.f32 (wmma::__float_to_tf32): 10 explicit mantissa bits, ties away from zero."""
+    """The kernel's tf32_trunc: the top 10 explicit mantissa bits (the low 13 bits masked off)."""
     bits = x.contiguous().view(torch.int32)
-    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    rounded = (bits & ~0x1FFF).view(torch.float32)
     return torch.where(torch.isfinite(x), rounded, x)
 
 
@@ -161,7 +161,10 @@ def emulate_forward(
             if weights:
                 p_hi, p_lo, p_fin = split(torch.stack(weights))  # [t, B, COLS]
                 sl = slice(tiles.start, tiles.stop)
-                wterms = [(p_lo, b_fin[sl])] + ([(p_fin, b_lo[sl])] if fp32_bank else []) + [(p_hi, b_hi[sl])]
+                # Non-finite bank values enter the weighted sums as 0 (their weights are 0).
+                wterms = (
+                    [(p_lo, b_fin[sl])] + ([(p_fin, b_lo[sl])] if fp32_bank else []) + [(p_hi, b_fin[sl])]
+                )
                 steps = None if carry else mma_steps(wterms, mode, SUM_CHUNK)  # [t, S, B, dp]
                 for i in range(len(weights)):
                     acc = round_to_fp32(acc.double() * facs[i].double()[:, None], "rn")
@@ -234,7 +237,7 @@ def low_precision_errors(bank_dtype, classes, temperature, **model):
 
 def test_rounding_helpers():
     x = torch.tensor([1.0 + 2**-11, 1.0 + 2**-12, -(1.0 + 2**-11), 3.0, math.inf, -math.inf, math.nan])
-    assert tf32(x)[:4].tolist() == [1.0 + 2**-10, 1.0, -(1.0 + 2**-10), 3.0]  # ties away from zero
+    assert tf32(x)[:4].tolist() == [1.0, 1.0, -1.0, 3.0]  # truncation toward zero
     hi, lo, fin = split(x)
     assert (hi[:4].double() + lo[:4].double()).tolist() == x[:4].double().tolist()
     assert lo[4:].tolist() == [0.0, 0.0, 0.0] and fin[4:].tolist() == [0.0, 0.0, 0.0]

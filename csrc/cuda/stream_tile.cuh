@@ -26,7 +26,7 @@
 // "at least as accurate as plain PyTorch in fp32", whose matmul is exact FP32 FFMA unless
 // torch.backends.cuda.matmul.allow_tf32 is set. A bf16/fp16 bank value is exact in TF32 (8/11
 // significant bits <= TF32's 11), so only the fp32 operands need care: each is split as
-// x = hi + lo with hi = tf32(x), lo = tf32(x - hi) (24 significant bits together), and the
+// x = hi + lo with hi = tf32(x), lo = tf32(x - hi) (22 significant bits together), and the
 // products hi*hi + lo*hi (+ hi*lo for an fp32 bank) are accumulated in fp32: "3xTF32", about
 // as accurate as FFMA at 2-3 tensor-core products per FFMA-equivalent, still several times
 // faster than FFMA (495 vs 67 TFLOP/s on H100/H200). The softmax weights P are split the same
@@ -217,27 +217,34 @@ struct TensorCoreEngine {
   FragC o[2][kOFrags];
 
   static constexpr bool kPaddedQueries = !kQueriesInSmem;
-  // Blocks per SM the lse kernel is compiled for. At Dp = 128 the weighted-sum accumulators and
-  // the tile's partial take 128 registers per thread, and with an fp32 bank the split bank
-  // operands do not fit 128 either: two blocks (128 registers) would spill. One block of 8 warps
-  // is also all that fits in shared memory on sm_80/86/89 at Dp = 128.
-  static constexpr int kMinBlocks = (Dp == 128 || kSplitBank) ? 1 : 2;
+  // Blocks per SM the lse kernel is compiled for: one (up to 255 registers). At Dp = 128 the
+  // weighted-sum accumulators and each tile's partial take 128 registers per thread, and at
+  // Dp = 64 two blocks (128 registers) spill on sm_80; one block of 8 warps is also all that
+  // fits in shared memory on sm_80/86/89 at Dp = 128.
+  static constexpr int kMinBlocks = 1;
   static int64_t acc_cols(int64_t) { return Dp; }
   static size_t smem_bytes(int64_t) { return tile::tensor_core_bytes(Dp, kQueriesInSmem); }
 
-  // x = hi + lo with hi = tf32(x) (round to nearest), lo = tf32(x - hi), the part hi misses; fin is
-  // hi for a finite x and 0 otherwise. A non-finite x gets lo = 0 (x - hi would be NaN) and the
-  // cross products use fin, so that inf * 0 = NaN can only come from the main product hi * hi,
-  // exactly where the IEEE inner product has it.
+  // x = hi + lo with hi = tf32(x), lo = tf32(x - hi), the part hi misses, where tf32() keeps the
+  // top 10 explicit mantissa bits (truncation: one LOP3, where cvt.rna.tf32 costs about four
+  // instructions on sm_90; x - hi is exact, and the pair carries 22 of x's 24 significant bits,
+  // accurate enough by tests/test_cuda_emulation.py). fin is hi for a finite x and 0 otherwise.
+  // A non-finite x keeps hi = x (a NaN whose payload sits in the low bits must not become inf)
+  // and gets lo = 0 (x - hi would be NaN); the cross products use fin, so that inf * 0 = NaN can
+  // only come from the main product hi * hi, exactly where the IEEE inner product has it.
+  __device__ __forceinline__ static float tf32_trunc(float x) {
+    return __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+  }
+
   template <class Frag>
   __device__ __forceinline__ static void split(Frag& hi, Frag& lo, Frag& fin) {
 #pragma unroll
     for (int t = 0; t < hi.num_elements; ++t) {
       const float x = hi.x[t];
-      const float h = wmma::__float_to_tf32(x);
       const bool finite = isfinite(x);
+      const float h = finite ? tf32_trunc(x) : x;
       hi.x[t] = h;
-      lo.x[t] = finite ? wmma::__float_to_tf32(x - h) : 0.0f;
+      lo.x[t] = finite ? tf32_trunc(x - h) : 0.0f;
       fin.x[t] = finite ? h : 0.0f;
     }
   }
@@ -248,9 +255,10 @@ struct TensorCoreEngine {
 #pragma unroll
     for (int t = 0; t < hi.num_elements; ++t) {
       const float x = hi.x[t];
-      const float h = wmma::__float_to_tf32(x);
+      const bool finite = isfinite(x);
+      const float h = finite ? tf32_trunc(x) : x;
       hi.x[t] = h;
-      lo.x[t] = isfinite(x) ? wmma::__float_to_tf32(x - h) : 0.0f;
+      lo.x[t] = finite ? tf32_trunc(x - h) : 0.0f;
     }
   }
 
@@ -283,10 +291,18 @@ struct TensorCoreEngine {
     for (int e = 0; e < c.num_elements; ++e) c.x[e] += t.x[e];
   }
 
-  // The bank operand of the weighted sums: (hi, lo), the cross products take hi itself.
+  // The bank operand of the weighted sums: (hi, lo) with non-finite values as 0. A bank row
+  // holding inf or NaN has a non-finite score for every query, hence weight exactly 0 (its group
+  // is flagged instead), and the contract says such a row contributes nothing: as 0 it cannot
+  // make 0 * inf = NaN in the other queries' sums.
   __device__ __forceinline__ void load_bank(FragB& b_hi, FragB& b_lo, const float* ptr) const {
-    wmma::load_matrix_sync(b_hi, ptr, kLd);
-    if (kSplitBank) split(b_hi, b_lo);
+    FragB raw;
+    wmma::load_matrix_sync(raw, ptr, kLd);
+    if (kSplitBank) {
+      split(raw, b_lo, b_hi);  // b_hi = fin(raw); the unmasked hi left in raw is not used
+    } else {
+      finite_part(raw, b_hi);
+    }
   }
 
   // Loads the bank-side fragment and prepares (hi, lo, fin) for this bank type.
@@ -408,8 +424,7 @@ struct TensorCoreEngine {
       }
     }
     // The weights are finite (exp of finite scores; NaN and +inf scores are kept out), so their
-    // hi is its own finite part. A non-finite bank value makes these sums non-finite whatever
-    // the cross products give, so the bank's hi is used as is too (fewer registers, no spills).
+    // hi is its own finite part; the bank operand comes finite from load_bank.
     // This tile's P M from zero (one chunk), then added into the running sums.
     FragC tile[2][kOFrags];
 #pragma unroll
@@ -506,7 +521,9 @@ struct GenericEngine {
       acc_t s = os[e] * fac[r];
       acc_t o = oo[e] * fac[kRows + r];
       for (int c = 0; c < n; ++c) {
-        const acc_t m = static_cast<acc_t>(a.bank[(start + c) * a.D + d]);
+        // As in the tensor-core engine: a non-finite bank value has weight 0 and counts as 0.
+        const acc_t raw = static_cast<acc_t>(a.bank[(start + c) * a.D + d]);
+        const acc_t m = isfinite(raw) ? raw : acc_t(0);
         s += ps[r * kLdS + c] * m;
         o += po[r * kLdS + c] * m;
       }
