@@ -35,10 +35,8 @@ def _block_features(
     model: nn.Module, dataset, device: torch.device, dim: int, **loader
 ) -> tuple[Tensor, Tensor]:
     """Features and labels of this process's contiguous block of ``dataset``."""
-    rank, world = dist.rank(), dist.world_size()
-    start, end = dist.shard_range(len(dataset), rank, world)
-    block = dataset if world == 1 else Subset(dataset, range(start, end))
-    return compute_features(model, block, device, dim=dim, **loader)
+    start, end = dist.shard_range(len(dataset), dist.rank(), dist.world_size())
+    return compute_features(model, Subset(dataset, range(start, end)), device, dim=dim, **loader)
 
 
 def bank_features(
