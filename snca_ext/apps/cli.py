@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,6 +114,18 @@ def set_threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op CPU threads (None: torch's default)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def writable_folder(folder: Path, flag: str) -> Path:
+    """Creates ``folder`` if needed and checks that a file can be written in it, so a command
+    fails up front, naming its ``flag``, rather than after its work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag}: {folder} cannot be written ({error})") from error
+    return folder
 
 
 def report(parser: argparse.ArgumentParser, error: AppError) -> int:

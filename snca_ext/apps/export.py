@@ -50,6 +50,7 @@ from .cli import (
     report,
     resolve_device,
     set_threads,
+    writable_folder,
 )
 from .data import ClassSubset, IndexedDataset, build_data
 from .errors import AppError, CheckpointError, ExportError
@@ -350,6 +351,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if Path(args.out).suffix not in (".safetensors", ".pt"):
             raise ExportError(f"--out must end in .safetensors or .pt, got {args.out}")
+        writable_folder(Path(args.out).parent, "--out")
         set_threads(args.threads)
         metadata = export_features(
             args.checkpoint,

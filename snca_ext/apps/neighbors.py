@@ -46,6 +46,7 @@ from .cli import (
     report,
     resolve_device,
     set_threads,
+    writable_folder,
 )
 from .data import ClassSubset, DigitsDataset, IndexedDataset
 from .errors import AppError, ExportError
@@ -379,6 +380,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        writable_folder(Path(args.out).parent, "--out")
+        if args.png:
+            writable_folder(Path(args.png).parent, "--png")
         set_threads(args.threads)
         device = resolve_device(args.device)
         checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])

@@ -135,3 +135,11 @@ def test_bad_arguments_exit_2(holdout_run, tmp_path, capsys):
     assert _export(tmp_path / "missing.pt", tmp_path / "x.pt") == 2
     assert "no such checkpoint file" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_unwritable_out_fails_up_front(holdout_run, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _export(holdout_run, blocker / "train.safetensors") == 2
+    error = capsys.readouterr().err
+    assert f"--out: {blocker} cannot be written" in error

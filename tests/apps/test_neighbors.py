@@ -179,6 +179,13 @@ def test_exported_bank_gives_the_same_page(checkpoints, tmp_path, capsys):
     assert "holds features of shape (1347, 7), but the network's are [N, 128]" in capsys.readouterr().err
 
 
+def test_an_unwritable_out_fails_up_front(checkpoints, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert _neighbors(checkpoints["snca"], blocker / "nn.html") == 2
+    assert f"--out: {blocker} cannot be written" in capsys.readouterr().err
+
+
 def test_bad_query_index_exits_2(checkpoints, tmp_path, capsys):
     assert _neighbors(checkpoints["snca"], tmp_path / "x.html", "--query-index", "5000") == 2
     assert "--query-index [5000] not in the query split" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -46,6 +45,7 @@ from ..cli import (
     report,
     resolve_device,
     set_threads,
+    writable_folder,
 )
 from ..data import DATASETS, DataBundle, build_data
 from ..errors import EXIT_USAGE, AppError, UsageError
@@ -460,12 +460,7 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
 def prepare_out(out: Path) -> None:
     """Creates the run folder, checks that it can be written, and removes the temporary files a
     killed save may have left there (the file it was replacing is intact)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise UsageError(f"--out {out} cannot be written ({error})") from error
+    writable_folder(out, "--out")
     for name in ("checkpoint.pt", "metrics.csv", "summary.json", "curves.png"):
         for leftover in out.glob(f".{name}.*.tmp"):
             leftover.unlink(missing_ok=True)
