@@ -39,3 +39,12 @@ def pytest_report_header(config) -> str:
         + ", ".join(checked)
         + ("; not run: " + ", ".join(missing) if missing else "")
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The commands set torch's thread count process-wide (digits: 1); without this, every op test
+    after the first in-process run would check the kernels on one worker only."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
