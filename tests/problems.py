@@ -20,3 +20,24 @@ def make_problem(batch, bank_rows, dim, *, classes=4, dtype=torch.float64, devic
         bank.to(device=device, dtype=dtype),
         bank_labels.to(device),
     )
+
+
+def loss_errors_allowed(features, indices, bank_low, bank_labels, temperature, ours, ours_grad):
+    """The project's accuracy rule for a loss and its gradient computed from float32 features and
+    a bank stored as ``bank_low``: (loss error, its allowance, gradient error, its allowance), the
+    errors against float64 on exactly the stored (rounded) bank values, the allowances those of
+    plain PyTorch in the same dtypes (plus a hair)."""
+    from snca_ext import reference
+
+    gt_in = features.clone().requires_grad_()
+    gt = reference.snca_loss_reference(gt_in, indices, bank_low.double(), bank_labels, temperature)
+    (gt_grad,) = torch.autograd.grad(gt, gt_in)
+    plain_in = features.float().requires_grad_()
+    plain = reference.snca_loss_reference(plain_in, indices, bank_low, bank_labels, temperature)
+    (plain_grad,) = torch.autograd.grad(plain, plain_in)
+    return (
+        abs(ours.item() - gt.item()),
+        abs(plain.item() - gt.item()) + 1e-6 * abs(gt.item()),
+        (ours_grad.double() - gt_grad).abs().max().item(),
+        2 * (plain_grad.double() - gt_grad).abs().max().item() + 1e-6 * gt_grad.abs().max().item(),
+    )

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from snca_ext import _autograd, ops, reference
-from tests.problems import make_problem
+from tests.problems import loss_errors_allowed, make_problem
 
 ROWS = COLS = 64  # queries per block, bank rows per tile (tile_config.h)
 K_STEP = 8  # the k of one TF32 MMA (m16n8k8 / WMMA m16n16k8)
@@ -218,21 +218,10 @@ def low_precision_errors(bank_dtype, classes, temperature, **model):
     """(loss error, its allowance, gradient error, its allowance) by the rule of tests/test_ops.py."""
     features, indices, bank, bank_labels = make_problem(8, 2500, 128, classes=classes, seed=3)
     bank_low = bank.to(bank_dtype)
-    gt_in = features.clone().requires_grad_()
-    gt = reference.snca_loss_reference(gt_in, indices, bank_low.double(), bank_labels, temperature)
-    (gt_grad,) = torch.autograd.grad(gt, gt_in)
-    plain_in = features.float().requires_grad_()
-    plain = reference.snca_loss_reference(plain_in, indices, bank_low, bank_labels, temperature)
-    (plain_grad,) = torch.autograd.grad(plain, plain_in)
     ours, ours_grad, _ = emulated_loss_and_grad(
         features.float(), indices, bank_low, bank_labels, temperature, **model
     )
-    return (
-        abs(ours.item() - gt.item()),
-        abs(plain.item() - gt.item()) + 1e-6 * abs(gt.item()),
-        (ours_grad.double() - gt_grad).abs().max().item(),
-        2 * (plain_grad.double() - gt_grad).abs().max().item() + 1e-6 * gt_grad.abs().max().item(),
-    )
+    return loss_errors_allowed(features, indices, bank_low, bank_labels, temperature, ours, ours_grad)
 
 
 def test_rounding_helpers():
