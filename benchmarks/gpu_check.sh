@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh
 #
-# Steps, each time-boxed so the whole stays under about 8 minutes (a step that fails is reported,
+# Steps, each time-boxed so the whole stays under about 7 minutes (a step that fails is reported,
 # the next one still runs; the exit status is non-zero if any step failed):
 #   1. build snca_ext._C for this GPU's architecture only (TORCH_CUDA_ARCH_LIST from the device)
 #   2. tensor-core rounding probe: raw inner products against float64, mean error times the sign
@@ -18,7 +18,9 @@
 #   4. timings (benchmarks/gpu_table.py): forward, forward+grad, top-k k = 30 and 1024, fp32 and
 #      bf16 banks, TF32 off and on, a same-size matmul for calibration, cuda / triton / PyTorch
 #   5. ncu counters of one forward+grad launch, if ncu is installed
-#   6. the full test suite on the GPU, last, with a timeout that leaves room for Triton's JIT; no -x
+#   6. the tests that run the kernels (tests/test_ops.py and the other op tests, which add the
+#      (backend, "cuda") cases when a GPU is visible) with what is left of the 7 minutes; no -x.
+#      The application tests need no GPU and run in CI.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -64,7 +66,7 @@ sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck synccheck initcheck; do
     echo "--- $tool"
-    timeout 45 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    timeout 40 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
       python3 benchmarks/edge_shapes.py --finite-only --tiny 2>&1 | tail -8 || failed+=("$tool")
   done
 else
@@ -74,7 +76,7 @@ fi
 step "timings"
 budget=$((300 - SECONDS))
 [ "$budget" -lt 60 ] && budget=60
-[ "$budget" -gt 120 ] && budget=120
+[ "$budget" -gt 90 ] && budget=90
 timeout $((budget + 60)) python3 benchmarks/gpu_table.py --budget "$budget" --out "$LOG_DIR/gpu_table.md" \
   || failed+=("timings")
 
@@ -88,10 +90,13 @@ else
 fi
 
 step "tests on the GPU"
-# What is left of the 8 minutes, but never less than 3 (Triton compiles each kernel once).
-left=$((480 - SECONDS))
-[ "$left" -lt 180 ] && left=180
-timeout "$left" python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -40 || failed+=("tests")
+# What is left of the 7 minutes, but never less than 2 (Triton compiles each kernel once).
+left=$((400 - SECONDS))
+[ "$left" -lt 120 ] && left=120
+timeout "$left" python3 -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+  tests/test_ops.py tests/test_triton.py tests/test_nonfinite.py tests/test_op_errors.py \
+  tests/test_double_backward.py tests/test_memory.py tests/test_knn.py tests/test_combine.py \
+  tests/test_op_memory.py tests/test_cuda_arch.py 2>&1 | tail -60 || failed+=("tests")
 
 step "done in ${SECONDS}s"
 if [ ${#failed[@]} -gt 0 ]; then
