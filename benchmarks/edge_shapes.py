@@ -16,8 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import torch
+
+# Run as a file (python3 benchmarks/...), the repo root is not on the path; gpu_check.sh builds
+# the extension in place there without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 T = 0.05
 

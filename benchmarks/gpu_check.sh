@@ -23,7 +23,8 @@
 #      The application tests need no GPU and run in CI.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+# The extension is built in place, not installed: every script and the tests import it from here.
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG_DIR=${OUT:-/tmp/snca_gpu_check}
 mkdir -p "$LOG_DIR"
 failed=()
@@ -82,7 +83,9 @@ timeout $((budget + 60)) python3 benchmarks/gpu_table.py --budget "$budget" --ou
 
 step "ncu counters (one forward+grad launch)"
 if command -v ncu >/dev/null 2>&1; then
-  timeout 60 ncu --kernel-name regex:lse_partial_kernel --launch-count 1 --section SpeedOfLight \
+  # --clock-control none: ncu would otherwise lock the clocks to base while it profiles, and the
+  # GPU's settings are left alone.
+  timeout 60 ncu --clock-control none --kernel-name regex:lse_partial_kernel --launch-count 1 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy python3 benchmarks/gpu_table.py --one-launch 2>&1 \
     | tail -60 || failed+=("ncu")
 else
@@ -90,13 +93,25 @@ else
 fi
 
 step "tests on the GPU"
-# What is left of the 7 minutes, but never less than 2 (Triton compiles each kernel once).
+# What is left of the 7 minutes, but never less than 2 (Triton compiles each kernel once). With
+# pytest-xdist a test that crashes its process (a segfault) is reported by name and the others run.
 left=$((400 - SECONDS))
 [ "$left" -lt 120 ] && left=120
-timeout "$left" python3 -m pytest -q -p no:cacheprovider -rfE --durations=5 \
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 4)
+timeout "$left" python3 -m pytest -q -p no:cacheprovider -rfE --durations=5 "${parallel[@]}" \
   tests/test_ops.py tests/test_triton.py tests/test_nonfinite.py tests/test_op_errors.py \
   tests/test_double_backward.py tests/test_memory.py tests/test_knn.py tests/test_combine.py \
-  tests/test_op_memory.py tests/test_cuda_arch.py 2>&1 | tail -60 || failed+=("tests")
+  tests/test_op_memory.py tests/test_cuda_arch.py >"$LOG_DIR/tests.txt" 2>&1 || failed+=("tests")
+tail -60 "$LOG_DIR/tests.txt"
+
+# A crashed test again, alone under cuda-gdb (it debugs host code too): the C++ backtrace.
+crashed=$(grep -oE "crashed while running '[^']+'" "$LOG_DIR/tests.txt" | head -1 | cut -d"'" -f2)
+if [ -n "$crashed" ] && command -v cuda-gdb >/dev/null 2>&1; then
+  step "backtrace of the crashed test $crashed"
+  timeout 120 cuda-gdb -q -batch -ex run -ex bt -ex "info sharedlibrary snca" \
+    --args python3 -m pytest -q -p no:cacheprovider "$crashed" 2>&1 | grep -vE "^\[(New|Thread)" | tail -50
+fi
 
 step "done in ${SECONDS}s"
 if [ ${#failed[@]} -gt 0 ]; then
