@@ -43,3 +43,40 @@ def test_main_loop_counts_read_the_loop_with_mmas():
     """
     # The loop 0x10..0x70 (7 instructions, 2 MMAs) holds the inner loop 0x40..0x50.
     assert static_triton.main_loop_counts(sass) == (7, 2)
+
+
+_LAUNCH_CHECK = """
+import inspect
+from triton.runtime.jit import JITFunction
+from snca_ext.triton import snca_triton as kernels
+
+checked = 0
+for name, obj in vars(kernels).items():
+    if not isinstance(obj, JITFunction) or obj.__module__ != kernels.__name__:
+        continue
+    obj.cache_key  # finds the globals it reads, as the first launch does
+    for (global_name, _), (value, globals_dict) in obj.used_global_vals.items():
+        # The comparison JITFunction.run makes before every launch.
+        if globals_dict.get(global_name) != value:
+            raise SystemExit(f"{name} reads the global {global_name} = {value!r}: every launch would fail")
+    checked += 1
+print("kernels checked:", checked)
+"""
+
+
+def test_globals_read_by_the_kernels_pass_tritons_launch_check():
+    """Before every launch on a GPU, Triton compares each global a kernel reads with its value at
+    compile time (``!=``) and refuses to run if they differ. A NaN global never equals itself: a
+    kernel that read one compiled fine and failed every launch on the H200 (2026-11-30). The
+    interpreter the suite uses without a GPU makes no such check, so a process without
+    TRITON_INTERPRET (real JITFunctions, no GPU needed for this) makes it here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCH_CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert int(done.stdout.split("kernels checked:")[1]) >= 3, done.stdout

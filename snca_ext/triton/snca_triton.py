@@ -52,7 +52,8 @@ _NEG_INF = float("-inf")
 # Globals read inside @triton.jit functions must be constexpr.
 _MINUS_INF = tl.constexpr(float("-inf"))
 _PLUS_INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
+# No NaN global: Triton checks before each launch that every global a kernel reads still equals
+# (==) its value at compile time, which a NaN never does. Kernels write float("nan") in place.
 
 
 @triton.jit
@@ -334,8 +335,8 @@ def _snca_partials_kernel(
     state = split * num_queries + queries
     if WITH_LSE:
         # A NaN in a group makes its sum NaN, which the combine carries into that group's lse.
-        sum_same = tl.where(nan_same > 0, _NAN, sum_same)
-        sum_other = tl.where(nan_other > 0, _NAN, sum_other)
+        sum_same = tl.where(nan_same > 0, float("nan"), sum_same)
+        sum_other = tl.where(nan_other > 0, float("nan"), sum_other)
         tl.store(max_same_ptr + state, max_same, mask=query_ok)
         tl.store(sum_same_ptr + state, sum_same, mask=query_ok)
         tl.store(max_other_ptr + state, max_other, mask=query_ok)
