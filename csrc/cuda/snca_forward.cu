@@ -241,7 +241,9 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   const at::Tensor bank = bank_in.contiguous();
   const at::Tensor bank_labels = bank_labels_in.contiguous();
 
-  auto [lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices] =
+  // std::tie, not a structured binding: the lambda below captures these (a C++20 feature).
+  at::Tensor lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices;
+  std::tie(lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices) =
       empty_forward_outputs(features, with_grad, k);
   if (features.size(0) > 0) {
     with_engine(features, bank, device_config(features), [&](auto tag) {
