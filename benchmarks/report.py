@@ -24,7 +24,9 @@ HERE = Path(__file__).resolve().parent
 MB = 1e6  # as harness.MB; not imported, so the report needs neither torch nor snca_ext
 DEFAULT_JSON = HERE / "results.json"
 DEFAULT_OUTPUT = HERE / "RESULTS.md"
-KEPT_SECTIONS = "## Static report of the GPU kernels"
+# Sections written by hand or by other scripts, kept (from the first of them to the end) when the
+# CPU report is regenerated.
+KEPT_SECTIONS = ("## Measured on a GPU", "## Static report of the GPU kernels")
 IMAGENET_ROWS, CIFAR_ROWS = 1_281_167, 50_000
 OURS_CPU = "snca_ext-cpu"
 _OP_ORDER = {"snca_loss": 0, "bank_topk": 1}
@@ -404,8 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         chart = chart_path.name
     text = render_markdown(data, rows, args.json.name, chart)
     # Sections written by other commands (the static report of the GPU kernels) are kept.
-    if args.output.is_file() and KEPT_SECTIONS in (old := args.output.read_text()):
-        text = text.rstrip("\n") + "\n\n" + old[old.index(KEPT_SECTIONS) :]
+    old = args.output.read_text() if args.output.is_file() else ""
+    kept_at = [old.index(heading) for heading in KEPT_SECTIONS if heading in old]
+    if kept_at:
+        text = text.rstrip("\n") + "\n\n" + old[min(kept_at) :]
     args.output.write_text(text)
     missed = sum(t.status == "MISSED" for t in targets(rows))
     print(f"wrote {args.output}" + (f" and {chart}" if chart else "") + f"; {missed} target(s) missed")

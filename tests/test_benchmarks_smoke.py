@@ -106,6 +106,18 @@ def test_report_tables_from_a_real_run(tiny_run, tmp_path):
     assert "| not measured |" in markdown and "MISSED" not in markdown
 
 
+def test_report_keeps_the_gpu_sections_when_it_rewrites_the_cpu_tables(tiny_run, tmp_path):
+    """The GPU figures and the static report are written by hand and by other scripts: regenerating
+    the CPU tables must not drop them."""
+    _, json_path = tiny_run
+    output = tmp_path / "RESULTS.md"
+    gpu = "## Measured on a GPU\n\nH200 figures\n\n## Static report of the GPU kernels\n\nstatic figures\n"
+    output.write_text("# Benchmark results\n\nold CPU tables\n\n" + gpu)
+    markdown = _report(json_path, output)
+    assert markdown.endswith(gpu) and "old CPU tables" not in markdown
+    assert "snca_loss forward | cpu" in markdown
+
+
 def _fake_bench(op: str, mode: str, impl: str, kind: str, bank_rows: int, median: float, memory: int) -> dict:
     group = f"{op} {mode} | cpu | B=256 D=128 N={bank_rows}"
     return {
