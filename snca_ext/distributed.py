@@ -220,6 +220,16 @@ def broadcast_object(value):
     return holder[0]
 
 
+def barrier() -> None:
+    """Waits for every rank (nothing without a process group), raising ``PeerFailure`` on failure."""
+    _guarded("barrier", dist.barrier)
+
+
+def launched_by_torchrun() -> bool:
+    """True in a worker that torchrun (torch.distributed.elastic) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any: ranks must agree to stop together."""
     if world_size() == 1:

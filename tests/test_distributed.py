@@ -370,6 +370,11 @@ def test_sharded_run_stops_and_resumes_on_one_process(one_process_digits, tmp_pa
     holds the whole bank and replays the same global batches."""
     result = _torchrun(tmp_path, "--epochs", "2", "--bank-sharding", "--stop-after-steps", "30")
     assert "stopped in epoch 2 after step 9" in result.stdout, result.stderr[-3000:]
+    # Both ranks stopped and left together, and torchrun did not report a crash (it does for any
+    # non-zero exit of a worker, and stops the other ranks while they finish).
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    assert "exit status 0: under torchrun a stop" in result.stdout
+    assert "FAILED" not in result.stderr and "SIGTERM" not in result.stderr, result.stderr[-3000:]
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (1, 9)
     assert state["memory"]["bank"].shape == (1347, 128)

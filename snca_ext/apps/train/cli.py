@@ -7,8 +7,9 @@ recipe for that dataset; every recipe value is a flag. The run directory (``--ou
 
 Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder, checkpoint or
 ``--out`` folder, 130 stopped by Ctrl-C / SIGTERM / ``--stop-after-steps`` (a checkpoint to
-``--resume`` from was written), 3 another rank of a distributed run failed or timed out, 4 the
-checkpoint could not be saved (twice in a row, or the last save of the run).
+``--resume`` from was written; 0 under torchrun, which reports any other exit of a worker as a
+crash), 3 another rank of a distributed run failed or timed out, 4 the checkpoint could not be
+saved (twice in a row, or the last save of the run).
 
 Under ``torchrun`` with several processes it trains data-parallel (DDP): ``--batch-size`` is the
 global batch, split over the ranks; the bank is replicated, or with ``--bank-sharding`` split in
@@ -336,7 +337,7 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
         f"test, T={config.temperature}, batch {config.batch_size}, lr {config.lr}, {config.epochs} epochs, "
         f"{trainer.device}"
     )
-    status = EXIT_OK
+    status, aborted = EXIT_OK, False
     train_started = time.perf_counter()
     try:
         with StopSignal() as stop:
@@ -381,13 +382,23 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
         status = EXIT_SAVE_FAILED
     except KeyboardInterrupt:
         print("aborted by a second Ctrl-C; the last saved checkpoint is kept", file=sys.stderr)
-        status = EXIT_STOPPED
+        status, aborted = EXIT_STOPPED, True
     train_seconds = time.perf_counter() - train_started
     if trainer.metrics and trainer.is_main and status != EXIT_SAVE_FAILED:
         plot_curves(
             trainer.metrics, trainer.out / "curves.png", f"{config.loss} {config.dataset} {config.arch}"
         )
     if status != EXIT_OK:
+        # The ranks agreed on this status; they leave together, as torchrun stops every worker
+        # as soon as one exits non-zero, which would cut rank 0's last writes and messages short.
+        # Not after a second Ctrl-C: that abort may have reached one rank only.
+        if not aborted:
+            distributed.barrier()
+        if status == EXIT_STOPPED and not aborted and distributed.launched_by_torchrun():
+            # torchrun reports a worker's non-zero exit as a crash of the job, whatever the code:
+            # a requested stop (the ranks stopped together, the checkpoint saved) exits 0 there.
+            print("exit status 0: under torchrun a stop is not reported as 130, which it calls a crash")
+            return EXIT_OK
         return status
 
     # Both protocols: the memory bank (the original's, and the paper's figures') and the bank
