@@ -144,6 +144,52 @@ def test_image_folder_errors_say_what_layout_was_expected(tmp_path):
         build_data("imagefolder", tmp_path / "mismatch")
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature, an IHDR chunk claiming ``width`` x ``height`` RGB pixels and a first
+    IDAT chunk: what a decompression bomb shows before its pixels are decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
+
+
+def test_image_folder_checks_every_header_before_training(tmp_path, capsys):
+    """A text file named .jpg, an empty file, a header cut short and two decompression bombs (one
+    PIL only warns about, one it refuses) are found before any training step, named, and either
+    stop the run or, with skip_bad_images, are left out."""
+    root = make_image_folder(tmp_path / "data")
+    bad = {
+        root / "train" / "cat" / "notes.jpg": b"this is not an image",
+        root / "train" / "dog" / "empty.png": b"",
+        root / "train" / "dog" / "cut.png": png_header(40, 47)[:20],
+        root / "train" / "fox" / "bomb.png": png_header(10_000, 10_000),  # 1e8 > 89.5e6: PIL warns
+        root / "val" / "fox" / "huge.png": png_header(100_000, 100_000),  # PIL raises
+    }
+    for path, content in bad.items():
+        path.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        build_data("imagefolder", root)
+    message = str(error.value)
+    assert f"--data {root}: 4 of the 16 files in train/ cannot be used as images" in message
+    for name in ("notes.jpg", "empty.png", "cut.png"):
+        assert f"{name} (not a readable image" in message
+    assert "bomb.png (decompression bomb: 10000 x 10000 = 100000000 pixels" in message
+    assert "--skip-bad-images" in message
+
+    data = build_data("imagefolder", root, skip_bad_images=True)
+    assert (len(data.train), len(data.test)) == (12, 6)
+    warnings = capsys.readouterr().err
+    assert "left out 4 of the 16 files in train/" in warnings
+    assert "left out 1 of the 7 files in val/: " in warnings and "huge.png (decompression bomb" in warnings
+    # The labels follow the files that remain.
+    assert data.train.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert data.test.targets.tolist() == [0, 0, 1, 1, 2, 2]
+
+
 def _only_train(root: Path) -> Path:
     for path in sorted((root / "val").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()

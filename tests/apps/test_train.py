@@ -267,6 +267,31 @@ def test_image_folder_end_to_end_with_a_worker(tmp_path):
     assert (args["temperature"], args["batch_size"], args["memory_schedule"]) == (0.05, 4, "80:0.8,120:0.9")
 
 
+def test_an_image_damaged_past_its_header_stops_the_run_named_and_keeps_the_checkpoint(tmp_path, capsys):
+    """The header check before training cannot see damaged pixels: the loader (in a worker process)
+    finds them, and the run stops with exit 2, the file named, the last checkpoint kept."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 1))
+    out = tmp_path / "run"
+    argv = ["--dataset", "imagefolder", "--data", str(data), "-b", "4", "-j", "1", "--low-dim", "16", *FAST]
+    assert run([*argv, "--epochs", "1", "--out", str(out)]) == EXIT_OK
+    saved = (out / "checkpoint.pt").read_bytes()
+    damaged = data / "train" / "dog" / "2.png"
+    encoded = BytesIO()
+    Image.open(damaged).save(encoded, format="PNG")
+    damaged.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])  # header intact
+    capsys.readouterr()
+    assert run([*argv, "--epochs", "2", "--resume", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"error: {damaged} could not be read as an image (image file is truncated" in err, err
+    assert "Stopped; " in err and "holds what it held before this run" in err
+    assert "Traceback" not in err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+
+
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
     (["--temperature", "-0.1"], "argument -t/--temperature/--nce-t: expected a number > 0, got '-0.1'"),

@@ -41,9 +41,10 @@ __all__ = [
 ]
 
 
-def build_data(name: str, path: str | Path | None = None) -> DataBundle:
+def build_data(name: str, path: str | Path | None = None, skip_bad_images: bool = False) -> DataBundle:
     """The ``DataBundle`` of dataset ``name`` (one of ``DATASETS``); ``path`` is required for
-    ``cifar10`` and ``imagefolder``, optional for ``fashion-mnist`` and not used by ``digits``."""
+    ``cifar10`` and ``imagefolder``, optional for ``fashion-mnist`` and not used by ``digits``.
+    ``skip_bad_images``: an image folder's unreadable files are left out instead of refused."""
     if name not in DATASETS:
         raise DataError(f"--dataset must be one of {DATASETS}, got {name!r}")
     if name == "digits":
@@ -56,4 +57,4 @@ def build_data(name: str, path: str | Path | None = None) -> DataBundle:
         return cifar10_data(path)
     if name == "cifar100":
         return cifar100_data(path)
-    return imagefolder_data(path)
+    return imagefolder_data(path, skip_bad=skip_bad_images)

@@ -49,6 +49,7 @@ from ..cli import (
     writable_folder,
 )
 from ..data import DATASETS, DataBundle, build_data
+from ..data.imagefolder import BadImageError
 from ..errors import EXIT_USAGE, AppError, UsageError
 from ..models import ARCHS
 from .config import RunConfig
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fashion-mnist (the four IDX files; default /usr/share/datasets/fashion-mnist)",
     )
     data.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, help="data loader processes")
+    data.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="imagefolder: leave out the files that are not readable images or are decompression bombs "
+        "(every header is checked before training; by default such a file stops the run, named)",
+    )
     data.add_argument(
         "--train-labels",
         choices=("fine", "coarse"),
@@ -285,7 +292,9 @@ def _prepare(
     config.out = distributed.broadcast_object(config.out)  # the ranks' clocks may straddle a second
     set_threads(config.threads)
     seed_everything(config.seed)
-    data = build_data(config.dataset, config.data).limit(config.train_limit, config.test_limit)
+    data = build_data(config.dataset, config.data, skip_bad_images=bool(config.skip_bad_images)).limit(
+        config.train_limit, config.test_limit
+    )
     fine = None
     if config.train_labels == "coarse":
         fine, data = data, data.coarse()
@@ -322,7 +331,27 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     progress = not config.no_progress
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = True
+    try:
+        return _train_and_evaluate(config, data, novel, fine, trainer, progress, wall_started)
+    except BadImageError as error:
+        print(
+            f"error: {error.reason}; its header was sound, so the check before training let it through. "
+            f"Stopped; {trainer.on_disk()}. Remove or replace the file, then --resume.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
+
+def _train_and_evaluate(
+    config: RunConfig,
+    data: DataBundle,
+    novel: DataBundle | None,
+    fine: DataBundle | None,
+    trainer: Trainer,
+    progress: bool,
+    wall_started: float,
+) -> int:
+    """Trains (unless ``--evaluate``), evaluates and writes the summary; the exit status."""
     if config.evaluate:
         recomputed = bool(config.recompute_bank)
         result = trainer.knn(trainer.bank(progress, recompute=recomputed), config.knn_k, progress)

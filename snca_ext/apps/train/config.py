@@ -146,6 +146,7 @@ class RunConfig:
     resume: str | None = None
     evaluate: bool = False
     trust_checkpoint: bool = False
+    skip_bad_images: bool = False
     device: str = "auto"
     out: str | None = None
     stop_after_steps: int | None = None
