@@ -92,6 +92,14 @@ def test_bad_episode_requests_are_refused():
         sample_episodes(labels, ways=1, shots=1, queries=1, episodes=1)
     with pytest.raises(ValueError, match="features must be"):
         few_shot_accuracy(torch.randn(10, 4), labels, ways=2)
+    features = torch.randn(len(labels), 4)
+    with pytest.raises(ValueError, match="labels must have an integer dtype"):
+        few_shot_accuracy(features, labels.float(), ways=2)
+    with pytest.raises(ValueError, match=r"D >= 1, got shape \(65, 0\)"):
+        few_shot_accuracy(features[:, :0], labels, ways=2)
+    features[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="features must be finite, row 7 is not"):
+        few_shot_accuracy(features, labels, ways=2)
 
 
 # ----------------------------------------------------------------------------- holdout training
