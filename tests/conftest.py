@@ -23,9 +23,26 @@ def _backends_under_test() -> list[tuple[str, str]]:
 BACKENDS_UNDER_TEST = _backends_under_test()
 
 
-@pytest.fixture(params=BACKENDS_UNDER_TEST, ids=[f"{b}-{d}" for b, d in BACKENDS_UNDER_TEST])
+# The cpu kernel splits the bank's tiles (512 rows) over its threads and merges their
+# log-sum-exps, gradient sums and top-k lists: at 1 thread that merge never runs, at 2 it does
+# whenever N > 512. Each op test runs the cpu backend at both.
+_CASES = [
+    (backend, device, threads)
+    for backend, device in BACKENDS_UNDER_TEST
+    for threads in ((1, 2) if device == "cpu" else (None,))
+]
+
+
+@pytest.fixture(
+    params=_CASES,
+    ids=[f"{b}-{d}" + (f"-{t}thread{'s' if t > 1 else ''}" if t else "") for b, d, t in _CASES],
+)
 def backend_device(request) -> tuple[str, str]:
-    return request.param
+    """``(backend, device)``; the cpu backend at 1 and at 2 threads (restored after the test)."""
+    backend, device, threads = request.param
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return backend, device
 
 
 def pytest_report_header(config) -> str:

@@ -22,19 +22,15 @@ from snca_ext.apps.export import (
     run,
     write_safetensors,
 )
-from snca_ext.apps.train.cli import EXIT_OK
-from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
 HOLDOUT = (5, 6, 7, 8, 9)
 
 
-@pytest.fixture(scope="module")
-def holdout_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("holdout")
-    argv = ["--out", str(out), "--epochs", "1", "--holdout-classes", "5,6,7,8,9", "--fewshot-episodes", "20"]
-    assert train([*argv, *FAST]) == EXIT_OK
-    return out / "checkpoint.pt"
+@pytest.fixture
+def holdout_run(holdout_runs) -> Path:
+    """The checkpoint of the session's SNCA holdout run (tests/apps/conftest.py)."""
+    return holdout_runs["snca"] / "checkpoint.pt"
 
 
 def _export(checkpoint: Path, out: Path, *extra: str) -> int:

@@ -20,23 +20,16 @@ from snca_ext.apps.data import build_data
 from snca_ext.apps.export import load_features, load_trained_model, write_safetensors
 from snca_ext.apps.export import run as export
 from snca_ext.apps.neighbors import run
-from snca_ext.apps.train.cli import EXIT_OK
-from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
 K = 20
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    outs = {}
-    for loss in ("snca", "softmax"):
-        out = tmp_path_factory.mktemp(loss)
-        argv = ["--out", str(out), "--epochs", "2", "--loss", loss, "--holdout-classes", "5,6,7,8,9"]
-        assert train([*argv, "--fewshot-episodes", "10", *FAST]) == EXIT_OK
-        outs[loss] = out / "checkpoint.pt"
-    return outs
+@pytest.fixture
+def checkpoints(holdout_runs) -> dict[str, Path]:
+    """The checkpoints of the session's holdout runs (tests/apps/conftest.py), one per loss."""
+    return {loss: out / "checkpoint.pt" for loss, out in holdout_runs.items()}
 
 
 class _Page(HTMLParser):

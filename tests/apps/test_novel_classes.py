@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import struct
@@ -21,7 +22,6 @@ from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE
 from snca_ext.apps.train.cli import run as train
 
 FAST = ["--threads", "1", "--no-progress"]
-HOLDOUT = ["--holdout-classes", "9,5,6,7,8", "--fewshot-episodes", "200"]
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -105,19 +105,26 @@ def test_bad_episode_requests_are_refused():
 # ----------------------------------------------------------------------------- holdout training
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    outs = {}
-    for loss in ("snca", "softmax"):
-        out = tmp_path_factory.mktemp(loss)
-        assert train(["--out", str(out), "--epochs", "3", "--loss", loss, *HOLDOUT, *FAST]) == EXIT_OK
-        outs[loss] = out
-    return outs
+@pytest.fixture
+def runs(holdout_runs) -> dict[str, Path]:
+    """The session's holdout runs (tests/apps/conftest.py), one per loss."""
+    return holdout_runs
 
 
 @pytest.mark.parametrize("loss", ["snca", "softmax"])
-def test_holdout_trains_on_the_other_classes_and_reports_the_novel_ones(runs, loss):
+def test_holdout_trains_on_the_other_classes_and_reports_the_novel_ones(runs, untrained_holdout, loss):
     summary = json.loads((runs[loss] / "summary.json").read_text())
+    untrained = untrained_holdout[loss]
+    # It learns. kNN cannot tell here: random features of the untrained network already give about
+    # 98% on five digit classes. The loss falls to well under half its first epoch's mean (with
+    # no optimizer step it stays within a few %), the memory bank votes far above chance (20%;
+    # a bank never updated votes at chance), and softmax's head beats the untrained head (chance).
+    with open(runs[loss] / "metrics.csv") as file:
+        losses = [float(row["loss"]) for row in csv.DictReader(file)]
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert summary["knn_memory_bank"]["top1"] > 60
+    if loss == "softmax":
+        assert summary["classifier_head"]["top1"] > untrained["head_top1"] + 30, untrained
     state = load_checkpoint(runs[loss] / "checkpoint.pt")
     assert state["args"]["holdout_classes"] == "5,6,7,8,9" and state["args"]["loss"] == loss
     labels = state["memory"]["labels"]

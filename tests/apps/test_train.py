@@ -58,16 +58,22 @@ def two_epoch_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_digits_run_writes_every_file(two_epoch_run):
+def test_digits_run_writes_every_file(two_epoch_run, untrained_digits):
     out = two_epoch_run
     rows = _rows(out)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert set(rows[0]) == {"epoch", "lr", "memory_momentum", "loss", "knn1_top1"}
-    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    # It learns: with no optimizer step the loss falls only a few % (the bank fills up); here
+    # it falls to well under half.
+    assert float(rows[1]["loss"]) < 0.5 * float(rows[0]["loss"])
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["knn_k"] == 30 and summary["recomputed_bank"] is True
-    assert summary["top1"] > 85.0 and summary["top5"] >= summary["top1"]
+    # The baseline that tells: the network as initialised already gets about 94% (random
+    # features suit kNN on 8x8 digits); the trained one must beat it clearly (97.8 against 94.0).
+    assert summary["top1"] >= untrained_digits["top1"] + 2.0, untrained_digits
+    # A memory bank that is never updated votes at chance (10%).
+    assert summary["knn_memory_bank"]["top1"] > 70
     state = load_checkpoint(out / "checkpoint.pt")  # weights_only=True
     assert state["epoch"] == 2 and state["step"] == 0 and state["args"]["temperature"] == 0.1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
