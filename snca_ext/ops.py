@@ -55,6 +55,8 @@ class SNCAPartials(NamedTuple):
 
 
 REDUCTIONS = ("mean", "sum", "none")
+# bfloat16/float16 features are computed in float32 (_in_accumulation_dtype).
+FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
 
 if _C_IMPORT_ERROR is None:
@@ -172,8 +174,10 @@ def _check_features_and_bank(features, bank, features_name: str) -> None:
     bank = _check_tensor(bank, "bank")
     if features.dim() != 2:
         raise ValueError(f"{features_name} must be 2-D [B, D], got shape {tuple(features.shape)}")
-    if features.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{features_name} must be float32 or float64, got {features.dtype}")
+    if features.dtype not in FEATURE_DTYPES:
+        raise TypeError(
+            f"{features_name} must be float32, float64, bfloat16 or float16, got {features.dtype}"
+        )
     if bank.dim() != 2:
         raise ValueError(f"bank must be 2-D [N, D], got shape {tuple(bank.shape)}")
     if bank.shape[0] == 0:
@@ -183,6 +187,7 @@ def _check_features_and_bank(features, bank, features_name: str) -> None:
             f"bank must have D={features.shape[1]} columns like {features_name}, got {bank.shape[1]}"
         )
     allowed = {torch.float32: (torch.float32, torch.bfloat16, torch.float16), torch.float64: (torch.float64,)}
+    allowed[torch.bfloat16] = allowed[torch.float16] = allowed[torch.float32]
     if bank.dtype not in allowed[features.dtype]:
         raise TypeError(
             f"bank dtype {bank.dtype} does not go with {features_name} dtype {features.dtype}: "
@@ -195,6 +200,13 @@ def _check_features_and_bank(features, bank, features_name: str) -> None:
         )
     if bank.device != features.device:
         raise ValueError(f"bank is on {bank.device} but {features_name} is on {features.device}")
+
+
+def _in_accumulation_dtype(features: Tensor) -> Tensor:
+    """bfloat16/float16 features in float32, the kernels' accumulation dtype (a differentiable
+    cast: their gradient comes back in their own dtype); float32/float64 as they are. Under
+    ``torch.autocast`` a network's bf16/fp16 output arrives here and is handled the same way."""
+    return features.float() if features.dtype in (torch.bfloat16, torch.float16) else features
 
 
 def _check_rows_in_bank(rows: Tensor, name: str, bank_rows: int) -> None:
@@ -254,7 +266,8 @@ def _prepare(features, indices, bank, bank_labels, temperature, labels, backend)
         labels = _check_index_tensor(labels, "labels", batch, "B")
         if labels.device != features.device:
             raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
-    return indices, bank_labels, labels, temperature, _resolve_backend(backend, features.device)
+    backend = _resolve_backend(backend, features.device)
+    return _in_accumulation_dtype(features), indices, bank_labels, labels, temperature, backend
 
 
 def _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad) -> SNCAStats:
@@ -295,11 +308,13 @@ def snca_loss(
     The bank gets no gradient.
 
     Args:
-        features: [B, D] float32 or float64 query features (L2-normalise them first).
+        features: [B, D] query features (L2-normalise them first): float32 or float64, or
+            bfloat16/float16 (e.g. a network's output under ``torch.autocast``), which are
+            computed in float32 and get their gradient back in their own dtype.
         indices: [B] integer, each query's own bank row, or -1 for a query with no row (which
             then needs ``labels``).
-        bank: [N, D] the memory bank, in the features' dtype or bfloat16/float16 with float32
-            features; it must not require grad.
+        bank: [N, D] the memory bank: float64 with float64 features, else float32, bfloat16
+            or float16; it must not require grad.
         bank_labels: [N] integer class of every bank row.
         temperature: T > 0.
         margin: subtracted from the positives' logits (logit units, i.e. already divided by T).
@@ -314,7 +329,7 @@ def snca_loss(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(margin, bool) or not isinstance(margin, Real) or not math.isfinite(margin):
         raise ValueError(f"margin must be a finite number, got {margin!r}")
-    indices, bank_labels, labels, temperature, backend = _prepare(
+    features, indices, bank_labels, labels, temperature, backend = _prepare(
         features, indices, bank, bank_labels, temperature, labels, backend
     )
     lse_same, lse_other, _, _ = _stats(
@@ -373,7 +388,7 @@ def snca_stats(
         lower bank row, and their rows; where fewer than k rows are eligible the tail is -inf
         with row -1.
     """
-    indices, bank_labels, labels, temperature, backend = _prepare(
+    features, indices, bank_labels, labels, temperature, backend = _prepare(
         features, indices, bank, bank_labels, temperature, labels, backend
     )
     topk = _check_k(topk, "topk", bank.shape[0])
@@ -391,7 +406,7 @@ def bank_topk(
     """The k bank rows with the largest inner product with each query, in one streaming pass.
 
     Args:
-        queries: [B, D] float32 or float64.
+        queries: [B, D] float32 or float64, or bfloat16/float16 (computed in float32).
         bank: [N, D], dtype as for ``snca_loss``.
         k: in [0, N].
         exclude: [B] integer, optional: a bank row query i must not return (its own), -1 for none.
@@ -413,6 +428,7 @@ def bank_topk(
             raise ValueError(f"exclude is on {exclude.device} but queries is on {queries.device}")
         _check_rows_in_bank(exclude, "exclude", bank_rows)
     backend = _resolve_backend(backend, queries.device)
+    queries = _in_accumulation_dtype(queries)
     if backend == "reference":
         return TopK(*reference.bank_topk_reference(queries, bank, k, exclude=exclude))
     return TopK(*_op("bank_topk", backend)(queries, bank, k, exclude))
@@ -440,7 +456,7 @@ def snca_partials(
     Returns:
         ``SNCAPartials(lse_same, lse_other, wmean_same, wmean_other)``.
     """
-    indices, bank_labels, labels, temperature, backend = _prepare(
+    features, indices, bank_labels, labels, temperature, backend = _prepare(
         features, indices, bank, bank_labels, temperature, labels, backend
     )
     if backend == "reference":

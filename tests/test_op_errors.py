@@ -41,12 +41,12 @@ BAD_LOSS_INPUTS = [
     (
         dict(features=torch.randint(0, 5, (4, 8))),
         TypeError,
-        "features must be float32 or float64, got torch.int64",
+        "features must be float32, float64, bfloat16 or float16, got torch.int64",
     ),
     (
-        dict(features=torch.randn(4, 8).half()),
+        dict(features=torch.randn(4, 8, dtype=torch.complex64)),
         TypeError,
-        "features must be float32 or float64, got torch.float16",
+        "features must be float32, float64, bfloat16 or float16, got torch.complex64",
     ),
     (
         dict(features=torch.randn(4, 8).double()),

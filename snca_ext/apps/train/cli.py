@@ -141,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="fused op backend (auto)"
     )
+    model.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        help="mixed precision: the network's forward under torch.autocast in this dtype (fp16 with a "
+        "gradient scaler); the loss accumulates in float32 (none)",
+    )
+    model.add_argument(
+        "--channels-last", action="store_true", help="the network and its inputs in channels-last memory"
+    )
+    model.add_argument("--compile", action="store_true", help="torch.compile the network's training forward")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, help="the global batch")

@@ -147,6 +147,10 @@ class RunConfig:
     evaluate: bool = False
     trust_checkpoint: bool = False
     skip_bad_images: bool = False
+    # how this invocation computes (not saved with the run: a resume may choose otherwise)
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
     device: str = "auto"
     out: str | None = None
     stop_after_steps: int | None = None

@@ -30,6 +30,9 @@ from .outputs import write_metrics
 from .sampler import EpochSampler
 from .signals import StopSignal
 
+# --amp: the dtype the network's forward runs in under torch.autocast (None: no autocast).
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
@@ -77,11 +80,18 @@ class Trainer:
         self.head_labels = head_labels.to(self.device)
         head = len(seen) if config.loss == "softmax" else 0
         self.model = build_model(config.arch, config.low_dim, classes=head).to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.net = self.model
         if env.world_size > 1:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
+        # The training forward; checkpoints keep saving the bare model's parameter names.
+        self.forward = torch.compile(self.net) if config.compile else self.net
+        self.amp_dtype = AMP_DTYPES[config.amp]
+        # fp16 needs its gradients scaled (its range is narrow); with bf16 or none this is a no-op.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.memory = distributed.memory_bank_class(env, config.bank_sharding)(
             data.train_labels,
             config.low_dim,
@@ -232,9 +242,9 @@ class Trainer:
         """The step's features and loss: SNCA against the bank, or with --loss softmax the
         cross-entropy of the classifier head (the bank then only serves the kNN monitor)."""
         if self.config.loss == "softmax":
-            features, logits = self.net(images, logits=True)
+            features, logits = self.forward(images, logits=True)
             return features, F.cross_entropy(logits, self.head_labels[self.memory.labels[indices]])
-        features = self.net(images)
+        features = self.forward(images)
         return features, self.memory.loss(
             features, indices, margin=margin_logits, backend=self.config.backend
         )
@@ -300,11 +310,13 @@ class Trainer:
         features, rows = [], []
         seen, loss_sum = 0, 0.0
         for position, (images, indices) in enumerate(micro_batches):
-            images, indices = images.to(self.device, non_blocking=True), indices.to(self.device)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            indices = indices.to(self.device)
             last = position == len(micro_batches) - 1
             # DDP all-reduces the gradients at the last micro-batch only.
             with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
-                batch_features, loss = self._loss(images, indices, margin_logits)
+                with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                    batch_features, loss = self._loss(images, indices, margin_logits)
                 # The global batch's loss: every process must agree to raise Diverged.
                 loss_value = distributed.global_mean(loss)
                 if not math.isfinite(loss_value):
@@ -313,12 +325,13 @@ class Trainer:
                         f"(lr {self.optimizer.param_groups[0]['lr']:g}, temperature "
                         f"{self.config.temperature:g})"
                     )
-                distributed.backward(loss / len(micro_batches))
-            features.append(batch_features.detach())
+                distributed.backward(self.grad_scaler.scale(loss / len(micro_batches)))
+            features.append(batch_features.detach().float())
             rows.append(indices)
             seen += len(indices)
             loss_sum += loss_value * len(indices)
-        self.optimizer.step()
+        self.grad_scaler.step(self.optimizer)  # optimizer.step(), skipped if fp16 overflowed
+        self.grad_scaler.update()
         # After the step's loss, as the original (its update sits in the op's backward).
         self.memory.update(torch.cat(features), torch.cat(rows), momentum)
         return seen, loss_sum
