@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.serialization import SourceChangeWarning
@@ -41,6 +42,7 @@ __all__ = [
     "load_original",
     "module_tensors",
     "original_arch",
+    "original_run",
     "save_checkpoint",
 ]
 
@@ -229,6 +231,11 @@ def _cifar_arch(weights: dict[str, torch.Tensor]) -> str:
     return "cifar_resnet18"
 
 
+def _decimal(value: torch.Tensor) -> float:
+    """The shortest decimal of a float32 (``params`` holds ``T`` 0.05 as 0.0500000007...)."""
+    return float(np.format_float_positional(np.float32(value.item()), unique=True, trim="-"))
+
+
 def is_original(state: dict[str, Any]) -> bool:
     """Whether ``state`` is a checkpoint of the original project (main.py's or cifar.py's)."""
     return state.get("format") != FORMAT and ("state_dict" in state or "net" in state)
@@ -280,8 +287,8 @@ def from_original(state: dict[str, Any]) -> dict[str, Any]:
         "arch": arch,
         "low_dim": None if head is None else int(head.shape[0]),
         "bank": bank,
-        "temperature": None if params is None else float(params[0]),
-        "memory_momentum": None if params is None or len(params) < 2 else float(params[1]),
+        "temperature": None if params is None else _decimal(params[0]),
+        "memory_momentum": None if params is None or len(params) < 2 else _decimal(params[1]),
         "epoch": epoch,
         "optimizer": optimizer if isinstance(optimizer, dict) else None,
         "accuracy": float(accuracy) if isinstance(accuracy, int | float) else None,
@@ -309,6 +316,18 @@ def original_arch(parts: dict[str, Any], arch: str | None = None) -> str:
     if chosen not in ARCHS:
         raise CheckpointError(f"the checkpoint's network is a {chosen!r}; this package builds {ARCHS}")
     return chosen
+
+
+def original_run(parts: dict[str, Any], arch: str | None = None) -> dict[str, Any]:
+    """What an original checkpoint says of its run, in ``RunConfig``'s names: ``arch`` (its own, or
+    the ``--arch`` flag where it does not say), ``dataset`` (the one its arch implies), ``low_dim``
+    and the memory's ``temperature`` and ``memory_momentum`` where it has them."""
+    chosen = original_arch(parts, arch)
+    run = {"arch": chosen, "dataset": IMPLIED_DATASET[chosen]}
+    for key in ("low_dim", "temperature", "memory_momentum"):
+        if parts[key] is not None:
+            run[key] = parts[key]
+    return run
 
 
 def load_original(

@@ -21,7 +21,7 @@ import struct
 import sys
 import textwrap
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -209,6 +209,20 @@ def _random_statistics(module: nn.Module, generator: torch.Generator) -> None:
                 layer.bias.normal_(0, 0.1, generator=generator)
 
 
+def _center_head(net: nn.Module, head: nn.Linear, images: torch.Tensor | None) -> None:
+    """Sets the head's bias so that the features of ``images`` are centred before normalisation: a
+    network at its random initialisation maps every image to nearly the same direction (cosines
+    above 0.998), which would leave a kNN vote to rounding."""
+    if images is None:
+        return
+    seen = []
+    handle = head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        net.eval()(images)
+        head.bias.copy_(-head.weight @ seen[0].mean(0))
+    handle.remove()
+
+
 def optimizer_state_04(model: nn.Module, lr: float, weight_decay: float = 1e-4) -> dict:
     """SGD's state dict as PyTorch 0.4 saved it: keyed by ``id(parameter)``, no ``foreach`` /
     ``maximize`` / ``differentiable`` / ``fused`` options."""
@@ -241,22 +255,25 @@ def write_main_checkpoint(
     temperature: float = 0.05,
     momentum: float = 0.9,
     lr: float = 0.001,
-    memory: torch.Tensor | None = None,
+    memory: torch.Tensor | Callable[[nn.Module], torch.Tensor] | None = None,
     with_arch: bool = True,
+    center_on: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[Path, SimpleNamespace]:
     """A checkpoint as main.py saves it (``snca_resnet18.pth.tar``), in the legacy format of
     Python 2 / PyTorch 0.4: the DataParallel model's ``state_dict``, the whole ``LinearAverage``
-    pickled, ``epoch`` (epochs done), ``best_prec1`` and the 0.4 optimizer state. Returns the path
-    and what it holds (``model``: the network, ``memory``, ``params``)."""
+    pickled, ``epoch`` (epochs done), ``best_prec1`` and the 0.4 optimizer state. ``memory`` is the
+    bank, or makes it from the network. Returns the path and what it holds (``model``: the
+    network, ``memory``, ``params``)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_model(arch, dim)
     _random_statistics(model, generator)
+    _center_head(model, model.fc, center_on)
     with original_code(path.parent / f"original_code_{path.stem}") as code:
         lemniscate = code.LinearAverage(dim, rows, temperature, momentum)
         if memory is not None:
-            lemniscate.memory.copy_(memory)
+            lemniscate.memory.copy_(memory(model.eval()) if callable(memory) else memory)
         state = {
             "epoch": epoch,
             "arch": arch,
@@ -282,6 +299,7 @@ def write_cifar_checkpoint(
     temperature: float = 0.05,
     momentum: float = 0.5,
     data_parallel: bool = False,
+    center_on: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[Path, SimpleNamespace]:
     """``checkpoint/ckpt.t7`` as cifar.py saves it: ``{'net': the network module, 'lemniscate':
@@ -294,6 +312,7 @@ def write_cifar_checkpoint(
     with original_code(path.parent / f"original_code_{path.stem}") as code:
         net = code.resnet_cifar.ResNet18(128)
         _random_statistics(net, generator)
+        _center_head(net, net.linear, center_on)
         net.eval()
         _without_num_batches_tracked(net)
         lemniscate = code.LinearAverage(128, rows, temperature, momentum)
