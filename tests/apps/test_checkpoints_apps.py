@@ -17,6 +17,9 @@ from test_data import make_cifar_folder, make_image_folder
 
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data
+from snca_ext.apps.export import load_features
+from snca_ext.apps.export import run as export
+from snca_ext.apps.neighbors import run as neighbors
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
 
 FAST = ["--threads", "1", "--no-progress"]
@@ -173,3 +176,87 @@ def test_arch_flag_of_an_original_checkpoint(fashion_on_digits, capsys):
     assert "--arch is needed: the checkpoint does not say its architecture" in capsys.readouterr().err
     assert run(["--resume", str(without_arch), "--arch", "fashion_cnn", *evaluate]) == EXIT_OK
     assert "from it: arch fashion_cnn" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- export and neighbors
+
+
+def test_export_and_neighbors_take_the_data_set_and_arch_a_file_lacks(fashion_on_digits, tmp_path, capsys):
+    without_arch = fashion_on_digits[1]  # a fashion_cnn of main.py's format without 'arch'
+    out = tmp_path / "test.safetensors"
+    argv = [
+        "--checkpoint",
+        str(without_arch),
+        "--trust-checkpoint",
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        *FAST,
+    ]
+    assert export([*argv, "--dataset", "digits"]) == EXIT_USAGE
+    assert "--arch is needed: the checkpoint does not say its architecture" in capsys.readouterr().err
+    assert export([*argv, "--dataset", "digits", "--arch", "fashion_cnn"]) == EXIT_OK
+    meta = load_features(out)["metadata"]
+    assert (meta["dataset"], meta["arch"], meta["epoch"]) == ("digits", "fashion_cnn", "3")
+    page = tmp_path / "nn.html"
+    argv = [
+        "--checkpoint",
+        str(without_arch),
+        "--trust-checkpoint",
+        "--out",
+        str(page),
+        "--queries",
+        "2",
+        *FAST,
+    ]
+    assert neighbors([*argv, "--arch", "fashion_cnn", "--dataset", "digits", "-k", "2"]) == EXIT_OK
+    assert "digits test queries (2 random, seed 0) against the 1347 training images" in page.read_text()
+
+
+def test_export_of_a_cifar_ckpt_t7_writes_the_original_networks_features(tmp_path, capsys):
+    data = make_cifar_folder(tmp_path / "data")
+    bundle = build_data("cifar10", data)
+    path, held = write_cifar_checkpoint(tmp_path / "ckpt.t7", rows=len(bundle.train))
+    out = tmp_path / "test.safetensors"
+    argv = ["--checkpoint", str(path), "--trust-checkpoint", "--split", "test", "--out", str(out), *FAST]
+    assert export(argv) == EXIT_USAGE
+    assert "pass --data PATH, the cifar10 folder" in capsys.readouterr().err
+    assert export([*argv, "--data", str(data)]) == EXIT_OK
+    exported = load_features(out)
+    with torch.no_grad():
+        expected = held.net(_images(bundle.test))
+    torch.testing.assert_close(exported["features"], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(exported["labels"], bundle.test.targets)
+    meta = exported["metadata"]
+    assert (meta["dataset"], meta["arch"], meta["epoch"]) == ("cifar10", "cifar_resnet18", "8")
+
+
+def test_neighbors_of_snca_resnet18_from_its_memory_bank(imagenet, tmp_path, capsys):
+    path, data, held, bundle = imagenet
+    out = tmp_path / "nn.html"
+    argv = ["--checkpoint", str(path), "--trust-checkpoint", "--out", str(out), "-k", "3", *FAST]
+    argv += ["--data", str(data), "--query-index", "0,3", "--memory-bank"]
+    assert neighbors(argv) == EXIT_OK
+    with torch.no_grad():
+        queries = held.model(_images(bundle.test)[[0, 3]])
+    best, rows = (queries @ held.memory.T).topk(3, dim=1)
+    hits = (bundle.train.targets[rows] == bundle.test.targets[[0, 3], None]).sum()
+    assert f"snca: snca_resnet18.pth.tar: {hits}/6 retrievals of the same class" in capsys.readouterr().out
+    page = out.read_text()
+    for position, query in enumerate((0, 3)):
+        row = page[page.index(f'data-query="{query}"') :].split("</tr>")[0]
+        shown = [int(index) for index in re.findall(r'alt="train (\d+)"', row)]
+        # The rows shown are a top 3 of the memory bank (the bank holds each feature twice: ties).
+        torch.testing.assert_close(queries[position] @ held.memory[shown].T, best[position])
+    assert "(each checkpoint&#x27;s memory bank)" in page
+
+
+def test_neighbors_memory_bank_of_another_size_is_refused(imagenet, tmp_path, capsys):
+    path = imagenet[0]
+    other = make_image_folder(tmp_path / "other", per_class=(3, 1))
+    argv = ["--checkpoint", str(path), "--trust-checkpoint", "--out", str(tmp_path / "nn.html"), *FAST]
+    assert neighbors([*argv, "--data", str(other), "--memory-bank", "--queries", "2"]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "--memory-bank: the memory bank of" in error
+    assert "has 12 rows, but the training split (--classes all) has 9 images" in error
