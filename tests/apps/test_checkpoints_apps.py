@@ -106,6 +106,16 @@ def test_an_original_checkpoint_without_data_says_what_to_pass(imagenet, capsys)
     assert "pass --data PATH" in error
 
 
+def test_a_memory_bank_of_another_training_set_is_refused(imagenet, tmp_path, capsys):
+    other = make_image_folder(tmp_path / "other", per_class=(3, 1))  # 9 training images, not 12
+    argv = ["-e", "--resume", str(imagenet[0]), "--trust-checkpoint", "--data", str(other), *FAST]
+    assert run(argv) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert (
+        "the original checkpoint's memory has shape (12, 128), but the training set needs (9, 128)" in error
+    )
+
+
 def test_evaluating_a_cifar_ckpt_t7(tmp_path, capsys):
     data = make_cifar_folder(tmp_path / "data")
     bundle = build_data("cifar10", data)
