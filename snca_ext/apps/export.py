@@ -2,6 +2,13 @@
 
     python -m snca_ext.export --checkpoint RUN/checkpoint.pt --split train --out train.safetensors
 
+An original SNCA checkpoint (main.py's ``snca_resnet18.pth.tar``, cifar.py's ``ckpt.t7``) needs
+``--trust-checkpoint`` and ``--data`` (it records no data set; its arch implies ``imagefolder`` or
+``cifar10``, ``--dataset`` names another; ``--arch`` names the network of a file that does not):
+
+    python -m snca_ext.export --checkpoint snca_resnet18.pth.tar --trust-checkpoint \\
+        --data /data/imagenet --split test --out val.safetensors
+
 The features are recomputed by the checkpoint's network (eval mode, the test-time transform, so
 the training images are not augmented), batch by batch, and streamed to the file: neither the
 images nor the features are ever all in memory (ImageNet train: 1,281,167 x 128 float32 =
@@ -41,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoints import FORMAT, from_original, load_checkpoint
+from .checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from .cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
@@ -52,11 +59,11 @@ from .cli import (
     set_threads,
     writable_folder,
 )
-from .data import ClassSubset, IndexedDataset, build_data
+from .data import DATASETS, DEFAULT_LOCATION, ClassSubset, IndexedDataset, build_data
 from .errors import AppError, CheckpointError, ExportError
 from .features import iter_features
 from .files import atomic_write
-from .models import build_model
+from .models import ARCHS, build_model
 
 EXPORT_FORMAT = "snca_ext.export/1"
 SPLITS = ("train", "test")
@@ -68,22 +75,36 @@ _DTYPES = {"F32": (torch.float32, np.float32), "I64": (torch.int64, np.int64)}
 
 
 def load_trained_model(
-    path: str | Path, device: torch.device | str = "cpu", *, trust: bool = False, flag: str = "--checkpoint"
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    trust: bool = False,
+    flag: str = "--checkpoint",
+    arch: str | None = None,
+    dataset: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The network of a checkpoint, in eval mode on ``device``, and its run arguments (``args`` of a
-    ``python -m snca_ext.train`` checkpoint; for an original SNCA checkpoint: arch and low_dim)."""
+    """The network of a checkpoint, in eval mode on ``device``, and its run arguments: ``args`` of a
+    ``python -m snca_ext.train`` checkpoint; for an original SNCA checkpoint (main.py's
+    ``.pth.tar``, cifar.py's ``ckpt.t7``), its arch (``arch`` where the file does not say),
+    low-dim and the data set its arch implies. ``dataset`` (the ``--dataset`` flag) replaces the
+    run's data set (an original checkpoint records none, nor its folder: ``split_dataset``'s
+    ``data_path``). The args also hold the checkpoint's memory bank as ``bank`` (None if it has
+    none)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     state = load_checkpoint(path, trust=trust, flag=flag)
     if state.get("format") == FORMAT:
         args = dict(state["args"])
-        weights = state["model"]
+        weights, bank, epoch = state["model"], state["memory"].get("bank"), int(state["epoch"])
     else:
-        weights = from_original(state)["model"]
-        if "arch" not in state or "fc.weight" not in weights:
-            raise CheckpointError(f"{path}: an original checkpoint without 'arch' or fc weights")
-        args = {"arch": state["arch"], "low_dim": int(weights["fc.weight"].shape[0]), "dataset": None}
+        parts = from_original(state)
+        if parts["low_dim"] is None:
+            raise CheckpointError(f"{flag} {path}: an original checkpoint without the network's fc weights")
+        args = {**original_run(parts, arch), "data": None, "loss": "snca", "original": parts["script"]}
+        weights, bank, epoch = parts["model"], parts["bank"], parts["epoch"]
+    if dataset is not None:
+        args["dataset"] = dataset
     classifier = weights.get("classifier.weight")
     model = build_model(
         args["arch"], int(args["low_dim"]), classes=0 if classifier is None else len(classifier)
@@ -91,9 +112,12 @@ def load_trained_model(
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: the weights do not fit {args['arch']}: {error}") from error
-    args["epoch"] = int(state.get("epoch", 0))
+        raise CheckpointError(
+            f"{flag} {path}: the weights do not fit {args['arch']}: {str(error).strip().splitlines()[0]}"
+        ) from error
+    args["epoch"] = epoch
     args["checkpoint"] = str(path)
+    args["bank"] = bank
     return model.to(device).eval(), args
 
 
@@ -108,8 +132,14 @@ def split_dataset(
         raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
     dataset = run_args.get("dataset")
     if dataset is None:
-        raise ExportError("the checkpoint does not say its dataset (an original checkpoint)")
-    bundle = build_data(dataset, data_path if data_path is not None else run_args.get("data"))
+        raise ExportError(f"the checkpoint does not say its data set: pass --dataset (one of {DATASETS})")
+    data_path = data_path if data_path is not None else run_args.get("data")
+    if data_path is None and run_args.get("original") and dataset not in DEFAULT_LOCATION:
+        raise ExportError(
+            f"{run_args['checkpoint']} is an original {run_args['original']} checkpoint, which does not "
+            f"record its data: pass --data PATH, the {dataset} folder (or --dataset and --data for another)"
+        )
+    bundle = build_data(dataset, data_path)
     holdout = parse_classes(str(run_args.get("holdout_classes") or ""))
     if classes != "all":
         if not holdout:
@@ -266,6 +296,8 @@ def export_features(
     split: str = "train",
     classes: str = "all",
     data_path: str | None = None,
+    dataset: str | None = None,
+    arch: str | None = None,
     batch_size: int = 256,
     workers: int = 0,
     device: torch.device | str = "cpu",
@@ -273,9 +305,9 @@ def export_features(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Writes the features of ``split`` (restricted to ``classes``) to ``out``; returns the
-    metadata written."""
+    metadata written. ``dataset`` and ``arch`` name what an original checkpoint does not say."""
     device = torch.device(device)
-    model, run_args = load_trained_model(checkpoint, device, trust=trust)
+    model, run_args = load_trained_model(checkpoint, device, trust=trust, arch=arch, dataset=dataset)
     dataset = split_dataset(run_args, split, classes, data_path)
     labels, indices = dataset.targets.clone(), dataset_indices(dataset)
     metadata = {
@@ -321,7 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of a split to a .safetensors file (streamed) or a .pt file.",
     )
     add = parser.add_argument
-    add("--checkpoint", required=True, help="a checkpoint.pt of python -m snca_ext.train (or its run folder)")
+    add(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint.pt of python -m snca_ext.train (or its run folder), or an original SNCA "
+        "checkpoint (main.py's .pth.tar, cifar.py's ckpt.t7; with --trust-checkpoint)",
+    )
     add(
         "--split",
         choices=SPLITS,
@@ -335,12 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="all classes, or with a --holdout-classes run its seen or novel (held-out) classes (all)",
     )
-    add("--data", help="the dataset folder, if not where the checkpoint's run read it")
+    add(
+        "--dataset",
+        choices=DATASETS,
+        help="the data set, if not the checkpoint's run's (an original checkpoint records none: its arch "
+        "implies imagefolder for main.py's ResNets, cifar10 for cifar.py's ckpt.t7)",
+    )
+    add(
+        "--data",
+        help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
+    )
+    add("--arch", choices=ARCHS, help="the network of an original checkpoint that does not say its arch")
     add("-b", "--batch-size", type=POSITIVE_INT, default=256, help="images per forward pass (256)")
     add("-j", "--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes (0)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that need unpickling")
+    add(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that need unpickling (the original project's): unpickling can run code",
+    )
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -359,6 +410,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             split=args.split,
             classes=args.classes,
             data_path=args.data,
+            dataset=args.dataset,
+            arch=args.arch,
             batch_size=args.batch_size,
             workers=args.workers,
             device=resolve_device(args.device),

@@ -15,8 +15,19 @@ random with ``--seed`` or given by ``--query-index`` (indices into the split, th
 
 The bank is the training split's features recomputed by each network (kept in memory: N x D
 floats), or read from a file of ``python -m snca_ext.export`` (``--bank-features``, memory-mapped),
-and searched by ``snca_ext.bank_topk``. With a ``--holdout-classes`` run, ``--classes novel`` shows
-how the features order classes never seen in training.
+or each checkpoint's memory bank (``--memory-bank``), and searched by ``snca_ext.bank_topk``.
+
+A released model of the original project rebuilds the paper's neighbour page without recomputing
+the 1.28 M training features (its file holds them as its memory bank):
+
+    python -m snca_ext.neighbors --checkpoint snca_resnet50.pth.tar --trust-checkpoint \\
+        --data /data/imagenet --memory-bank --out nn.html
+
+(an original checkpoint records no data set: ``--data`` is needed, ``--dataset`` names another
+than the one its arch implies, ``--arch`` the network of a file that does not say it).
+
+With a ``--holdout-classes`` run, ``--classes novel`` shows how the features order classes never
+seen in training.
 """
 
 from __future__ import annotations
@@ -48,7 +59,7 @@ from .cli import (
     set_threads,
     writable_folder,
 )
-from .data import ClassSubset, DigitsDataset, IndexedDataset
+from .data import DATASETS, ClassSubset, DigitsDataset, IndexedDataset
 from .errors import AppError, ExportError
 from .export import (
     CLASS_SETS,
@@ -59,6 +70,7 @@ from .export import (
     split_dataset,
 )
 from .features import compute_features
+from .models import ARCHS
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 
@@ -308,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
         "top-k training images by feature similarity, marked correct or wrong class.",
     )
     add = parser.add_argument
-    add("--checkpoint", required=True, help="a checkpoint.pt of python -m snca_ext.train (or its run folder)")
+    add(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint.pt of python -m snca_ext.train (or its run folder), or an original SNCA "
+        "checkpoint (main.py's .pth.tar, cifar.py's ckpt.t7; with --trust-checkpoint)",
+    )
     add("--compare", help="a second checkpoint (same dataset) whose retrievals are shown under each query")
     add("--names", help="row labels of the models, comma-separated (default: their --loss and run folder)")
     add("--out", required=True, help="the HTML page to write")
@@ -324,9 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--query-split", choices=SPLITS, default="test", help="where the queries come from (test)")
     add("--classes", choices=CLASS_SETS, default="all", help="all, or a holdout run's seen or novel classes")
     add("--bank-features", help="the bank of --checkpoint from python -m snca_ext.export --split train")
+    add(
+        "--memory-bank",
+        action="store_true",
+        help="search each checkpoint's memory bank (the training features its run kept: the original's "
+        "evaluation protocol, and the released models' bank of all ImageNet training images) instead of "
+        "recomputing the training split's features",
+    )
     add("--compare-bank-features", help="the same for --compare")
     add("--thumb", type=number(int, 8, what="an integer >= 8"), default=64, help="image size in pixels (64)")
-    add("--data", help="the dataset folder, if not where the checkpoint's run read it")
+    add(
+        "--dataset",
+        choices=DATASETS,
+        help="the data set, if not the checkpoint's run's (an original checkpoint records none: its arch "
+        "implies imagefolder for main.py's ResNets, cifar10 for cifar.py's ckpt.t7)",
+    )
+    add(
+        "--data",
+        help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
+    )
+    add("--arch", choices=ARCHS, help="the network of an original checkpoint that does not say its arch")
     add(
         "-b",
         "--batch-size",
@@ -337,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
     add("--backend", default="auto", help="bank_topk backend (auto)")
-    add("--trust-checkpoint", action="store_true", help="allow checkpoints that need unpickling")
+    add(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that need unpickling (the original project's): unpickling can run code",
+    )
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -348,7 +386,19 @@ def _bank(
     features_path: str | None,
     args: argparse.Namespace,
     device: torch.device,
+    run_args: dict[str, Any],
 ) -> Tensor:
+    if args.memory_bank:
+        memory = run_args.get("bank")
+        if memory is None:
+            raise ExportError(f"--memory-bank: {run_args['checkpoint']} holds no memory bank")
+        if memory.shape[0] != len(bank_set):
+            raise ExportError(
+                f"--memory-bank: the memory bank of {run_args['checkpoint']} has {memory.shape[0]} rows, "
+                f"but the training split (--classes {args.classes}) has {len(bank_set)} images: not the "
+                f"data it was trained on (--dataset / --data)"
+            )
+        return memory.float()
     if features_path is None:
         features, _ = compute_features(
             model, bank_set, device, batch_size=args.batch_size, progress=not args.no_progress
@@ -373,7 +423,8 @@ def _bank(
 
 
 def _model_name(run_args: dict[str, Any]) -> str:
-    return f"{run_args.get('loss', 'snca')}: {Path(run_args['checkpoint']).parent.name}"
+    path = Path(run_args["checkpoint"])
+    return f"{run_args.get('loss', 'snca')}: {path.name if run_args.get('original') else path.parent.name}"
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -387,7 +438,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
         loaded = [
-            load_trained_model(path, device, trust=args.trust_checkpoint, flag=flag)
+            load_trained_model(
+                path,
+                device,
+                trust=args.trust_checkpoint,
+                flag=flag,
+                arch=args.arch,
+                dataset=args.dataset,
+            )
             for path, flag in zip(checkpoints, ("--checkpoint", "--compare"), strict=False)
         ]
         first = loaded[0][1]
@@ -408,8 +466,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         exclude = positions if args.query_split == "train" else None
         bank_paths = [args.bank_features, args.compare_bank_features]
         rows = []
-        for (model, _), name, bank_path in zip(loaded, names, bank_paths, strict=False):
-            bank = _bank(model, bank_set, bank_path, args, device)
+        if args.memory_bank and (args.bank_features or args.compare_bank_features):
+            raise ExportError(
+                "--memory-bank and --bank-features / --compare-bank-features exclude each other"
+            )
+        for (model, run_args), name, bank_path in zip(loaded, names, bank_paths, strict=False):
+            bank = _bank(model, bank_set, bank_path, args, device, run_args)
             values, found = retrieve(
                 model,
                 images,
@@ -431,7 +493,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     notes = [
         f"{first.get('dataset')} {args.query_split} queries ({how}) against the {len(bank_set)} training "
-        f"images ({args.classes} classes), top {args.k} by cosine similarity of the features",
+        f"images ({args.classes} classes), top {args.k} by cosine similarity of the features"
+        + (" (each checkpoint's memory bank)" if args.memory_bank else ""),
         *[f"{name}: {path}" for name, path in zip(names, checkpoints, strict=True)],
         "green: same class as the query; red: another class",
     ]

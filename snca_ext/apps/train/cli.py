@@ -32,7 +32,7 @@ import torch
 from snca_ext import distributed
 from snca_ext.memory import BANK_DTYPES
 
-from ..checkpoints import FORMAT, load_checkpoint
+from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from ..cli import (
     FRACTION,
     NON_NEGATIVE_FLOAT,
@@ -281,6 +281,53 @@ def run(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+# What the original scripts train, for messages.
+_ORIGINAL_DATA = {
+    "imagefolder": "an ImageNet-style folder (train/<class>/, val/<class>/)",
+    "cifar10": "CIFAR-10 (a folder holding cifar-10-batches-py/)",
+}
+
+
+def _original_run(raw: argparse.Namespace, parts: dict[str, Any]) -> dict[str, Any]:
+    """The run an original checkpoint implies: its arch, low-dim and memory (T, momentum), unless
+    a flag says otherwise, and the data set its arch implies, unless ``--dataset`` names another.
+    Prints what it took and what the flags override."""
+    run = original_run(parts, raw.arch)
+    if raw.dataset is None and raw.data is None and run["dataset"] in _ORIGINAL_DATA:
+        raise UsageError(
+            f"--resume {raw.resume} is an original {parts['script']} checkpoint of a {run['arch']}, "
+            f"trained on {_ORIGINAL_DATA[run['dataset']]}: pass --data PATH (or --dataset and --data "
+            f"for another data set)"
+        )
+    labels = {
+        "arch": ("--arch", "arch"),
+        "low_dim": ("--low-dim", "low-dim"),
+        "temperature": ("--temperature", "T"),
+        "memory_momentum": ("--memory-momentum", "memory momentum"),
+    }
+    taken, overridden = [], []
+    for key, (flag, name) in labels.items():
+        if key not in run:
+            continue
+        given = getattr(raw, key)
+        if given is None or given == run[key]:
+            taken.append(f"{name} {run[key]:g}" if isinstance(run[key], float) else f"{name} {run[key]}")
+        else:
+            overridden.append(f"{flag} {given} (the checkpoint's: {run[key]})")
+    if raw.dataset is None:
+        taken.append(f"data set {run['dataset']} (its arch's)")
+    epochs = f"{parts['epoch']} epochs done"
+    if parts["script"] == "cifar.py":
+        epochs += f" (saved after its 0-based epoch {parts['epoch'] - 1})"
+    if parts["accuracy"] is not None:
+        epochs += f", recorded accuracy {parts['accuracy']:.4f}"
+    print(
+        f"--resume {raw.resume}: an original {parts['script']} checkpoint, {epochs}; from it: "
+        f"{', '.join(taken)}" + (f"; the flags override {', '.join(overridden)}" if overridden else "")
+    )
+    return run
+
+
 def _prepare(
     raw: argparse.Namespace, env: distributed.DistEnv | None
 ) -> tuple[RunConfig, DataBundle, DataBundle | None, DataBundle | None, Trainer]:
@@ -289,7 +336,10 @@ def _prepare(
     ``--resume``)."""
     checkpoint = _load_resume(raw)
     native = checkpoint is not None and checkpoint.get("format") == FORMAT
-    config = RunConfig.resolve(raw, checkpoint["args"] if native else None)
+    saved = checkpoint["args"] if native else None
+    if checkpoint is not None and not native:
+        saved = _original_run(raw, from_original(checkpoint))
+    config = RunConfig.resolve(raw, saved)
     if config.out is None:
         if config.resume is not None and not config.evaluate:
             config.out = str(Path(config.resume).parent)
@@ -309,7 +359,7 @@ def _prepare(
     if config.train_labels == "coarse":
         fine, data = data, data.coarse()
     data, novel = _holdout(data, config.holdout_classes)
-    if config.batch_size * config.iter_size > len(data.train):
+    if not config.evaluate and config.batch_size * config.iter_size > len(data.train):
         raise UsageError(
             f"--batch-size x --iter-size must be at most the training set size {len(data.train)} (the "
             f"last incomplete step is dropped), got {config.batch_size} x {config.iter_size}"
