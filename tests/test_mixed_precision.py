@@ -98,6 +98,6 @@ def test_bank_topk_of_low_precision_queries(backend_device):
     queries, indices, bank, _ = make_problem(5, 900, 16, dtype=torch.float32, seed=34)
     low = queries.bfloat16()
     values, rows = snca_ext.bank_topk(low, bank, 7, exclude=indices, backend=backend)
-    expected_values, expected_rows = snca_ext.bank_topk(low.float(), bank, 7, exclude=indices, backend=backend)
+    expected = snca_ext.bank_topk(low.float(), bank, 7, exclude=indices, backend=backend)
     assert values.dtype == torch.float32
-    assert torch.equal(values, expected_values) and torch.equal(rows, expected_rows)
+    assert torch.equal(values, expected.values) and torch.equal(rows, expected.indices)
