@@ -5,6 +5,7 @@ command reports a user's error (usage line, message, exit status 2)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import tempfile
@@ -48,6 +49,41 @@ NON_NEGATIVE_INT = number(int, 0, what="an integer >= 0")
 POSITIVE_FLOAT = number(float, 0.0, min_open=True, what="a number > 0")
 NON_NEGATIVE_FLOAT = number(float, 0.0, what="a number >= 0")
 FRACTION = number(float, 0.0, 1.0, max_open=True, what="a number in [0, 1)")
+
+
+class _ConsoleHandler(logging.Handler):
+    """Messages as they are, info to stdout and warnings/errors to stderr, each looked up at every
+    message (so that a redirected or captured stream gets them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(main_process: bool = True) -> None:
+    """The commands' console output: ``snca_ext``'s loggers at INFO on the main process, at
+    WARNING on the other ranks of a distributed run (one log per job, every rank's problems).
+    The library itself configures nothing; an application that sets up logging gets the records
+    through its own handlers (``logging.getLogger("snca_ext")``)."""
+    logger = logging.getLogger("snca_ext")
+    if not any(isinstance(handler, _ConsoleHandler) for handler in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+        logger.propagate = False  # printed once, not again by a root handler
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+
+
+def arch_type(text: str) -> str:
+    """argparse type of --arch: one of the package's networks or timm:<name>."""
+    from .models import check_arch
+
+    try:
+        return check_arch(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def parse_int_list(

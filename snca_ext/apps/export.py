@@ -52,6 +52,7 @@ from .checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from .cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
+    arch_type,
     parse_classes,
     program_name,
     report,
@@ -63,7 +64,7 @@ from .data import DATASETS, DEFAULT_LOCATION, ClassSubset, IndexedDataset, build
 from .errors import AppError, CheckpointError, ExportError
 from .features import iter_features
 from .files import atomic_write
-from .models import ARCHS, build_model
+from .models import build_model, input_channels
 
 EXPORT_FORMAT = "snca_ext.export/1"
 SPLITS = ("train", "test")
@@ -107,7 +108,10 @@ def load_trained_model(
         args["dataset"] = dataset
     classifier = weights.get("classifier.weight")
     model = build_model(
-        args["arch"], int(args["low_dim"]), classes=0 if classifier is None else len(classifier)
+        args["arch"],
+        int(args["low_dim"]),
+        classes=0 if classifier is None else len(classifier),
+        in_channels=input_channels(weights),
     )
     try:
         model.load_state_dict(weights)
@@ -382,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
     )
-    add("--arch", choices=ARCHS, help="the network of an original checkpoint that does not say its arch")
+    add("--arch", type=arch_type, help="the network of an original checkpoint that does not say its arch")
     add("-b", "--batch-size", type=POSITIVE_INT, default=256, help="images per forward pass (256)")
     add("-j", "--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes (0)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

@@ -25,6 +25,8 @@ RESNETS = {
     "resnet152": (resnet.Bottleneck, [3, 8, 36, 3]),
 }
 ARCHS = (*RESNETS, "cifar_resnet18", "digits_cnn", "fashion_cnn")
+# --arch timm:<name>: any timm model as the backbone (the optional extra snca_ext[timm]).
+TIMM_PREFIX = "timm:"
 
 
 def _outputs(embedding: Tensor, classifier: nn.Module | None, logits: bool) -> Tensor | tuple[Tensor, Tensor]:
@@ -109,9 +111,56 @@ class FashionCNN(_ConvEmbedding):
         super().__init__(layers, 4 * width, dim)
 
 
-def build_model(arch: str, dim: int = 128, classes: int = 0) -> nn.Module:
-    """The embedding network ``arch`` (one of ``ARCHS``) with a ``dim`` normalised output and,
-    when ``classes > 0``, a linear classifier head on the embedding (the softmax baseline)."""
+def check_arch(arch: str) -> str:
+    """``arch`` if it names a network ``build_model`` can build: one of ``ARCHS`` or
+    ``timm:<name>`` with a model name timm knows (timm installed); else ValueError saying why."""
+    if arch in ARCHS:
+        return arch
+    if not arch.startswith(TIMM_PREFIX):
+        raise ValueError(f"must be one of {', '.join(ARCHS)} or timm:<model name>, got {arch!r}")
+    try:
+        import timm
+    except ImportError as error:
+        raise ValueError(f"{arch} needs timm: pip install 'snca_ext[timm]'") from error
+    name = arch[len(TIMM_PREFIX) :]
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        raise ValueError(f"timm has no model {name!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    return arch
+
+
+class TimmEmbedding(nn.Module):
+    """A timm model without its classifier (``num_classes=0``: pooled features) as the backbone,
+    then a ``dim`` linear head (``fc``) and L2 normalisation."""
+
+    def __init__(self, name: str, dim: int, in_channels: int = 3, weights: str | None = None) -> None:
+        import timm
+
+        super().__init__()
+        # A local weights file through timm's own loader (weights_only / safetensors; its stem is
+        # adapted to in_channels, its classifier dropped); never a download.
+        local = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}} if weights else {}
+        self.backbone = timm.create_model(name, num_classes=0, in_chans=in_channels, **local)
+        self.fc = nn.Linear(self.backbone.num_features, dim)
+        self.classifier: nn.Linear | None = None
+
+    def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return _outputs(self.fc(self.backbone(x)), self.classifier, logits)
+
+
+def input_channels(weights: dict[str, Tensor]) -> int:
+    """The image channels a saved network takes: the input side of its first convolution (a
+    stem or patch embedding: the first 4-D weight of its state dict)."""
+    return next(int(w.shape[1]) for w in weights.values() if w.dim() == 4)
+
+
+def build_model(
+    arch: str, dim: int = 128, classes: int = 0, *, in_channels: int = 3, weights: str | None = None
+) -> nn.Module:
+    """The embedding network ``arch`` (one of ``ARCHS``, or ``timm:<name>``) with a ``dim``
+    normalised output and, when ``classes > 0``, a linear classifier head on the embedding (the
+    softmax baseline). ``in_channels`` and ``weights`` (a local file of the backbone's weights) are
+    for timm models; this package's own networks know their inputs and start from scratch."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
@@ -125,8 +174,12 @@ def build_model(arch: str, dim: int = 128, classes: int = 0) -> nn.Module:
         model = DigitsCNN(dim)
     elif arch == "fashion_cnn":
         model = FashionCNN(dim)
+    elif arch.startswith(TIMM_PREFIX):
+        model = TimmEmbedding(check_arch(arch)[len(TIMM_PREFIX) :], dim, in_channels, weights)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if weights is not None and not arch.startswith(TIMM_PREFIX):
+        raise ValueError(f"weights (--pretrained) are for timm:<name> networks, got arch {arch!r}")
     if classes:
         model.classifier = nn.Linear(dim, classes)
     return model

@@ -51,6 +51,7 @@ from snca_ext import bank_topk
 
 from .cli import (
     POSITIVE_INT,
+    arch_type,
     int_list_type,
     number,
     program_name,
@@ -70,7 +71,6 @@ from .export import (
     split_dataset,
 )
 from .features import compute_features
-from .models import ARCHS
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
     )
-    add("--arch", choices=ARCHS, help="the network of an original checkpoint that does not say its arch")
+    add("--arch", type=arch_type, help="the network of an original checkpoint that does not say its arch")
     add(
         "-b",
         "--batch-size",

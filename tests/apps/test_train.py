@@ -308,7 +308,7 @@ BAD_ARGUMENTS = [
     (["--memory-schedule", "80"], "argument --memory-schedule: memory momentum schedule must look like"),
     (["--workers", "-1"], "argument -j/--workers: expected an integer >= 0, got '-1'"),
     (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
-    (["--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
+    (["--arch", "vgg16"], "argument --arch: must be one of resnet18"),
     (["--bank-dtype", "int8"], "argument --bank-dtype: invalid choice: 'int8'"),
     (["--margin", "2.5"], "--margin is in cosine units and must be < 2"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
@@ -498,3 +498,22 @@ def test_compile_trains_through_the_compiled_network_and_saves_plain_names(tmp_p
     assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
     assert set(trainer.state_dict()["model"]) == set(trainer.model.state_dict())
     assert not any(name.startswith("_orig_mod") for name in trainer.state_dict()["model"])
+
+
+def test_tensorboard_gets_every_step_and_every_epoch(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "board"
+    assert _digits(tmp_path / "run", "--epochs", "2", "--tensorboard", str(board)) == EXIT_OK
+    events = EventAccumulator(str(board))
+    events.Reload()
+    steps = events.Scalars("train/loss")
+    assert [s.step for s in steps] == list(range(1, 2 * STEPS_PER_DIGITS_EPOCH + 1))
+    rows = _rows(tmp_path / "run")
+    for name in ("loss", "knn1_top1", "lr", "memory_momentum"):
+        logged = [(s.step, s.value) for s in events.Scalars(f"epoch/{name}")]
+        assert logged == [(int(row["epoch"]), pytest.approx(float(row[name]), rel=1e-6)) for row in rows]
+    # The epoch's mean loss is the mean of its steps' losses (equal batches).
+    first_epoch = [s.value for s in steps[:STEPS_PER_DIGITS_EPOCH]]
+    assert sum(first_epoch) / len(first_epoch) == pytest.approx(float(rows[0]["loss"]), rel=1e-5)

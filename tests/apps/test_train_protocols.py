@@ -78,7 +78,7 @@ def _trainer(iter_size: int) -> Trainer:
     config.out = "unused"
     trainer = Trainer(config, build_data("digits"), DistEnv.single(torch.device("cpu")))
     torch.manual_seed(0)
-    trainer.model = trainer.net = _Linear()
+    trainer.model = trainer.net = trainer.forward = _Linear()
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
     return trainer
 

@@ -80,6 +80,11 @@ class DataBundle:
     coarse_classes: list[str] | None = None
 
     @property
+    def channels(self) -> int:
+        """The image channels (1 for grey, 3 for colour), read from the first test image."""
+        return int(self.test[0][0].shape[0])
+
+    @property
     def train_labels(self) -> Tensor:
         return self.train.targets
 

@@ -3,7 +3,7 @@ augmentation."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +14,8 @@ from torchvision import datasets, transforms
 
 from ..errors import DataError
 from .base import DataBundle, IndexedDataset, with_transform
+
+log = logging.getLogger(__name__)
 
 # Up to this many bad files are named in a message.
 _NAMED = 5
@@ -79,9 +81,7 @@ def check_images(folder: datasets.ImageFolder, where: str, split: str, skip_bad:
             f"{named}{more}. "
             "Remove or replace them, or pass --skip-bad-images to leave them out"
         )
-    print(
-        f"warning: left out {len(bad)} of the {len(paths)} files in {split}/: {named}{more}", file=sys.stderr
-    )
+    log.warning(f"warning: left out {len(bad)} of the {len(paths)} files in {split}/: {named}{more}")
     keep = [problem is None for problem in problems]
     folder.samples = [sample for sample, kept in zip(folder.samples, keep, strict=True) if kept]
     folder.imgs = folder.samples

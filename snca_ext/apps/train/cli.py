@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +40,9 @@ from ..cli import (
     NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
+    arch_type,
     class_list_type,
+    configure_logging,
     int_list_type,
     parse_classes,
     program_name,
@@ -57,6 +60,8 @@ from .evaluation import novel_class_evaluation
 from .outputs import plot_curves, summary_line, write_summary
 from .signals import StopSignal
 from .trainer import Diverged, SaveFailed, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIVERGED, EXIT_STOPPED, EXIT_PEER_FAILED, EXIT_SAVE_FAILED = 0, 1, 130, 3, 4
 __all__ = [
@@ -125,7 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and loss")
     model.add_argument(
-        "--arch", choices=ARCHS, help="digits: digits_cnn, cifar10: cifar_resnet18, imagefolder: resnet18"
+        "--arch",
+        type=arch_type,
+        metavar="ARCH",
+        help=f"{', '.join(ARCHS)}, or timm:<name> for any timm model (pip install 'snca_ext[timm]'); "
+        "digits: digits_cnn, cifar10: cifar_resnet18, imagefolder: resnet18",
+    )
+    model.add_argument(
+        "--pretrained",
+        metavar="PATH",
+        help="timm:<name> only: start the backbone from this local weights file (.safetensors, .pth), "
+        "read by timm's loader without unpickling; nothing is downloaded",
     )
     model.add_argument("--low-dim", type=POSITIVE_INT, help="feature dimension (128)")
     model.add_argument(
@@ -233,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop like Ctrl-C after this many steps of this invocation (for time-limited job slots)",
     )
     run_group.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also write TensorBoard scalars to DIR: the loss of every step; per epoch its mean loss, "
+        "the kNN monitor, lr and memory momentum (pip install 'snca_ext[tensorboard]')",
+    )
+    run_group.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars (they are off anyway when not a terminal)",
@@ -268,9 +289,11 @@ def _load_resume(args: argparse.Namespace) -> dict[str, Any] | None:
 def run(argv: Sequence[str] | None = None) -> int:
     """The command line; under torchrun with several processes, one rank of the distributed run."""
     if not distributed.launched_distributed():
+        configure_logging()
         return _run(argv, None)
     raw = build_parser().parse_args(argv)
     env = distributed.init_from_env(raw.device, raw.dist_timeout)
+    configure_logging(env.is_main)
     try:
         # One log per job: rank 0's (errors and warnings of every rank still go to stderr).
         with contextlib.redirect_stdout(None) if not env.is_main else contextlib.nullcontext():
@@ -321,7 +344,7 @@ def _original_run(raw: argparse.Namespace, parts: dict[str, Any]) -> dict[str, A
         epochs += f" (saved after its 0-based epoch {parts['epoch'] - 1})"
     if parts["accuracy"] is not None:
         epochs += f", recorded accuracy {parts['accuracy']:.4f}"
-    print(
+    log.info(
         f"--resume {raw.resume}: an original {parts['script']} checkpoint, {epochs}; from it: "
         f"{', '.join(taken)}" + (f"; the flags override {', '.join(overridden)}" if overridden else "")
     )
@@ -394,10 +417,9 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     try:
         return _train_and_evaluate(config, data, novel, fine, trainer, progress, wall_started)
     except BadImageError as error:
-        print(
+        log.error(
             f"error: {error.reason}; its header was sound, so the check before training let it through. "
-            f"Stopped; {trainer.on_disk()}. Remove or replace the file, then --resume.",
-            file=sys.stderr,
+            f"Stopped; {trainer.on_disk()}. Remove or replace the file, then --resume."
         )
         return EXIT_USAGE
 
@@ -415,13 +437,13 @@ def _train_and_evaluate(
     if config.evaluate:
         recomputed = bool(config.recompute_bank)
         result = trainer.knn(trainer.bank(progress, recompute=recomputed), config.knn_k, progress)
-        print(summary_line(config.knn_k, config.knn_sigma, result, recomputed, trainer.epoch))
+        log.info(summary_line(config.knn_k, config.knn_sigma, result, recomputed, trainer.epoch))
         if novel is not None:
             _novel_evaluation(trainer, novel, progress)
         return EXIT_OK
 
     checkpoint_path = trainer.out / "checkpoint.pt"
-    print(
+    log.info(
         f"run {trainer.out}: {config.dataset}, {config.arch}, N={len(data.train)} train / {len(data.test)} "
         f"test, T={config.temperature}, batch {config.batch_size}, lr {config.lr}, {config.epochs} epochs, "
         f"{trainer.device}"
@@ -435,24 +457,22 @@ def _train_and_evaluate(
                 if not trainer.train_epoch(stop, progress):
                     where = f"stopped in epoch {trainer.epoch + 1} after step {trainer.step}"
                     if trainer.save():
-                        print(f"{where}; checkpoint saved: continue with --resume {checkpoint_path}")
+                        log.info(f"{where}; checkpoint saved: continue with --resume {checkpoint_path}")
                         status = EXIT_STOPPED
                     else:
-                        print(
-                            f"error: {where}, but the checkpoint could not be saved; {trainer.on_disk()}",
-                            file=sys.stderr,
+                        log.error(
+                            f"error: {where}, but the checkpoint could not be saved; {trainer.on_disk()}"
                         )
                         status = EXIT_SAVE_FAILED
                     break
                 row = trainer.finish_epoch(progress)
                 seconds = time.perf_counter() - epoch_started
-                print(
+                log.info(
                     f"epoch {row['epoch']}/{config.epochs}  loss {row['loss']:.4f}  "
-                    f"kNN-{config.monitor_k} {row['knn1_top1']:.2f}%  lr {row['lr']:g}  {seconds:.1f} s",
-                    flush=True,
+                    f"kNN-{config.monitor_k} {row['knn1_top1']:.2f}%  lr {row['lr']:g}  {seconds:.1f} s"
                 )
                 if trainer.agree_to_stop(stop) and trainer.epoch < config.epochs:
-                    print(f"stopped after epoch {trainer.epoch}: continue with --resume {checkpoint_path}")
+                    log.info(f"stopped after epoch {trainer.epoch}: continue with --resume {checkpoint_path}")
                     status = EXIT_STOPPED
                     break
     except Diverged as error:
@@ -461,18 +481,17 @@ def _train_and_evaluate(
             if checkpoint_path.is_file()
             else "no checkpoint was written (it diverged before the end of the first epoch)"
         )
-        print(
-            f"error: {error}. Training stopped; {kept}. Try a lower --lr or a higher --temperature.",
-            file=sys.stderr,
-        )
+        log.error(f"error: {error}. Training stopped; {kept}. Try a lower --lr or a higher --temperature.")
         status = EXIT_DIVERGED
     except SaveFailed as error:
-        print(f"error: {error}. Training stopped: make room or fix --out, then --resume.", file=sys.stderr)
+        log.error(f"error: {error}. Training stopped: make room or fix --out, then --resume.")
         status = EXIT_SAVE_FAILED
     except KeyboardInterrupt:
-        print("aborted by a second Ctrl-C; the last saved checkpoint is kept", file=sys.stderr)
+        log.warning("aborted by a second Ctrl-C; the last saved checkpoint is kept")
         status, aborted = EXIT_STOPPED, True
     train_seconds = time.perf_counter() - train_started
+    if trainer.tensorboard is not None:
+        trainer.tensorboard.close()
     if trainer.metrics and trainer.is_main and status != EXIT_SAVE_FAILED:
         plot_curves(
             trainer.metrics, trainer.out / "curves.png", f"{config.loss} {config.dataset} {config.arch}"
@@ -486,7 +505,7 @@ def _train_and_evaluate(
         if status == EXIT_STOPPED and not aborted and distributed.launched_by_torchrun():
             # torchrun reports a worker's non-zero exit as a crash of the job, whatever the code:
             # a requested stop (the ranks stopped together, the checkpoint saved) exits 0 there.
-            print("exit status 0: under torchrun a stop is not reported as 130, which it calls a crash")
+            log.info("exit status 0: under torchrun a stop is not reported as 130, which it calls a crash")
             return EXIT_OK
         return status
 
@@ -517,7 +536,7 @@ def _train_and_evaluate(
     if config.loss == "softmax":
         head = trainer.head_accuracy()
         summary["classifier_head"] = asdict(head)
-        print(
+        log.info(
             f"classifier head (softmax) on {head.count} test examples: top-1 {head.top1:.2f}%  "
             f"top-5 {head.top5:.2f}%"
         )
@@ -527,7 +546,7 @@ def _train_and_evaluate(
         for protocol, bank in banks.items():
             found = trainer.knn(bank, config.knn_k, progress, test=fine)
             summary["fine_labels_knn"]["recomputed_bank" if protocol else "memory_bank"] = asdict(found)
-            print(
+            log.info(
                 f"fine-label kNN (K={config.knn_k}, {fine.num_classes} classes never trained on, "
                 f"{'bank recomputed from the network' if protocol else 'memory bank'}): "
                 f"top-1 {found.top1:.2f}%  top-5 {found.top5:.2f}%"
@@ -536,9 +555,9 @@ def _train_and_evaluate(
         best = max(trainer.metrics, key=lambda row: row["knn1_top1"])
         summary["best_epoch_selected_on_test"] = {"epoch": best["epoch"], "knn1_top1": best["knn1_top1"]}
     for protocol in (not recomputed, recomputed):  # the headline last
-        print(summary_line(config.knn_k, config.knn_sigma, by_protocol[protocol], protocol, trainer.epoch))
+        log.info(summary_line(config.knn_k, config.knn_sigma, by_protocol[protocol], protocol, trainer.epoch))
     if trainer.metrics:
-        print(
+        log.info(
             f"best epoch by the kNN-{config.monitor_k} monitor (selected on the test set, an optimistic "
             f"figure): {best['epoch']} at {best['knn1_top1']:.2f}%"
         )
@@ -546,14 +565,11 @@ def _train_and_evaluate(
         summary["novel_classes"] = _novel_evaluation(trainer, novel, progress)
     summary["wall_seconds_this_invocation"] = round(time.perf_counter() - wall_started, 2)
     if trainer.save_failures:
-        print(
-            f"error: the run finished but its last checkpoint save failed; {trainer.on_disk()}",
-            file=sys.stderr,
-        )
+        log.error(f"error: the run finished but its last checkpoint save failed; {trainer.on_disk()}")
         return EXIT_SAVE_FAILED
     if trainer.is_main:
         write_summary(summary, trainer.out / "summary.json")
-    print(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
+    log.info(f"wall time {summary['wall_seconds_this_invocation']:.1f} s; files in {trainer.out}")
     return EXIT_OK
 
 
@@ -595,13 +611,13 @@ def _novel_evaluation(trainer: Trainer, novel: DataBundle, progress: bool) -> di
         backend=config.backend,
         progress=progress,
     )
-    print(
+    log.info(
         f"novel classes {report_['classes']} (never trained on): kNN (K={config.knn_k}) on "
         f"{report_['test_examples']} test images against a bank of their {report_['bank_size']} "
         f"training images: top-1 {report_['knn_top1']:.2f}%"
     )
     for row in report_["fewshot"]:
-        print(
+        log.info(
             f"novel classes {row['ways']}-way {row['shots']}-shot ({row['episodes']} episodes, "
             f"nearest class mean): {row['mean']:.2f}% ± {row['ci95']:.2f} (95% interval)"
         )

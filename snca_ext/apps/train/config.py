@@ -7,12 +7,14 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from snca_ext.distributed import DEFAULT_TIMEOUT_S
 
 from ..data import COARSE_LABELLED, DEFAULT_LOCATION
 from ..errors import UsageError
+from ..models import TIMM_PREFIX
 
 # The paper's recipe per dataset (the original main.py / cifar.py); digits is this package's own,
 # sized to reach >= 99% kNN top-1 in under a minute on two CPU cores.
@@ -148,6 +150,7 @@ class RunConfig:
     trust_checkpoint: bool = False
     skip_bad_images: bool = False
     # how this invocation computes (not saved with the run: a resume may choose otherwise)
+    pretrained: str | None = None
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
@@ -155,6 +158,7 @@ class RunConfig:
     out: str | None = None
     stop_after_steps: int | None = None
     no_progress: bool = False
+    tensorboard: str | None = None
     bank_sharding: bool = False
     dist_timeout: float = DEFAULT_TIMEOUT_S
 
@@ -197,6 +201,19 @@ class RunConfig:
             )
         if self.train_labels == "coarse" and self.holdout_classes:
             raise UsageError("--train-labels coarse and --holdout-classes cannot be combined")
+        if self.pretrained is not None:
+            if not self.arch.startswith(TIMM_PREFIX):
+                raise UsageError(f"--pretrained is for --arch timm:<name>, got --arch {self.arch}")
+            if not Path(self.pretrained).is_file():
+                raise UsageError(f"--pretrained {self.pretrained}: no such file")
+        if self.tensorboard is not None:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError as error:
+                raise UsageError(
+                    "--tensorboard needs the tensorboard package: pip install 'snca_ext[tensorboard]' "
+                    f"({error})"
+                ) from error
         if self.margin >= 2.0:
             raise UsageError(
                 f"--margin is in cosine units and must be < 2 (cosines lie in [-1, 1]), got {self.margin}"

@@ -3,10 +3,12 @@ trainer then saves a checkpoint to resume from); a second Ctrl-C aborts at once.
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class StopSignal:
@@ -21,11 +23,9 @@ class StopSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(
+        log.warning(
             f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-            "(Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-            flush=True,
+            "(Ctrl-C again to abort without saving)"
         )
 
     def __enter__(self) -> StopSignal:

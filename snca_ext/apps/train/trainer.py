@@ -5,9 +5,9 @@ one process or many (DDP under torchrun): a single process is the world of size 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from .evaluation import bank_features, classifier_accuracy, knn_evaluate
 from .outputs import write_metrics
 from .sampler import EpochSampler
 from .signals import StopSignal
+
+log = logging.getLogger(__name__)
 
 # --amp: the dtype the network's forward runs in under torch.autocast (None: no autocast).
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,7 +81,9 @@ class Trainer:
         head_labels[seen] = torch.arange(len(seen))
         self.head_labels = head_labels.to(self.device)
         head = len(seen) if config.loss == "softmax" else 0
-        self.model = build_model(config.arch, config.low_dim, classes=head).to(self.device)
+        self.model = build_model(
+            config.arch, config.low_dim, classes=head, in_channels=data.channels, weights=config.pretrained
+        ).to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.net = self.model
@@ -141,6 +145,11 @@ class Trainer:
         self.steps_this_run = 0
         self.save_failures = 0  # consecutive failed saves
         self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the last save that worked
+        self.tensorboard = None  # --tensorboard: rank 0's writer
+        if config.tensorboard is not None and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(config.tensorboard)
 
     @property
     def is_main(self) -> bool:
@@ -215,7 +224,7 @@ class Trainer:
                 save_checkpoint(state, path)
             except Exception as failure:
                 error = failure
-                print(f"warning: could not save {path} ({error}); {self.on_disk()}", file=sys.stderr)
+                log.warning(f"warning: could not save {path} ({error}); {self.on_disk()}")
         if distributed.any_rank(error is not None, self.device):
             self.save_failures += 1
             if self.save_failures >= 2:
@@ -284,6 +293,9 @@ class Trainer:
                 self.steps_this_run += 1
                 self.epoch_loss_sum += loss_sum
                 self.epoch_seen += seen
+                if self.tensorboard is not None:
+                    global_step = self.epoch * total_steps + self.step
+                    self.tensorboard.add_scalar("train/loss", loss_sum / seen, global_step)
                 images_done += seen
                 rate = images_done / max(time.perf_counter() - started, 1e-9)
                 bar.update(1)
@@ -347,6 +359,10 @@ class Trainer:
             "knn1_top1": monitor.top1,
         }
         self.metrics.append(row)
+        if self.tensorboard is not None:
+            for name in ("loss", "knn1_top1", "lr", "memory_momentum"):
+                self.tensorboard.add_scalar(f"epoch/{name}", row[name], row["epoch"])
+            self.tensorboard.flush()
         self.scheduler.step()
         self.epoch += 1
         self.step, self.epoch_loss_sum, self.epoch_seen = 0, 0.0, 0
