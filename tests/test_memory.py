@@ -131,7 +131,7 @@ def test_criterion_is_a_drop_in_for_the_original_pair():
         base = _features(5, dim, 10 + step)
         ours_features = base.clone().requires_grad_(True)
         theirs_features = base.clone().requires_grad_(True)
-        ours = criterion(ours_features, rows)
+        ours = criterion(ours_features, indices=rows)
         bank_before_backward = criterion.memory.bank.clone()
         theirs = snca_loss_original(
             theirs_features, rows, original_memory, labels, temperature, margin=margin / temperature
@@ -149,6 +149,6 @@ def test_criterion_does_not_update_without_gradient():
     criterion = SNCACriterion(8, torch.arange(12) % 3, 0.1, 0.5)
     before = criterion.memory.bank.clone()
     with torch.no_grad():
-        criterion(_features(4, 8, 0), torch.arange(4))
-    criterion(_features(4, 8, 0), torch.arange(4))  # features without requires_grad
+        criterion(_features(4, 8, 0), indices=torch.arange(4))
+    criterion(_features(4, 8, 0), indices=torch.arange(4))  # features without requires_grad
     assert torch.equal(criterion.memory.bank, before)
