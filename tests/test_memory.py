@@ -187,8 +187,8 @@ def _through_a_file(state: dict) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("saved_kind", list(BANK_KINDS))
 @pytest.mark.parametrize("loaded_kind", list(BANK_KINDS))
+@pytest.mark.parametrize("saved_kind", list(BANK_KINDS))
 def test_a_parent_module_saves_and_loads_its_bank(saved_kind, loaded_kind):
     """The bank's rows and labels travel in the parent's state_dict under the same keys for both
     kinds (one process: the sharded bank's collectives are the identity), so either loads either."""
