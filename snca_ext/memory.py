@@ -270,14 +270,19 @@ class SNCALoss(nn.Module):
                 "dim and labels must be given together (a memory bank of one row per training "
                 "example) or not at all (the batch or ref_emb as the bank)"
             )
-        self.temperature = _check_temperature(temperature)
         self.memory = (
             None
             if labels is None
-            else MemoryBank(labels, dim, temperature=self.temperature, momentum=momentum, dtype=dtype)
+            else MemoryBank(labels, dim, temperature=temperature, momentum=momentum, dtype=dtype)
         )
+        self._temperature = _check_temperature(temperature)
         self.margin = float(margin)
         self.backend = backend
+
+    @property
+    def temperature(self) -> float:
+        """T; the memory bank's own when there is one (one value for every mode)."""
+        return self.memory.temperature if self.memory is not None else self._temperature
 
     def forward(
         self,
@@ -297,8 +302,8 @@ class SNCALoss(nn.Module):
         """
         if isinstance(indices, (tuple, list)):
             raise TypeError(
-                "indices must be a [B] tensor of the embeddings' bank rows, got a tuple: SNCA uses "
-                "every pair of the bank, so a miner's indices_tuple has no place here"
+                f"indices must be a [B] tensor of the embeddings' bank rows, got a {type(indices).__name__}: "
+                "SNCA uses every pair of the bank, so a miner's indices_tuple has no place here"
             )
         if (ref_emb is None) != (ref_labels is None):
             raise ValueError("ref_emb and ref_labels must be given together")
