@@ -8,7 +8,7 @@ export, neighbour browser; ``snca_ext.apps``) sit on this public API and are not
 """
 
 from .episodes import FewShotResult, few_shot_accuracy, sample_episodes
-from .knn import KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
+from .knn import BankKNN, KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
 from .memory import MemoryBank, MomentumSchedule, SNCACriterion, SNCALoss, momentum_update
 from .ops import (
     BACKENDS,
@@ -25,6 +25,7 @@ from .ops import (
 
 __all__ = [
     "BACKENDS",
+    "BankKNN",
     "FewShotResult",
     "KnnResult",
     "MemoryBank",

@@ -449,7 +449,8 @@ class ShardedMemoryBank(MemoryBank):
     """Rank r holds rows ``shard_range(N, r, W)`` of the bank (``bank`` is that block) and the
     labels of every row (8 bytes a row, against 2-4 bytes per dimension for the bank). The rows
     are initialised exactly as ``MemoryBank``'s with the same generator, so a sharded run starts
-    from the single-process bank. ``state_dict`` holds the whole bank (gathered: collective), so a
+    from the single-process bank. Its ``state_dict`` entries, also inside a parent module's, hold
+    the whole bank (gathered: collective, so every rank must save) under MemoryBank's keys, so a
     checkpoint loads at any world size and without sharding; ``fill`` takes this rank's block."""
 
     def __init__(self, labels: Tensor, dim: int, *, device=None, **kwargs) -> None:
@@ -515,17 +516,29 @@ class ShardedMemoryBank(MemoryBank):
         """The k most similar rows of the whole bank per query (collective, ``sharded_topk``)."""
         return sharded_topk(queries, self.bank, k, start=self.start, exclude=exclude, backend=backend)
 
-    def state_dict(self, *args, **kwargs):
-        return {"bank": gather_blocks(self.bank, self.total_size), "labels": self.labels.cpu().clone()}
+    # The two per-module steps of nn.Module.state_dict / load_state_dict, which run for this bank
+    # also when it is a submodule (of a LightningModule, of any parent): the whole bank is saved
+    # under the key MemoryBank uses, and each rank loads its own block of it.
+    def _save_to_state_dict(self, destination, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "bank"] = gather_blocks(self.bank.detach(), self.total_size)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        bank, labels = state_dict["bank"], state_dict["labels"]
-        if tuple(bank.shape) != (self.total_size, self.dim) or labels.shape[0] != self.total_size:
-            raise ValueError(
-                f"the checkpoint's bank has shape {tuple(bank.shape)}, expected {(self.total_size, self.dim)}"
-            )
-        self.bank.copy_(bank[self.start : self.end].to(self.bank.device, self.bank.dtype))
-        self.labels.copy_(labels.to(self.labels.device))
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "bank"
+        if key in state_dict:
+            bank = state_dict[key]
+            if tuple(bank.shape) != (self.total_size, self.dim):
+                error_msgs.append(
+                    f"size mismatch for {key}: the checkpoint's bank has shape {tuple(bank.shape)}, "
+                    f"expected the whole bank {(self.total_size, self.dim)}"
+                )
+                return
+            state_dict = {**state_dict, key: bank[self.start : self.end]}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"rows [{self.start}, {self.end}) of {self.total_size}, " + super().extra_repr()
@@ -535,6 +548,8 @@ def gather_blocks(block: Tensor, total_rows: int, chunk_rows: int = 1 << 16) -> 
     """The whole sharded bank on the CPU of every rank, assembled in chunks so the device never
     holds more than a block plus ``world x chunk_rows`` rows (collective)."""
     world = world_size()
+    if world == 1:  # no process group: there is nothing to gather (and all_gather would not run)
+        return block.cpu().clone()
     out = torch.empty(total_rows, block.shape[1], dtype=block.dtype)
     ranges = [shard_range(total_rows, r, world) for r in range(world)]
     longest = max(end - start for start, end in ranges)

@@ -4,7 +4,8 @@ Each of the K bank rows most similar to a query votes for its class with weight 
 the class with the largest total wins (top-5: the five largest). The search is ``bank_topk``, the
 same streaming pass over the bank as the loss, so no B x N matrix is built even at ImageNet size.
 Everything here works on feature matrices; running a network over a data set is the
-applications' job (``snca_ext.apps``).
+applications' job (``snca_ext.apps``). ``BankKNN`` offers the same search to
+pytorch-metric-learning's ``AccuracyCalculator`` as its ``knn_func``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ops import bank_topk
+from .ops import TopK, bank_topk
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,47 @@ def knn_accuracy(
         )
         counts += knn_counts(scores, labels[first : first + chunk])
     return KnnResult.from_counts(counts)
+
+
+class BankKNN:
+    """``bank_topk`` as the ``knn_func`` of pytorch-metric-learning's ``AccuracyCalculator`` (and
+    any caller of its protocol), so its P@1, R-precision and MAP@R come from the streaming search::
+
+        calculator = AccuracyCalculator(knn_func=snca_ext.BankKNN(), k="max_bin_count")
+        calculator.get_accuracy(query, query_labels)  # reference = query, itself left out
+
+    The search ranks by inner product: on L2-normalised embeddings that is the ranking by cosine
+    similarity and by Euclidean distance (PML's default search). The "distances" returned are those
+    inner products, largest first, as PML's search returns on an inner-product (cosine) index.
+
+    Args:
+        backend: as ``bank_topk``.
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+
+    @torch.no_grad()
+    def __call__(self, query: Tensor, k: int, reference: Tensor, ref_includes_query: bool = False) -> TopK:
+        """The k reference rows most similar to each query.
+
+        Args:
+            query: [Q, D]. k: neighbours per query. reference: [R, D].
+            ref_includes_query: the first Q rows of ``reference`` are the queries themselves; each
+                query's own row is then left out (it still gets k neighbours).
+
+        Returns:
+            ``TopK(values, indices)``, each [Q, k]: inner products, descending, ties to the lower
+            reference row, and the reference rows.
+        """
+        if reference is None:
+            raise ValueError("reference must be given: BankKNN keeps no index of its own")
+        exclude = None
+        if ref_includes_query:
+            if reference.shape[0] < query.shape[0]:
+                raise ValueError(
+                    f"ref_includes_query needs the {query.shape[0]} queries as the first rows of "
+                    f"reference, which has {reference.shape[0]} rows"
+                )
+            exclude = torch.arange(query.shape[0], device=query.device)
+        return bank_topk(query, reference.to(query.device), k, exclude=exclude, backend=self.backend)

@@ -2,9 +2,10 @@
 
 ``MemoryBank`` holds the N x D bank and its labels as buffers (so it travels in a ``state_dict``
 and loads with ``weights_only=True``) and runs the loss and the kNN search through the fused op.
-``SNCALoss`` (alias ``SNCACriterion``) is a drop-in replacement for the original project's pair
-``LinearAverage`` + ``NCACrossEntropy``: one module that takes ``(features, indices)`` and returns
-the loss, updating the bank during the backward exactly when the original did.
+``SNCALoss`` (alias ``SNCACriterion``) is the loss as a module with a pytorch-metric-learning
+forward, ``(embeddings, labels, indices, ref_emb, ref_labels)``: with its own bank it is a drop-in
+replacement for the original project's pair ``LinearAverage`` + ``NCACrossEntropy``, updating the
+bank during the backward exactly when the original did.
 """
 
 from __future__ import annotations
@@ -212,32 +213,50 @@ class MemoryBank(nn.Module):
 
 
 class SNCALoss(nn.Module):
-    """The SNCA loss with its own memory bank: a drop-in for the original ``LinearAverage`` +
-    ``NCACrossEntropy`` pair, through the fused op.
+    """The SNCA loss as a module, with the forward of a pytorch-metric-learning loss.
 
-    Where the original code does::
+    ``forward(embeddings, labels=None, indices=None, ref_emb=None, ref_labels=None)`` compares each
+    embedding with one of three banks, the first that applies:
+
+    - ``ref_emb`` / ``ref_labels`` (e.g. a cross-batch memory the caller keeps): ``indices``, if
+      given, are the embeddings' own rows in ``ref_emb`` (-1 for none), which are left out.
+    - the module's own memory bank (built when ``dim`` and ``labels`` are given): ``indices`` are
+      the embeddings' dataset indices (their bank rows, left out), and the bank is updated with
+      the embeddings once their gradient has been computed (SNCA proper).
+    - the batch itself: each embedding against the others of the batch.
+
+    Only the embeddings get a gradient; the bank side is a constant, as in every SNCA bank (so in
+    the batch mode the gradient flows through the query side only).
+
+    With its own bank it is a drop-in for the original ``LinearAverage`` + ``NCACrossEntropy``
+    pair. Where the original code does::
 
         lemniscate = LinearAverage(low_dim, ndata, T, momentum)
         criterion = NCACrossEntropy(labels, margin / T)
         loss = criterion(lemniscate(features, indices), indices)
 
     write ``criterion = SNCALoss(low_dim, labels, T, momentum, margin=margin / T)`` and
-    ``loss = criterion(features, indices)``. The bank never leaves the op (no B x N matrix), and it
-    is updated when the gradient of ``features`` has been computed, as the original's backward did.
+    ``loss = criterion(features, indices=indices)``. The bank never leaves the op (no B x N
+    matrix), and it is updated when the gradient of ``features`` has been computed, as the
+    original's backward did.
 
     Args:
-        dim: D, the feature dimension. labels: [N] the class of every training example.
+        dim: D, the feature dimension, for the own memory bank (None: no bank).
+        labels: [N] the class of every training example, for the own memory bank (None: no bank).
         temperature: T. momentum: memory momentum in [0, 1).
         margin: in logit units, like the original's criterion argument.
         dtype: the bank's storage dtype. backend: the fused op's backend.
 
-    Shapes: ``forward(features [B, D], indices [B])`` returns a scalar (mean over B).
+    Shapes: ``forward`` takes embeddings [B, D], labels [B], indices [B], ref_emb [M, D],
+    ref_labels [M] and returns a scalar (mean over B; a row without a positive counts 0).
     """
+
+    memory: MemoryBank | None
 
     def __init__(
         self,
-        dim: int,
-        labels: Tensor,
+        dim: int | None = None,
+        labels: Tensor | None = None,
         temperature: float = 0.05,
         momentum: float = 0.5,
         *,
@@ -246,18 +265,103 @@ class SNCALoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.memory = MemoryBank(labels, dim, temperature=temperature, momentum=momentum, dtype=dtype)
+        if (dim is None) != (labels is None):
+            raise ValueError(
+                "dim and labels must be given together (a memory bank of one row per training "
+                "example) or not at all (the batch or ref_emb as the bank)"
+            )
+        self.memory = (
+            None
+            if labels is None
+            else MemoryBank(labels, dim, temperature=temperature, momentum=momentum, dtype=dtype)
+        )
+        self._temperature = _check_temperature(temperature)
         self.margin = float(margin)
         self.backend = backend
 
-    def forward(self, features: Tensor, indices: Tensor) -> Tensor:
-        loss = self.memory.loss(features, indices, margin=self.margin, backend=self.backend)
-        if features.requires_grad and torch.is_grad_enabled():
+    @property
+    def temperature(self) -> float:
+        """T; the memory bank's own when there is one (one value for every mode)."""
+        return self.memory.temperature if self.memory is not None else self._temperature
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """The mean SNCA loss of ``embeddings`` [B, D] (see the class for the three banks).
+
+        Args:
+            embeddings: [B, D] L2-normalised. labels: [B] their classes (optional with the own
+                bank, where the bank's labels of ``indices`` are the default).
+            indices: [B] the embeddings' rows in the bank (dataset indices for the own bank).
+            ref_emb: [M, D] a bank to use instead (gets no gradient). ref_labels: [M] its classes.
+        """
+        if isinstance(indices, (tuple, list)):
+            raise TypeError(
+                f"indices must be a [B] tensor of the embeddings' bank rows, got a {type(indices).__name__}: "
+                "SNCA uses every pair of the bank, so a miner's indices_tuple has no place here"
+            )
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("ref_emb and ref_labels must be given together")
+        # Labels and indices often stay on the CPU while the embeddings are on the GPU (PML moves them too).
+        labels, indices, ref_labels = (
+            None if tensor is None else torch.as_tensor(tensor).to(embeddings.device)
+            for tensor in (labels, indices, ref_labels)
+        )
+        if ref_emb is not None or self.memory is None:
+            return self._loss_against_reference(embeddings, labels, indices, ref_emb, ref_labels)
+        if indices is None:
+            raise ValueError(
+                "indices (the embeddings' dataset indices, i.e. their memory bank rows) must be given "
+                "to a loss with a memory bank: call loss(embeddings, labels, indices) or "
+                "loss(embeddings, indices=indices)"
+            )
+        loss = self.memory.loss(embeddings, indices, margin=self.margin, labels=labels, backend=self.backend)
+        if embeddings.requires_grad and torch.is_grad_enabled():
             # Updating now would change a tensor the op saved for its backward; a hook on the
             # features runs once their gradient is complete, which is where the original updated.
-            snapshot, rows = features.detach(), indices.detach()
-            features.register_hook(lambda _grad: self.memory.update(snapshot, rows))
+            snapshot, rows = embeddings.detach(), indices.detach()
+            embeddings.register_hook(lambda _grad: self.memory.update(snapshot, rows))
         return loss
+
+    def _loss_against_reference(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None,
+        indices: Tensor | None,
+        ref_emb: Tensor | None,
+        ref_labels: Tensor | None,
+    ) -> Tensor:
+        if labels is None:
+            raise ValueError("labels must be given when the bank is ref_emb or the batch itself")
+        if ref_emb is None:
+            if indices is not None:
+                raise ValueError(
+                    "indices are bank rows: give them with ref_emb or to a loss built with a memory "
+                    "bank (dim and labels); against the batch itself each embedding's own row is known"
+                )
+            ref_emb, ref_labels = embeddings, labels
+            indices = torch.arange(embeddings.shape[0], device=embeddings.device)
+        elif indices is None:
+            indices = torch.full((embeddings.shape[0],), -1, dtype=torch.long, device=embeddings.device)
+        return snca_loss(
+            embeddings,
+            indices,
+            ref_emb.detach(),
+            ref_labels,
+            self.temperature,
+            margin=self.margin,
+            labels=labels,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        bank = "own memory bank" if self.memory is not None else "batch or ref_emb as the bank"
+        return f"{bank}, temperature={self.temperature}, margin={self.margin}, backend={self.backend!r}"
 
 
 SNCACriterion = SNCALoss  # the name of earlier releases

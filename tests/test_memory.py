@@ -1,13 +1,18 @@
-"""MemoryBank, its momentum schedule, and the drop-in criterion against the original algorithm."""
+"""MemoryBank, its momentum schedule, the drop-in criterion against the original algorithm, and the
+banks' state inside a parent module's state_dict."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from snca_ext import distributed
+from snca_ext.distributed import ShardedMemoryBank
 from snca_ext.memory import MemoryBank, MomentumSchedule, SNCACriterion, initial_bank
 from snca_ext.reference import snca_loss_original, snca_loss_reference
 
@@ -131,7 +136,7 @@ def test_criterion_is_a_drop_in_for_the_original_pair():
         base = _features(5, dim, 10 + step)
         ours_features = base.clone().requires_grad_(True)
         theirs_features = base.clone().requires_grad_(True)
-        ours = criterion(ours_features, rows)
+        ours = criterion(ours_features, indices=rows)
         bank_before_backward = criterion.memory.bank.clone()
         theirs = snca_loss_original(
             theirs_features, rows, original_memory, labels, temperature, margin=margin / temperature
@@ -149,6 +154,70 @@ def test_criterion_does_not_update_without_gradient():
     criterion = SNCACriterion(8, torch.arange(12) % 3, 0.1, 0.5)
     before = criterion.memory.bank.clone()
     with torch.no_grad():
-        criterion(_features(4, 8, 0), torch.arange(4))
-    criterion(_features(4, 8, 0), torch.arange(4))  # features without requires_grad
+        criterion(_features(4, 8, 0), indices=torch.arange(4))
+    criterion(_features(4, 8, 0), indices=torch.arange(4))  # features without requires_grad
     assert torch.equal(criterion.memory.bank, before)
+
+
+class _Parent(nn.Module):
+    """A model holding a bank, as a LightningModule or a user's own module does."""
+
+    def __init__(self, memory: MemoryBank) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+        self.memory = memory
+
+
+BANK_KINDS = {"MemoryBank": MemoryBank, "ShardedMemoryBank": ShardedMemoryBank}
+
+
+def _trained_parent(kind: str) -> _Parent:
+    """A parent whose bank differs from its initialisation (labels and rows both matter)."""
+    memory = BANK_KINDS[kind](
+        torch.arange(30) % 3, 8, temperature=0.1, generator=torch.Generator().manual_seed(1)
+    )
+    memory.update(_features(6, 8, 2), torch.tensor([0, 5, 11, 17, 23, 29]), momentum=0.0)
+    return _Parent(memory)
+
+
+def _through_a_file(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("loaded_kind", list(BANK_KINDS))
+@pytest.mark.parametrize("saved_kind", list(BANK_KINDS))
+def test_a_parent_module_saves_and_loads_its_bank(saved_kind, loaded_kind):
+    """The bank's rows and labels travel in the parent's state_dict under the same keys for both
+    kinds (one process: the sharded bank's collectives are the identity), so either loads either."""
+    source = _trained_parent(saved_kind)
+    state = _through_a_file(source.state_dict())
+    assert set(state) == {"head.weight", "head.bias", "memory.bank", "memory.labels"}
+    target = _Parent(
+        BANK_KINDS[loaded_kind](
+            torch.zeros(30, dtype=torch.long), 8, temperature=0.1, generator=torch.Generator()
+        )
+    )
+    target.load_state_dict(state)
+    assert torch.equal(target.memory.bank, source.memory.bank)
+    assert torch.equal(target.memory.labels, source.memory.labels)
+    assert torch.equal(target.head.weight, source.head.weight)
+
+
+def test_a_sharded_rank_loads_its_block_of_the_whole_bank(monkeypatch):
+    """Rank 1 of 2 takes rows [15, 30) of a whole saved bank, inside a parent; a bank of another
+    size is refused with both shapes named."""
+    whole = _trained_parent("MemoryBank").state_dict()
+    monkeypatch.setattr(distributed, "_rank_world", lambda: (1, 2))
+    target = _Parent(ShardedMemoryBank(torch.zeros(30, dtype=torch.long), 8, temperature=0.1))
+    assert (target.memory.start, target.memory.end) == (15, 30)
+    target.load_state_dict(whole)
+    assert torch.equal(target.memory.bank, whole["memory.bank"][15:30])
+    assert torch.equal(target.memory.labels, whole["memory.labels"])
+    whole["memory.bank"] = whole["memory.bank"][:29]
+    with pytest.raises(
+        RuntimeError, match=r"memory.bank: .* shape \(29, 8\), expected the whole bank \(30, 8\)"
+    ):
+        target.load_state_dict(whole)
