@@ -270,7 +270,7 @@ class Trainer:
         # the epoch's order replays and the batches already done are skipped.
         self.sampler.begin_epoch(skip_batches=self.step)
         total_steps = self.sampler.batches_per_epoch
-        margin_logits = config.margin / config.temperature  # the original divides the margin by T
+        margin_logits = self.margin_logits
         self.model.train()
         started = time.perf_counter()
         images_done = 0
@@ -309,6 +309,11 @@ class Trainer:
                 if self.agree_to_stop(stop) and self.step < total_steps:
                     return False
         return True
+
+    @property
+    def margin_logits(self) -> float:
+        """--margin (cosine units) in the op's logit units: divided by T, as the original does."""
+        return self.config.margin / self.config.temperature
 
     def train_step(
         self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], momentum: float, margin_logits: float
