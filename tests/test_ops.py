@@ -437,3 +437,24 @@ def test_auto_backend_picks_the_compiled_kernel_on_cpu():
     auto = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1)
     cpu = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, backend="cpu")
     assert torch.equal(auto, cpu)
+
+
+def test_empty_batch(backend_device):
+    """B = 0: empty results of the right shapes; the loss follows PyTorch's reductions of an empty
+    batch (sum 0, mean NaN, as F.cross_entropy), with an empty gradient."""
+    backend, device = backend_device
+    _, _, bank, bank_labels = make_problem(3, 50, 8, device=device, seed=40)
+    features = torch.zeros(0, 8, dtype=bank.dtype, device=device, requires_grad=True)
+    indices = torch.zeros(0, dtype=torch.long, device=device)
+    for name in (backend, "reference"):
+        total = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, reduction="sum", backend=name)
+        (grad,) = torch.autograd.grad(total, features)
+        assert total.item() == 0.0 and grad.shape == (0, 8)
+        mean = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, backend=name)
+        assert mean.isnan() and snca_ext.snca_loss(
+            features, indices, bank, bank_labels, 0.1, reduction="none", backend=name
+        ).shape == (0,)
+        stats = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.1, topk=4, backend=name)
+        assert stats.lse_same.shape == (0,) and stats.topk_indices.shape == (0, 4)
+        values, rows = snca_ext.bank_topk(features.detach(), bank, 4, backend=name)
+        assert values.shape == rows.shape == (0, 4)

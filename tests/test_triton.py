@@ -617,3 +617,20 @@ def test_torch_compile_fullgraph():
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+def test_empty_batch_matches_the_reference():
+    _, _, bank, bank_labels = make_problem(3, 40, 8, dtype=torch.float32, seed=41)
+    features = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
+    indices = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    for reduction, check in (("sum", lambda x: x.item() == 0.0), ("mean", lambda x: bool(x.isnan()))):
+        loss = snca_ext.snca_loss(
+            features, indices, bank, bank_labels, 0.1, reduction=reduction, backend="triton"
+        )
+        assert check(loss), (reduction, loss)
+    (grad,) = torch.autograd.grad(
+        snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, reduction="sum", backend="triton"),
+        features,
+    )
+    values, rows = snca_ext.bank_topk(features.detach(), bank, 5, backend="triton")
+    assert grad.shape == (0, 8) and values.shape == rows.shape == (0, 5)
