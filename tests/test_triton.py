@@ -634,3 +634,25 @@ def test_empty_batch_matches_the_reference():
     )
     values, rows = snca_ext.bank_topk(features.detach(), bank, 5, backend="triton")
     assert grad.shape == (0, 8) and values.shape == rows.shape == (0, 5)
+
+
+def test_gradcheck_float64_with_no_positive_no_bank_row_and_explicit_labels():
+    """float64 gradcheck (fast mode: the interpreter is slow) of the loss, with a query whose class
+    has no bank row (no positive: zero gradient), one without a bank row of its own (index -1)
+    and explicit labels."""
+    features, indices, bank, bank_labels = make_problem(3, 40, 3, classes=3, seed=42)
+    indices = indices.clone()
+    indices[1] = -1
+    labels = bank_labels[indices.clamp(min=0)].clone()
+    labels[2] = 7  # a class no bank row has
+    features = features.clone().requires_grad_()
+
+    def loss(f):
+        return snca_ext.snca_loss(
+            f, indices, bank, bank_labels, 0.3, labels=labels, reduction="none", backend="triton"
+        )
+
+    assert torch.autograd.gradcheck(loss, (features,), fast_mode=True)
+    (grad,) = torch.autograd.grad(loss(features).sum(), features)
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))  # no positive: no gradient
+    assert grad[:2].abs().sum() > 0
