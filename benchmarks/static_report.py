@@ -3,7 +3,8 @@
     python -m benchmarks.static_report                      # nvcc for sm_80, sm_86, sm_89, sm_90
     python -m benchmarks.static_report --arch 90            # one architecture (about 2 minutes)
     python -m benchmarks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
-    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs; seconds)
+    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs)
+    python -m benchmarks.static_report --so --arch 90 --no-triton   # one arch, CUDA only: seconds
 
 For every kernel configuration that ``auto`` can choose (tile_config.h through the op
 snca_ext::_cuda_tile_config, per architecture's opt-in shared memory) it prints one markdown table:
@@ -384,14 +385,14 @@ def _machine_code_arch(target: int, built: list[int]) -> int | None:
 
 
 def report(
-    targets: list[int], cubin_dir: Path | None, built: list[int] | None = None
+    targets: list[int], cubin_dir: Path | None, built: list[int] | None = None, triton: bool = True
 ) -> tuple[str, list[str], list[str]]:
     """The markdown table, the missed hard targets (spills, fit, a main loop the source does not
     explain) and the main-loop figures of the fp32-feature / bf16-bank forward at D = 128.
 
     targets: the architectures to report; built: the archs of existing cubins in cubin_dir (from a
     library), whose machine code stands in for the targets it runs on (sm_80's for sm_86/89);
-    None: compile each target."""
+    None: compile each target. triton: add the Triton kernels' rows (compiling them takes minutes)."""
     work = cubin_dir or Path(tempfile.mkdtemp(prefix="snca_static_"))
     failures: list[str] = []
     speed: list[str] = []
@@ -454,6 +455,8 @@ def report(
                 ]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     try:
+        if not triton:
+            raise ImportError
         sys.path.insert(0, str(ROOT))
         from benchmarks.static_triton import triton_static_rows
 
@@ -482,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cubin-dir", type=Path, help="reuse (or keep) the cubins and ptxas logs in this folder"
     )
     parser.add_argument("--so", action="store_true", help="read the built snca_ext._C instead of compiling")
+    parser.add_argument(
+        "--no-triton", action="store_true", help="leave out the Triton rows (their compilation takes minutes)"
+    )
     args = parser.parse_args(argv)
     built = None
     if args.so:
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         built = extract_so(Path(_C.__file__), args.cubin_dir)
     elif args.cubin_dir:
         args.cubin_dir.mkdir(parents=True, exist_ok=True)
-    table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built)
+    table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built, not args.no_triton)
     print(table)
     print()
     print(

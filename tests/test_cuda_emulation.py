@@ -21,7 +21,7 @@ from snca_ext import _autograd, ops, reference
 from tests.problems import loss_errors_allowed, make_problem
 
 ROWS = COLS = 64  # queries per block, bank rows per tile (tile_config.h)
-K_STEP = 8  # the k of one TF32 MMA (m16n8k8 / WMMA m16n16k8)
+K_STEP = 8  # the k of one TF32 MMA (mma.sync m16n8k8)
 SCORE_CHUNK = 4  # k-steps per chunk in the scores (stream_tile.cuh: TensorCoreEngine::scores)
 SUM_CHUNK = 8  # k-steps per chunk in the weighted sums: one tile (TensorCoreEngine::accumulate)
 LAZY_RESCALE = 8.0
@@ -37,8 +37,8 @@ def tf32(x: torch.Tensor) -> torch.Tensor:
 
 def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hi, lo, hi_finite): x ~ hi + lo for finite x; a non-finite x keeps lo = 0 (x - hi would be
-    NaN), and the cross terms use hi_finite (0 for non-finite x), so that inf * 0 = NaN only
-    arises in the main product, exactly where the IEEE inner product has it."""
+    NaN) and hi_finite = 0. (The kernel splits finite values only: emulate_forward sets the
+    non-finite ones to 0 first.)"""
     hi = tf32(x)
     finite = torch.isfinite(x)
     lo = torch.where(finite, tf32(torch.where(finite, x - hi, 0.0)), 0.0)
@@ -109,9 +109,13 @@ def emulate_forward(
     m[:N, :D] = bank.float()
     m = m.view(num_tiles, COLS, dp)
     fp32_bank = bank.dtype == torch.float32
+    # The MMAs see finite operands only: non-finite values enter as 0 (and their scores are put
+    # back from the IEEE product below).
+    q = torch.where(q.isfinite(), q, 0.0)
+    m = torch.where(m.isfinite(), m, 0.0)
     q_hi, q_lo, q_fin = split(q)
     # A bf16/fp16 value is exact in TF32: the bank is not split, its low part is 0.
-    b_hi, b_lo, b_fin = split(m) if fp32_bank else (m, torch.zeros_like(m), torch.where(m.isfinite(), m, 0))
+    b_hi, b_lo, b_fin = split(m) if fp32_bank else (m, torch.zeros_like(m), m)
     cross = [(q_lo, b_fin.mT)] + ([(q_fin, b_lo.mT)] if fp32_bank else [])
     terms = [*cross, (q_hi, b_hi.mT)]
     if carry:
@@ -120,6 +124,12 @@ def emulate_forward(
         )
     else:
         scores = add_steps(torch.zeros(num_tiles, B, COLS), mma_steps(terms, mode, SCORE_CHUNK))  # [T, B, C]
+    # The rare path of a tile or a block of queries holding a non-finite value: where the IEEE fp32
+    # inner product is not finite, it replaces the tensor-core score.
+    ieee = torch.zeros(num_tiles * COLS, B)
+    ieee[:N] = bank.float() @ features.float().T
+    ieee = ieee.view(num_tiles, COLS, B).mT
+    scores = torch.where(ieee.isfinite(), scores, ieee)
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
     s_all = round_to_fp32(scores.double() * inv_t, "rn")
     cols = torch.arange(num_tiles * COLS).view(num_tiles, 1, COLS)

@@ -84,9 +84,8 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(const typename E
     const int64_t start = int64_t(tile) * kCols;
     const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
     __syncthreads();
-    eng.load_tile(a, start, n);
-    __syncthreads();
-    eng.scores(a, ss, start, n);
+    const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    eng.scores(a, ss, start, n, fix);
     __syncthreads();
 
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {

@@ -24,7 +24,8 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
   acc_t* fac = sum_other + kRows;  // [2][kRows]
   int64_t* labs = reinterpret_cast<int64_t*>(fac + 2 * kRows);
   int* nan_flag = reinterpret_cast<int*>(labs + kCols);
-  int* rescale = nan_flag + kRows;
+  int* rescale = nan_flag + kRows;        // [kRows / 16]: some row of the 16 moved its reference
+  int* same_chunks = rescale + kRows / 16;  // [kRows / 16]: TensorCoreEngine::accumulate
 
   const int split_id = blockIdx.y;
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
@@ -44,12 +45,12 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
     const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
     __syncthreads();  // the previous tile's sums phase is done with ms, ss, po
     if (tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
-    if (tid < kRows / 16) rescale[tid] = 0;
-    eng.load_tile(a, start, n);
-    __syncthreads();
-    eng.scores(a, ss, start, n);
+    if (tid < kRows / 16) rescale[tid] = same_chunks[tid] = 0;
+    const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    eng.scores(a, ss, start, n, fix);
     __syncthreads();
 
+    unsigned same_lo = 0, same_hi = 0;  // columns 0..31, 32..63 with a same-class weight
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int r = warp * kRowsPerWarp + rr;
       const int64_t row = row0 + r;
@@ -109,6 +110,8 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
           ss[r * kLdS + lane + 32 * h] = ps[h];
           po[r * kLdS + lane + 32 * h] = pov[h];
         }
+        same_lo |= __ballot_sync(kFullMask, ps[0] != acc_t(0));
+        same_hi |= __ballot_sync(kFullMask, ps[1] != acc_t(0));
       }
       if (lane == 0) {
         max_same[r] = ref_s;
@@ -121,8 +124,17 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
         if (f_s != acc_t(1) || f_o != acc_t(1)) rescale[r / 16] = 1;
       }
     }
+    if (lane == 0 && (same_lo | same_hi)) {
+      int chunks = 0;  // bit c: a same-class weight in bank rows 8c..8c+7
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        chunks |= ((same_lo >> (8 * c)) & 0xffu) ? 1 << c : 0;
+        chunks |= ((same_hi >> (8 * c)) & 0xffu) ? 1 << (c + 4) : 0;
+      }
+      atomicOr(&same_chunks[warp * kRowsPerWarp / 16], chunks);
+    }
     __syncthreads();
-    if (a.with_grad) eng.accumulate(a, ss, po, fac, rescale, start, n);
+    if (a.with_grad) eng.accumulate(a, ss, po, fac, rescale, same_chunks, start, n);
   }
 
   __syncthreads();
