@@ -11,7 +11,7 @@
 //                         other-class exponentials (online softmax), optionally the rescaled
 //                         softmax-weighted sums of bank rows (the one-pass gradient of README "How it works")
 //   lse_combine_kernel    log-sum-exp combine, rescale-sum of the accumulators
-//   topk_partial_kernel   per query a sorted top-k list per split, rejection threshold
+//   topk_partial_kernel   per query a sorted top-k list per split, candidate buffer, threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
 //
 // Each tile goes through the same phases, separated by __syncthreads:
@@ -80,6 +80,7 @@ namespace {
 
 using tile::kCols;
 using tile::kLdS;
+using tile::kTopkBuffer;
 using tile::kRows;
 using tile::kRowsPerWarp;
 using tile::kThreads;
@@ -176,10 +177,13 @@ struct StreamArgs {
   // accumulators [2][splits][Bpad][acc_cols] (same class, other classes)
   acc_t* stats;
   acc_t* osum;
-  // top-k partials: lists [splits][Bpad][2][k], meta [splits][Bpad][2] (count, live buffer)
+  // top-k partials: lists [splits][Bpad][2][k], candidate buffers [splits][Bpad][kTopkBuffer],
+  // meta [splits][Bpad][2] (count, live buffer)
   int k;
   acc_t* list_v;
   int* list_i;
+  acc_t* buf_v;
+  int* buf_i;
   int* meta;
 };
 

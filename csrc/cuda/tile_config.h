@@ -32,11 +32,14 @@ constexpr size_t lse_common_bytes(size_t acc_bytes) {
                   sizeof(int) * (kRows + 2 * (kRows / 16)));
 }
 
-// top-k kernel: scores [kRows][kLdS], candidates [kWarps][kCols] (value, row), threshold [kRows],
-// count [kRows], live buffer [kRows]; then the engine's part.
+constexpr int kTopkBuffer = 256;  // candidates buffered per query before a merge (a power of 2)
+
+// top-k kernel: scores [kRows][kLdS], a sort scratch [kWarps][kTopkBuffer] (value, row),
+// threshold [kRows], count [kRows], live buffer [kRows], buffered candidates [kRows]; then the
+// engine's part.
 constexpr size_t topk_common_bytes(size_t acc_bytes) {
-  return align128(acc_bytes * (kRows * kLdS + kWarps * kCols + kRows) +
-                  sizeof(int) * (kWarps * kCols + 2 * kRows));
+  return align128(acc_bytes * (kRows * kLdS + kWarps * kTopkBuffer + kRows) +
+                  sizeof(int) * (kWarps * kTopkBuffer + 3 * kRows));
 }
 
 // The tensor-core engine: the bank tile [kCols][Dp + 4] as fp32 and, when they are kept in shared
