@@ -5,8 +5,8 @@ How a tensor core rounds its fp32 accumulation is not documented, and measuremen
 (csrc/cuda/stream_tile.cuh): TF32 splits of the fp32 operands, MMAs of k = 8 whose exact inner
 products are added to their accumulator with one rounding (RN or RZ, both tried), each chunk of
 k-steps (4 in the scores, a 64-row tile in the weighted sums) started from zero and added into an
-fp32 register in round-to-nearest, the online log-sum-exp with lazy rescaling, the combine of
-split partials. It then checks the rule the GPU tests apply
+fp32 register in round-to-nearest, the online log-sum-exp with lazy rescaling (a running sum per
+half of the tile's columns), the combine of split partials. It then checks the rule the GPU tests apply
 (tests/test_ops.py): at least as accurate as plain PyTorch in fp32, on the same problems.
 """
 
@@ -152,7 +152,9 @@ def emulate_forward(
                 .any(2)
                 .any(0)
             )
-            ref, total = torch.full((B,), NEG_INF), torch.zeros(B)
+            # The kernel keeps a running sum per half of the tile's columns (the two warps that
+            # hold a row), both rescaled by the same factors, and adds them at the end.
+            ref, halves = torch.full((B,), NEG_INF), torch.zeros(2, B)
             weights, facs = [], []
             for tile in tiles:
                 s_t, member = s_all[tile], member_all[tile]
@@ -163,7 +165,8 @@ def emulate_forward(
                 new_ref = torch.where(move, tile_max, ref)
                 fac = torch.where(move, torch.where(ref == NEG_INF, 0.0, torch.exp(ref - new_ref)), 1.0)
                 p = torch.where(v == NEG_INF, 0.0, torch.exp(v - new_ref[:, None]))
-                total = round_to_fp32(total.double() * fac.double() + p.sum(1).double(), "rn")
+                tile_sums = p.view(B, 2, COLS // 2).sum(2).double().T
+                halves = round_to_fp32(halves.double() * fac.double() + tile_sums, "rn")
                 ref = new_ref
                 weights.append(p)
                 facs.append(fac)
@@ -182,6 +185,7 @@ def emulate_forward(
                         acc = mma_carried([(a[i], b[i]) for a, b in wterms], mode, acc)
                     else:
                         acc = add_steps(acc, steps[i])
+            total = round_to_fp32(halves[0].double() + halves[1].double(), "rn")
             result[g] = (ref, total, acc, nan, inf)
         partials.append(result)
     out = []

@@ -13,12 +13,12 @@
 //   lse_combine_kernel    log-sum-exp combine, rescale-sum of the accumulators
 //   topk_partial_kernel   per query a sorted top-k list per split, candidate buffer, threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
-//
 // Each tile goes through the same phases, separated by __syncthreads:
 //   load    bank tile (and its labels) into shared memory, converted to the accumulation dtype;
 //           the block learns whether the tile holds a non-finite value (__syncthreads_or)
-//   scores  S[64 queries x 64 bank rows] = Q M^T into shared memory (raw inner products)
-//   rows    each warp takes 8 query rows: softmax update or top-k update, lanes over the columns
+//   scores  S[64 queries x 64 bank rows] = Q M^T (raw inner products)
+//   rows    softmax or top-k update: the tensor-core lse kernel on S in the MMAs' registers
+//           (lse_tiles_in_registers); the others on S in shared memory, a warp per query row
 //   sums    (with_grad) O_same += P_same M, O_other += P_other M
 // The matrix work is done by an "engine": TensorCoreEngine (fp32 features, D <= 128,
 // mma.sync TF32 with split precision, see below) or GenericEngine (fp64, any D: FMA loops).
@@ -225,6 +225,7 @@ struct TensorCoreEngine {
   float o[2][kONt][4];  // C fragments of the weighted sums (same class, other classes)
 
   static constexpr bool kPaddedQueries = !kQueriesInSmem;
+  static constexpr bool kFragmentSoftmax = true;  // the lse kernel's softmax runs on scores_frag()
   // Blocks per SM the lse kernel is compiled for: one (up to 255 registers). At Dp = 128 the
   // weighted-sum accumulators and each tile's partial take 128 registers per thread; one block
   // of 8 warps is also all that fits in shared memory on sm_80/86/89 at Dp = 128.
@@ -361,18 +362,20 @@ struct TensorCoreEngine {
     return bad;
   }
 
-  // S = Q M^T (raw inner products) into ss. fix: the tile holds a non-finite bank value.
+  // S = Q M^T (raw inner products) in C fragments: c[u] holds rows 16 (w / 2) + g (c[u][0..1]) and
+  // + 8 (c[u][2..3]), columns 32 (w % 2) + 8 u + 2 t (+ 1) of the tile, for warp w, lane 4 g + t.
+  // fix: the tile holds a non-finite bank value.
   //
   // Non-finite inputs. The MMAs see finite operands only: the queries were stored with their
   // non-finite values as 0 (init), and a tile with a non-finite value has them set to 0 here
   // first; the weighted sums use that tile too, as the contract says (a non-finite bank value
   // counts as 0; its weights are 0 anyway, its scores being non-finite). Where a query or the
-  // tile held a non-finite value, every score of the tile is then recomputed in IEEE fp32 from the
-  // raw inputs and replaces the tensor-core one where it is not finite: an inner product with a
-  // non-finite operand is always +-inf or NaN (inf * 0 = NaN), so a score is non-finite exactly
-  // when the IEEE inner product is, with its value. This path is rare (the block's queries or the
-  // tile are not finite) and costs a plain FMA product of the tile.
-  __device__ void scores(const Args& a, float* ss, int64_t start, int n, bool fix) const {
+  // tile held a non-finite value, each lane then recomputes its scores in IEEE fp32 from the raw
+  // inputs and keeps that value where it is not finite: an inner product with a non-finite
+  // operand is always +-inf or NaN (inf * 0 = NaN), so a score is non-finite exactly when the
+  // IEEE inner product is, with its value. This path is rare (the block's queries or the tile are
+  // not finite) and costs a plain FMA product of the tile.
+  __device__ void scores_frag(const Args& a, int64_t start, int n, bool fix, float (&c)[kSNt][4]) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int rg = warp / 2, h = warp % 2;
     if (fix) {
@@ -385,7 +388,6 @@ struct TensorCoreEngine {
     const float* qh = q_hi + (rg * 16 + g) * kLdQ + t;
     const float* ql = q_lo + (rg * 16 + g) * kLdQ + t;
     const float* mb = ms + (h * 32 + g) * kLd + t;  // M^T: element (k, n) at ms[n * kLd + k]
-    float c[kSNt][4];
 #pragma unroll
     for (int u = 0; u < kSNt; ++u) {
 #pragma unroll
@@ -416,52 +418,63 @@ struct TensorCoreEngine {
 #pragma unroll
       for (int u = 0; u < kSNt; ++u) add_into(c[u], acc[u]);
     }
-    float* dst = ss + (rg * 16 + g) * kLdS + h * 32 + 2 * t;
-#pragma unroll
-    for (int u = 0; u < kSNt; ++u) {
-      *reinterpret_cast<float2*>(dst + u * 8) = make_float2(c[u][0], c[u][1]);
-      *reinterpret_cast<float2*>(dst + 8 * kLdS + u * 8) = make_float2(c[u][2], c[u][3]);
-    }
     if (fix || queries_bad) {
-      __syncthreads();  // every warp's scores are in ss
       const int64_t row0 = int64_t(blockIdx.x) * kRows;
       const int D = static_cast<int>(a.D);
-      for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
-        const int r = e / kCols, col = e % kCols;
+#pragma unroll 1
+      for (int e = 0; e < kSNt * 4; ++e) {
+        const int r = rg * 16 + g + ((e % 4) >= 2 ? 8 : 0), col = h * 32 + (e / 4) * 8 + 2 * t + (e % 2);
         if (row0 + r >= a.B || col >= n) continue;
         const float* f = a.features + (row0 + r) * a.D;
         const bank_t* m = a.bank + (start + col) * a.D;
         float s = 0.0f;
         for (int d = 0; d < D; ++d) s = fmaf(f[d], static_cast<float>(m[d]), s);
-        if (!isfinite(s)) ss[r * kLdS + col] = s;
+        if (isfinite(s)) continue;
+#pragma unroll
+        for (int v = 0; v < kSNt * 4; ++v) {  // c[e / 4][e % 4] = s, without a dynamic index
+          if (v == e) c[v / 4][v % 4] = s;
+        }
       }
     }
   }
 
-  // O = O * fac (rows whose reference max moved) + P M, for both groups. same_chunks[r / 16] has
-  // bit c set when some same-class weight of rows 16 (r / 16).. in bank rows 8c..8c+7 is not 0:
-  // the same-class products of the other k-steps would add exact zeros (all weights of the
-  // 16 x 8 block are +0) and are skipped. At 1,000 classes about 1 in 8 k-steps has one.
-  __device__ void accumulate(const Args&, const float* ps, const float* po, const float* fac,
-                             const int* rescale, const int* same_chunks, int64_t, int) {
+  // The same into ss [kRows][kLdS] (the top-k kernel's row phase reads it there).
+  __device__ void scores(const Args& a, float* ss, int64_t start, int n, bool fix) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float c[kSNt][4];
+    scores_frag(a, start, n, fix, c);
+    float* dst = ss + ((warp / 2) * 16 + g) * kLdS + (warp % 2) * 32 + 2 * t;
+#pragma unroll
+    for (int u = 0; u < kSNt; ++u) {
+      *reinterpret_cast<float2*>(dst + u * 8) = make_float2(c[u][0], c[u][1]);
+      *reinterpret_cast<float2*>(dst + 8 * kLdS + u * 8) = make_float2(c[u][2], c[u][3]);
+    }
+  }
+
+  // O = O * fac + P M for both groups, P = (ps, po) [kRows][kLdS]. fac[grp][i]: the rescale factor
+  // of group grp in this lane's row 16 (w / 2) + g + 8 i (the rows of its C fragments, the same
+  // as in scores_frag). same_chunks[r / 16] has bit c set when some same-class weight of rows
+  // 16 (r / 16).. in bank rows 8c..8c+7 is not 0: the same-class products of the other k-steps
+  // would add exact zeros (all weights of the 16 x 8 block are +0) and are skipped. At 1,000
+  // classes about 1 in 8 k-steps has one.
+  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2], const int* same_chunks) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int rg = warp / 2, h = warp % 2;
-    if (rescale[rg]) {
+    if (__any_sync(kFullMask, fac[0][0] != 1.0f || fac[0][1] != 1.0f || fac[1][0] != 1.0f || fac[1][1] != 1.0f)) {
 #pragma unroll
       for (int grp = 0; grp < 2; ++grp) {
-        const float f0 = fac[grp * kRows + rg * 16 + g], f1 = fac[grp * kRows + rg * 16 + g + 8];
 #pragma unroll
         for (int f = 0; f < kONt; ++f) {
-          o[grp][f][0] *= f0;
-          o[grp][f][1] *= f0;
-          o[grp][f][2] *= f1;
-          o[grp][f][3] *= f1;
+          o[grp][f][0] *= fac[grp][0];
+          o[grp][f][1] *= fac[grp][0];
+          o[grp][f][2] *= fac[grp][1];
+          o[grp][f][3] *= fac[grp][1];
         }
       }
     }
     const int same = same_chunks[rg];
     // The weights are finite and >= 0 (exp of finite scores, NaN and +inf ones are kept out), so
-    // they are split without masks; the bank tile is finite (scores()).
+    // they are split without masks; the bank tile is finite (scores_frag()).
     // This tile's P M from zero (one chunk), then added into the running sums.
     float tile[2][kONt][4];
 #pragma unroll
@@ -535,6 +548,7 @@ struct GenericEngine {
   acc_t* oo = nullptr;  // other classes
 
   static constexpr bool kPaddedQueries = false;
+  static constexpr bool kFragmentSoftmax = false;  // the lse kernel's row phase, through ss
   static constexpr int kMinBlocks = 2;
   static int64_t acc_cols(int64_t D) { return D; }
   static size_t smem_bytes(int64_t) { return 0; }
@@ -567,7 +581,7 @@ struct GenericEngine {
   }
 
   __device__ void accumulate(const Args& a, const acc_t* ps, const acc_t* po, const acc_t* fac,
-                             const int*, const int*, int64_t start, int n) {
+                             const int*, int64_t start, int n) {
     for (int64_t e = threadIdx.x; e < kRows * a.D; e += kThreads) {
       const int r = static_cast<int>(e / a.D);
       const int64_t d = e % a.D;
