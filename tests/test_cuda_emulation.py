@@ -303,3 +303,109 @@ def test_non_finite_scores_follow_the_contract():
         assert torch.equal(ours_t == math.inf, gt_t == math.inf)
         finite = gt_t.isfinite()
         torch.testing.assert_close(ours_t[finite].double(), gt_t[finite], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the streaming top-k
+
+TOPK_BUFFER = 256  # tile_config.h: kTopkBuffer
+
+
+def _beats(v1: float, i1: int, v2: float, i2: int) -> bool:
+    """stream_tile.cuh: beats(): NaN first, then the larger value, ties to the lower row."""
+    nan1, nan2 = math.isnan(v1), math.isnan(v2)
+    if nan1 or nan2:
+        return nan1 and (not nan2 or i1 < i2)
+    return v1 > v2 or (v1 == v2 and i1 < i2)
+
+
+def _count_beating(values: list, rows: list, count: int, v: float, i: int) -> int:
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _beats(values[mid], rows[mid], v, i):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _warp_sort(cv: list, ci: list) -> None:
+    """bank_topk.cu: warp_sort(), its compare-exchange network index for index."""
+    size = 2
+    while size <= TOPK_BUFFER:
+        stride = size // 2
+        while stride > 0:
+            for p in range(TOPK_BUFFER // 2):
+                x = 2 * p - (p & (stride - 1))
+                y = x + stride
+                forward = (x & size) == 0
+                if _beats(cv[y], ci[y], cv[x], ci[x]) if forward else _beats(cv[x], ci[x], cv[y], ci[y]):
+                    cv[x], cv[y], ci[x], ci[y] = cv[y], cv[x], ci[y], ci[x]
+            stride //= 2
+        size *= 2
+
+
+def _streaming_topk(scores: list, start: int, k: int, exclude: int) -> tuple[list, list]:
+    """bank_topk.cu: topk_partial_kernel for one query over one split (rows start.., tiles of 64):
+    the threshold filter, the candidate buffer, its merge (sort, then rank) when full and at the end."""
+    lv, li, buf = [], [], []
+    threshold = -math.inf
+
+    def flush():
+        nonlocal lv, li, threshold
+        cv = [v for v, _ in buf] + [-math.inf] * (TOPK_BUFFER - len(buf))
+        ci = [i for _, i in buf] + [2**31 - 1] * (TOPK_BUFFER - len(buf))
+        _warp_sort(cv, ci)
+        nb, n_old = len(buf), len(lv)
+        nv, ni = [None] * k, [None] * k
+        for t in range(nb):
+            rank = t + _count_beating(lv, li, n_old, cv[t], ci[t])
+            if rank < k:
+                nv[rank], ni[rank] = cv[t], ci[t]
+                if rank == k - 1:
+                    threshold = cv[t]
+        for p in range(n_old):
+            rank = p + _count_beating(cv, ci, nb, lv[p], li[p])
+            if rank < k:
+                nv[rank], ni[rank] = lv[p], li[p]
+                if rank == k - 1:
+                    threshold = lv[p]
+        count = min(k, n_old + nb)
+        assert None not in nv[:count] and None not in ni[:count]  # every rank < count written once
+        lv, li = nv[:count], ni[:count]
+        buf.clear()
+
+    def take(v, row):
+        full = len(lv) == k
+        return row != exclude and (not full or (math.isnan(v) and not math.isnan(threshold)) or v > threshold)
+
+    for t0 in range(0, len(scores), 64):
+        tile = [(scores[c], start + c) for c in range(t0, min(t0 + 64, len(scores)))]
+        new = [(v, row) for v, row in tile if take(v, row)]
+        if not new:
+            continue
+        if len(buf) + len(new) > TOPK_BUFFER:
+            flush()
+            new = [(v, row) for v, row in tile if take(v, row)]
+        buf.extend(new)
+    if buf:
+        flush()
+    return lv, li
+
+
+@pytest.mark.parametrize(("n", "k"), [(700, 1), (700, 30), (1500, 300), (3000, 1024), (300, 1024)])
+def test_streaming_topk_emulation_matches_the_sorted_order(n, k):
+    """The buffered top-k of one split (threshold, 256-candidate buffer, bitonic sort, merge by rank)
+    gives the first k of the full order, with ties (to the lower row) and NaN (first)."""
+    gen = torch.Generator().manual_seed(n + k)
+    scores = (torch.randint(0, 200, (n,), generator=gen).float() / 8).tolist()  # many ties
+    for j in torch.randint(0, n, (5,), generator=gen).tolist():
+        scores[j] = math.nan
+    start, exclude = 1000, 1000 + n // 2
+    values, rows = _streaming_topk(scores, start, k, exclude)
+    order = sorted(
+        ((v, start + c) for c, v in enumerate(scores) if start + c != exclude),
+        key=lambda e: (not math.isnan(e[0]), -e[0] if not math.isnan(e[0]) else 0.0, e[1]),
+    )[:k]
+    assert rows == [r for _, r in order]
+    assert [str(v) for v in values] == [str(v) for v in (v for v, _ in order)]
