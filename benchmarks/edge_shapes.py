@@ -11,11 +11,13 @@ contract (a NaN bank row; an inf feature, which gives +inf and -inf scores: each
 IEEE log-sum-exp of its scores; NaN ranks first in the top-k). The last cases are large enough for
 a split to stream many tiles: the streaming top-k at k = 300 and 1024 (candidate buffers merged
 mid-split), and 1,000 classes (the same-class products skipped where a tile has no same-class
-weight, the lazy rescale over many tiles). Two more kinds of case rerun D = 128 shapes: "l2" with
-SNCA_EXT_SMEM_OPTIN=101376, so that any GPU runs the configuration of the GPUs with 99 KB of
-shared memory per block (sm_86/89/120: the queries read through L2), and "tf32" with
-torch.backends.cuda.matmul.allow_tf32 (one TF32 product per multiply; a TF32 tolerance). Exits 1
-on any mismatch.
+weight, the lazy rescale over many tiles). snca_stats with a top-k runs it inside the lse pass
+where it fits (every tensor-core case here on an H200), bank_topk as a pass of its own. Two more
+kinds of case rerun tensor-core shapes: "l2" with SNCA_EXT_SMEM_OPTIN=101376, so that any GPU runs
+the configurations of the GPUs with 99 KB of shared memory per block (sm_86/89/120: at D = 128 the
+queries read through L2; at D = 64 the top-k of snca_stats as a second pass, the lse pass with it
+not fitting), and "tf32" with torch.backends.cuda.matmul.allow_tf32 (one TF32 product per
+multiply; a TF32 tolerance). Exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ def run(backend: str, device: str, non_finite: bool = True, limit: int | None = 
     failures = 0
     base = list(_cases())
     cases = [("plain", case) for case in base[:limit]]
-    cases += [("l2", base[4]), ("tf32", base[4])] + ([("l2", base[9])] if limit is None else [])
+    cases += [("l2", base[4]), ("l2", base[2]), ("tf32", base[4])]
+    cases += [("l2", base[9])] if limit is None else []
     if non_finite:
         cases += [("nan", base[2]), ("inf", base[4])]
     for case_no, (kind, (b, n, d, fdtype, bdtype, k, *classes)) in enumerate(cases):

@@ -3,8 +3,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "bank_topk.h"
 #include "stream_tile.cuh"
+#include "topk_tile.cuh"
 
 namespace snca_ext {
 namespace {
@@ -148,7 +151,11 @@ __device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
 // between the two halves through shared memory; the weights go to shared memory for the
 // weighted sums only. One exp per score; the arithmetic of the row phase it replaces
 // (lse_tiles_by_rows), but for the order of the fp32 additions of the sums.
-template <class E>
+//
+// kTopk: the top-k of the same pass (topk_tile.cuh), on the raw scores of each tile, staged in the
+// other-class weights' buffer before the softmax writes its weights there; its state sits between
+// the lse part of shared memory and the engine's (tile::lse_topk_extra_bytes()).
+template <class E, bool kTopk>
 __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a) {
   constexpr int kNt = E::kSNt;
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -165,7 +172,9 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int rg = warp / 2, h = warp % 2;
   E eng;
-  eng.init(smem + lse_common_bytes<float>(), a, split_id, row0);
+  eng.init(smem + lse_common_bytes<float>() + (kTopk ? tile::lse_topk_extra_bytes() : 0), a, split_id, row0);
+  TopkState<float> topk(smem + lse_common_bytes<float>());
+  if (kTopk) topk.init();
   if (tid < kRows) nan_flag[tid] = 0;
   int rows[2];
   bool valid[2];
@@ -196,6 +205,17 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
     float c[kNt][4];
     eng.scores_frag(a, start, n, fix, c);
+    if constexpr (kTopk) {
+      float* dst = po + rows[0] * kLdS + h * 32 + 2 * t;
+#pragma unroll
+      for (int u = 0; u < kNt; ++u) {
+        *reinterpret_cast<float2*>(dst + u * 8) = make_float2(c[u][0], c[u][1]);
+        *reinterpret_cast<float2*>(dst + 8 * kLdS + u * 8) = make_float2(c[u][2], c[u][3]);
+      }
+      __syncthreads();
+      // Done with po before the weights go there: the exchange of the maxima below syncs first.
+      topk.tile_rows(a, po, split_id, row0, start, n);
+    }
 
     // Scores, eligibility, group, non-finite flags, this lane's maxima.
     unsigned same_bits = 0;  // bit 4 u + e: value c[u][e] is in the same class as its row
@@ -320,15 +340,22 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     }
   }
   if (a.with_grad) eng.store(a, split_id, row0);
+  if constexpr (kTopk) topk.finish(a, split_id, row0);
 }
 
 template <class E>
 __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(const typename E::Args a) {
   if constexpr (E::kFragmentSoftmax) {
-    lse_tiles_in_registers<E>(a);
+    lse_tiles_in_registers<E, false>(a);
   } else {
     lse_tiles_by_rows<E>(a);
   }
+}
+
+// The same with the top-k in the pass (tensor-core engine only).
+template <class E>
+__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_topk_partial_kernel(const typename E::Args a) {
+  lse_tiles_in_registers<E, true>(a);
 }
 
 // One block per query: merge the splits' partials in split order.
@@ -388,11 +415,15 @@ __global__ void lse_combine_kernel(const acc_t* stats, const acc_t* osum, int sp
 
 // ----------------------------------------------------------------------------- host side
 
+// The lse partials and their combine; with k > 0, also the top-k when it fits in the same pass
+// (tensor-core engine, k <= kMaxFastK, the top-k state fits the opt-in shared memory): returns
+// whether it did.
 template <class E>
-void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& indices,
+bool launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& indices,
                 const at::Tensor& bank, const at::Tensor& bank_labels, double temperature,
                 bool with_grad, at::Tensor& lse_same, at::Tensor& lse_other,
-                at::Tensor& wmean_same, at::Tensor& wmean_other) {
+                at::Tensor& wmean_same, at::Tensor& wmean_other, int64_t k, at::Tensor& topk_values,
+                at::Tensor& topk_indices) {
   using acc_t = typename E::acc_t;
   auto a = make_args<E>(features, bank, indices, temperature);
   const at::Tensor queries_padded = pad_queries<E>(features, a);
@@ -400,9 +431,18 @@ void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
   a.bank_labels = bank_labels.data_ptr<int64_t>();
   a.with_grad = with_grad;
   const int64_t query_blocks = a.Bpad / kRows;
-  const size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  const bool fused = E::kFragmentSoftmax && k > 0 && k <= kMaxFastK &&
+                     smem + tile::lse_topk_extra_bytes() <= size_t(device_smem_optin());
   auto kernel = lse_partial_kernel<E>;
-  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles, kMaxSplits);
+  if constexpr (E::kFragmentSoftmax) {
+    if (fused) kernel = lse_topk_partial_kernel<E>;
+  }
+  if (fused) smem += tile::lse_topk_extra_bytes();
+  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
+                           fused ? TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)) : kMaxSplits);
+  std::optional<TopkWorkspace> workspace;
+  if (fused) workspace.emplace(a, k, features.options());
   const int64_t acc_cols = E::acc_cols(a.D);
   at::Tensor stats = at::empty({5, a.splits, a.Bpad}, features.options());
   at::Tensor osum = at::empty({with_grad ? 2 : 0, a.splits, a.Bpad, acc_cols}, features.options());
@@ -417,6 +457,8 @@ void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
       lse_other.data_ptr<acc_t>(), with_grad ? wmean_same.data_ptr<acc_t>() : nullptr,
       with_grad ? wmean_other.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (fused) TopkWorkspace::combine(a, topk_values, topk_indices, stream);
+  return fused;
 }
 
 
@@ -439,12 +481,14 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   std::tie(lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices) =
       empty_forward_outputs(features, with_grad, k);
   if (features.size(0) > 0) {
+    bool topk_done = false;
     with_engine(features, bank, device_config(features), [&](auto tag) {
-      launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
-                                               temperature, with_grad, lse_same, lse_other,
-                                               wmean_same, wmean_other);
+      topk_done = launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
+                                                           temperature, with_grad, lse_same, lse_other,
+                                                           wmean_same, wmean_other, k, topk_values,
+                                                           topk_indices);
     });
-    run_topk_cuda(features, bank, indices, k, topk_values, topk_indices);
+    if (!topk_done) run_topk_cuda(features, bank, indices, k, topk_values, topk_indices);
   }
   return {lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices};
 }

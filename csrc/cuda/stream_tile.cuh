@@ -643,13 +643,18 @@ inline int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-// The tile configuration for these features on the current device: from its opt-in shared memory
-// per block (99 KB on sm_86/89/120, 163 KB on sm_80, 227 KB on sm_90), tile_config.h. The
-// environment variable SNCA_EXT_SMEM_OPTIN may lower that limit (never raise it), so that one GPU
-// can run the configurations of the smaller ones (benchmarks/edge_shapes.py does).
+// The current device's opt-in shared memory per block (99 KB on sm_86/89/120, 163 KB on sm_80,
+// 227 KB on sm_90). The environment variable SNCA_EXT_SMEM_OPTIN may lower it (never raise it),
+// so that one GPU can run the configurations of the smaller ones (benchmarks/edge_shapes.py does).
+inline int device_smem_optin() {
+  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const char* limit = std::getenv("SNCA_EXT_SMEM_OPTIN");
+  return limit ? std::min(optin, std::atoi(limit)) : optin;
+}
+
+// The tile configuration for these features on the current device (tile_config.h).
 inline tile::Config device_config(const at::Tensor& features) {
-  int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  if (const char* limit = std::getenv("SNCA_EXT_SMEM_OPTIN")) optin = std::min(optin, std::atoi(limit));
+  const int optin = device_smem_optin();
   const tile::Config c = tile::choose_config(features.size(1), features.scalar_type() == at::kDouble, optin);
   TORCH_CHECK(c.fits, "snca_ext's CUDA kernels need ", std::max(c.lse_smem, c.topk_smem),
               " bytes of shared memory per block; this GPU allows ", optin);

@@ -34,13 +34,20 @@ constexpr size_t lse_common_bytes(size_t acc_bytes) {
 
 constexpr int kTopkBuffer = 256;  // candidates buffered per query before a merge (a power of 2)
 
-// top-k kernel: scores [kRows][kLdS], a sort scratch [kWarps][kTopkBuffer] (value, row),
-// threshold [kRows], count [kRows], live buffer [kRows], buffered candidates [kRows]; then the
-// engine's part.
-constexpr size_t topk_common_bytes(size_t acc_bytes) {
-  return align128(acc_bytes * (kRows * kLdS + kWarps * kTopkBuffer + kRows) +
-                  sizeof(int) * (kWarps * kTopkBuffer + 3 * kRows));
+// The streaming top-k's state (topk_tile.cuh: TopkState): a sort scratch [kWarps][kTopkBuffer]
+// (value, row), threshold [kRows], count [kRows], live buffer [kRows], buffered candidates [kRows].
+constexpr size_t topk_state_bytes(size_t acc_bytes) {
+  return acc_bytes * (kWarps * kTopkBuffer + kRows) + sizeof(int) * (kWarps * kTopkBuffer + 3 * kRows);
 }
+
+// top-k kernel: scores [kRows][kLdS], then the top-k state; then the engine's part.
+constexpr size_t topk_common_bytes(size_t acc_bytes) {
+  return align128(acc_bytes * kRows * kLdS + topk_state_bytes(acc_bytes));
+}
+
+// The lse kernel with the top-k inside (tensor-core engine, fp32): the top-k state between the lse
+// kernel's part and the engine's part (17,408 bytes).
+constexpr size_t lse_topk_extra_bytes() { return align128(topk_state_bytes(4)); }
 
 // The tensor-core engine: the bank tile [kCols][Dp + 4] as fp32 and, when they are kept in shared
 // memory, the queries split once as (hi, lo) [2][kRows][Dp + 4].
