@@ -1,5 +1,7 @@
 // CUDA kernels of snca_forward: the twin of csrc/cpu's, same contract (csrc/ops.cpp). The tile
-// loop, the engines and the split-KV design are described in stream_tile.cuh.
+// loop, the engines and the split-KV design are described in stream_tile.cuh. With k > 0 the top-k
+// (topk_tile.cuh) runs inside the lse pass where its state fits (lse_topk_partial_kernel), else as
+// a second pass over the bank (bank_topk.cu).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

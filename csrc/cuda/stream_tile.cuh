@@ -10,6 +10,8 @@
 //   lse_partial_kernel    per query: reference max and rescaled sum of the same-class and the
 //                         other-class exponentials (online softmax), optionally the rescaled
 //                         softmax-weighted sums of bank rows (the one-pass gradient of README "How it works")
+//   lse_topk_partial_kernel  the same with the top-k partials below in the same pass (tensor-core
+//                         engines, where its state fits: snca_forward.cu)
 //   lse_combine_kernel    log-sum-exp combine, rescale-sum of the accumulators
 //   topk_partial_kernel   per query a sorted top-k list per split, candidate buffer, threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
