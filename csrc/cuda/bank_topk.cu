@@ -51,7 +51,8 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Te
   const int64_t query_blocks = a.Bpad / kRows;
   const size_t smem = topk_common_bytes<acc_t>() + E::smem_bytes(a.D);
   auto kernel = topk_partial_kernel<E>;
-  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles, TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)));
+  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
+                           TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)));
   const TopkWorkspace workspace(a, k, queries.options());
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

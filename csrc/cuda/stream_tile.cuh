@@ -192,18 +192,18 @@ struct StreamArgs {
 
 // ----------------------------------------------------------------------------- engines
 
-// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32), on mma.sync.m16n8k8 TF32
-// (the fragment layouts are those of the PTX ISA, so every register's row and column is known:
-// accumulators are rescaled in registers, and the fragment loads are LDS of a conflict-free
-// layout, kLd = Dp + 4 words per row). The queries are split once per block, in init, into
-// (hi, lo) with their non-finite values as 0, and kept in shared memory when kQueriesInSmem, else
-// read through L1/L2 from a copy prepared the same way by the host ([2][Bpad][Dp], pad_queries:
-// the configuration for GPUs with 99 KB of shared memory per block, tile_config.h). The bank tile
-// sits in shared memory as fp32, zero-padded to Dp columns and to full tiles. So the main loop
-// loads ready operands: no split of the queries, none of a bf16/fp16 bank (exact in TF32), no
-// finite masks. Non-finite inputs take a rare path per tile (scores()). Warp w computes scores
-// rows 16*(w/2).., columns 32*(w%2)..; for the weighted sums it owns accumulator rows 16*(w/2)..
-// and columns (Dp/2)*(w%2)..
+// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32), on mma.sync.m16n8k8 TF32 (the
+// fragment layouts are those of the PTX ISA, so every register's row and column is known:
+// accumulators are rescaled in registers, and the fragment loads are LDS from rows padded to kLd =
+// Dp + 4 words: no bank conflict, but for a 2-way one on the bank operand of the weighted sums).
+// The queries are split once per block, in init, into (hi, lo) with their non-finite values as 0,
+// and kept in shared memory when kQueriesInSmem, else read through L1/L2 from a copy prepared the
+// same way by the host ([2][Bpad][Dp], pad_queries: the configuration for GPUs with 99 KB of shared
+// memory per block, tile_config.h). The bank tile sits in shared memory as fp32, zero-padded to Dp
+// columns and to full tiles. So the main loop loads ready operands: no split of the queries, none
+// of a bf16/fp16 bank (exact in TF32), no finite masks. Non-finite inputs take a rare path per tile
+// (scores_frag()). Warp w computes scores rows 16*(w/2).., columns 32*(w%2)..; for the weighted sums it
+// owns accumulator rows 16*(w/2).. and columns (Dp/2)*(w%2)..
 template <int Dp, typename bank_type, bool kQueriesInSmem>
 struct TensorCoreEngine {
   static_assert(Dp % 32 == 0, "Dp must be a multiple of 32");
@@ -252,7 +252,8 @@ struct TensorCoreEngine {
   // c += a b: one m16n8k8 TF32 MMA. a: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);
   // b: (k = t, n = g), (t + 4, g); c: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1), where
   // g = lane / 4 and t = lane % 4.
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
     asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -267,8 +268,8 @@ struct TensorCoreEngine {
   // of 4 k-steps) or over the bank (weighted sums: one chunk per tile of 64 rows).
   // tests/test_cuda_emulation.py replays this arithmetic under both models. b is the finite bank
   // value (exact in TF32 for bf16/fp16), split here for an fp32 bank.
-  __device__ __forceinline__ void mma_terms(float (&t)[4], const uint32_t (&a_hi)[4], const uint32_t (&a_lo)[4],
-                                            float b0, float b1) const {
+  __device__ __forceinline__ void mma_terms(float (&t)[4], const uint32_t (&a_hi)[4],
+                                            const uint32_t (&a_lo)[4], float b0, float b1) const {
     uint32_t h0 = __float_as_uint(b0), h1 = __float_as_uint(b1), l0 = 0, l1 = 0;
     if (kSplitBank) {
       split(b0, h0, l0);
@@ -460,10 +461,12 @@ struct TensorCoreEngine {
   // 16 (r / 16).. in bank rows 8c..8c+7 is not 0: the same-class products of the other k-steps
   // would add exact zeros (all weights of the 16 x 8 block are +0) and are skipped. At 1,000
   // classes about 1 in 8 k-steps has one.
-  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2], const int* same_chunks) {
+  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2],
+                             const int* same_chunks) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int rg = warp / 2, h = warp % 2;
-    if (__any_sync(kFullMask, fac[0][0] != 1.0f || fac[0][1] != 1.0f || fac[1][0] != 1.0f || fac[1][1] != 1.0f)) {
+    const bool moved = fac[0][0] != 1.0f || fac[0][1] != 1.0f || fac[1][0] != 1.0f || fac[1][1] != 1.0f;
+    if (__any_sync(kFullMask, moved)) {
 #pragma unroll
       for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
@@ -499,7 +502,9 @@ struct TensorCoreEngine {
       split(pa_o[kk + 4], o_hi[2], o_lo[2]);
       split(pa_o[8 * kLdS + kk + 4], o_hi[3], o_lo[3]);
 #pragma unroll
-      for (int f = 0; f < kONt; ++f) mma_terms(tile[1][f], o_hi, o_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
+      for (int f = 0; f < kONt; ++f) {
+        mma_terms(tile[1][f], o_hi, o_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
+      }
       // One branch around the whole same-class k-step: a branch between MMAs would make ptxas
       // fence each of them (WARPSYNC) and stop overlapping them.
       if ((same >> (kk / 8)) & 1) {

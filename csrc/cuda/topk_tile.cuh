@@ -51,8 +51,9 @@ __device__ __forceinline__ void warp_sort(acc_t* cv, int* ci, int lane) {
 // number of the other side's elements that beat it, a binary search), writing the first k to the
 // free list buffer. Called by a whole warp.
 template <typename acc_t, class Args>
-__device__ __forceinline__ void flush_candidates(const Args& a, int64_t list_base, int64_t buf, int nb, acc_t* cv, int* ci,
-                                                 int* count, int* live, acc_t* threshold, int lane) {
+__device__ __forceinline__ void flush_candidates(const Args& a, int64_t list_base, int64_t buf, int nb,
+                                                 acc_t* cv, int* ci, int* count, int* live,
+                                                 acc_t* threshold, int lane) {
   for (int t = lane; t < kTopkBuffer; t += 32) {
     cv[t] = t < nb ? a.buf_v[buf + t] : neg_inf<acc_t>();
     ci[t] = t < nb ? a.buf_i[buf + t] : std::numeric_limits<int>::max();  // after every real entry
@@ -125,7 +126,8 @@ struct TopkState {
   // One tile: the raw inner products ss [kRows][kLdS] of the block's queries with bank rows
   // start..start + n, a warp per query row.
   template <class Args>
-  __device__ void tile_rows(const Args& a, const acc_t* ss, int split_id, int64_t row0, int64_t start, int n) {
+  __device__ void tile_rows(const Args& a, const acc_t* ss, int split_id, int64_t row0, int64_t start,
+                            int n) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     acc_t* wv = cand_v + warp * kTopkBuffer;
     int* wi = cand_i + warp * kTopkBuffer;
