@@ -14,7 +14,9 @@
 #   3. edge shapes against the float64 reference under compute-sanitizer memcheck, racecheck,
 #      synccheck and initcheck, on tiny launches (benchmarks/edge_shapes.py); the same run checks
 #      the non-finite contract shared by every backend (per group: NaN if a score is NaN, +inf if
-#      one is +inf, -inf scores contribute nothing; NaN first in the top-k, ties to the lower row)
+#      one is +inf, -inf scores contribute nothing; NaN first in the top-k, ties to the lower row),
+#      the streaming top-k at k = 300 and 1024, the small-GPU configuration (SNCA_EXT_SMEM_OPTIN)
+#      and the TF32 mode
 #   4. timings (benchmarks/gpu_table.py): forward, forward+grad, top-k k = 30 and 1024, fp32 and
 #      bf16 banks, TF32 off and on, a same-size matmul for calibration, cuda / triton / PyTorch
 #   5. ncu counters of one forward+grad launch, if ncu is installed

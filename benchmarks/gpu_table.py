@@ -8,7 +8,8 @@ Times the SNCA loss (forward, and forward+backward) for the fused backends (cuda
 plain PyTorch (reference.snca_loss_original, reference.snca_loss_reference) at B=256, D=128 and
 N = 50,000 / 1,281,167 with an fp32 and a bf16 bank (TF32 off, and the fused backends again with
 TF32 on), a same-size cuBLAS product F M^T for calibration, and bank_topk (k = 30, 1024) against
-torch.topk on the materialised B x N matrix. Each row is the median of CUDA-event timings,
+torch.topk on the materialised B x N matrix, and snca_stats with a top-k (k = 30; the cuda backend
+runs it inside the lse pass). Each row is the median of CUDA-event timings,
 the peak memory beyond the inputs, and the fraction of the floor reached:
 floor = max(bank bytes / 4.3 TB/s, products * 2*B*N*D / rate), rate 990e12 (bf16 bank) or
 495e12 (fp32, TF32 rate), products = 1 for a forward or a top-k, 3 for forward+backward (the
@@ -168,6 +169,34 @@ def _bench_topk(table: Table, tag: str, n: int, bank_dtype, features, bank, k: i
         table.add(f"bank_topk k={k}, {tag}", name, fn, _floor_ms(n, bank_dtype, 1), check)
 
 
+def _bench_stats_topk(
+    table: Table, tag: str, n: int, bank_dtype, features, indices, bank, bank_labels
+) -> None:
+    """snca_stats with a top-k: the cuda backend runs it inside the lse pass (one pass over the bank)
+    where it fits; compare with the loss forward of the same inputs (no top-k) above."""
+    import snca_ext
+    from snca_ext import reference
+
+    k = 30
+    with torch.no_grad():
+        ref_rows = reference.bank_topk_reference(features.double(), bank.double(), k, exclude=indices)[1]
+
+    def stats():
+        with torch.no_grad():
+            return snca_ext.snca_stats(features, indices, bank, bank_labels, T, topk=k, backend="cuda")
+
+    def check():
+        return f"idx agree {(stats()[3] == ref_rows).float().mean().item():.4f}"
+
+    table.add(
+        f"snca_stats topk={k}, {tag}",
+        "cuda (top-k in the lse pass)",
+        stats,
+        _floor_ms(n, bank_dtype, 1),
+        check,
+    )
+
+
 def _bench_matmul(table: Table, tag: str, n: int, bank_dtype, features, bank) -> None:
     """The same-size product F M^T by cuBLAS, TF32 off and on: what this GPU does with these shapes."""
     lhs = features.to(bank_dtype)
@@ -229,6 +258,7 @@ def run_table(budget_s: float, out: str | None) -> int:
                 _bench_tf32(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
                 for k in (30, 1024):
                     _bench_topk(table, tag, n, bank_dtype, features, bank, k)
+                _bench_stats_topk(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
             except Exception as error:  # the inputs or the float64 check itself failed
                 table.rows.append((tag, "(setup)", _short(error), "", "", "", ""))
             torch.cuda.empty_cache()

@@ -3,13 +3,16 @@
     python -m benchmarks.static_report                      # nvcc for sm_80, sm_86, sm_89, sm_90
     python -m benchmarks.static_report --arch 90            # one architecture (about 2 minutes)
     python -m benchmarks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
-    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs; seconds)
+    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs)
+    python -m benchmarks.static_report --so --arch 90 --no-triton   # one arch, CUDA only: seconds
 
 For every kernel configuration that ``auto`` can choose (tile_config.h through the op
 snca_ext::_cuda_tile_config, per architecture's opt-in shared memory) it prints one markdown table:
 registers, spills (ptxas -v; with --so, which has no ptxas log, the stack bytes, which spills
 would make non-zero), dynamic shared memory and whether it fits each architecture, and for the lse
-kernel the warp-instructions and tensor-core MMAs per 64 x 64 tile in its main loop.
+kernels the warp-instructions and tensor-core MMAs per 64 x 64 tile in their main loop (the
+target applies to lse_partial_kernel; lse_topk_partial_kernel, the same pass with the top-k, runs
+only where its shared memory fits, else the op makes the top-k a second pass).
 
 Instructions per tile, per warp: the tile loop is the outermost loop of the kernel that holds MMAs
 (found from the backward branches of the SASS). An inner loop counts its body times its trip count,
@@ -39,6 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 BANKS = {"fp32": "f", "bf16": "N3c108BFloat16E", "fp16": "N3c104HalfE"}
 TARGET_INSTRUCTIONS = 3000
+# tile_config.h: lse_topk_extra_bytes(), the top-k state of the lse kernel with the top-k in the pass
+# (lse_topk_partial_kernel, tensor-core engines only; where it does not fit, the op runs the top-k
+# as a second pass).
+LSE_TOPK_EXTRA = 17_408
 LOOP_LIMITS = {"Dp": None, "kCols": 64, "kRowsPerWarp": 8}
 
 
@@ -371,8 +378,10 @@ def auto_configs(arch: int) -> list[dict]:
 
 
 def _find(functions: dict, kernel: str, engine: str):
+    # The mangled name holds the kernel's name after its length: topk_partial_kernel does not
+    # match lse_topk_partial_kernel.
     for name, fn in functions.items():
-        if kernel in name and engine in name:
+        if f"{len(kernel)}{kernel}" in name and engine in name:
             return name, fn
     return None, None
 
@@ -384,14 +393,14 @@ def _machine_code_arch(target: int, built: list[int]) -> int | None:
 
 
 def report(
-    targets: list[int], cubin_dir: Path | None, built: list[int] | None = None
+    targets: list[int], cubin_dir: Path | None, built: list[int] | None = None, triton: bool = True
 ) -> tuple[str, list[str], list[str]]:
     """The markdown table, the missed hard targets (spills, fit, a main loop the source does not
     explain) and the main-loop figures of the fp32-feature / bf16-bank forward at D = 128.
 
     targets: the architectures to report; built: the archs of existing cubins in cubin_dir (from a
     library), whose machine code stands in for the targets it runs on (sm_80's for sm_86/89);
-    None: compile each target."""
+    None: compile each target. triton: add the Triton kernels' rows (compiling them takes minutes)."""
     work = cubin_dir or Path(tempfile.mkdtemp(prefix="snca_static_"))
     failures: list[str] = []
     speed: list[str] = []
@@ -423,23 +432,25 @@ def report(
             ).stdout
             functions.update(parse_nvdisasm(text))
         for cfg in auto_configs(arch):
-            for kernel, smem in (
-                ("lse_partial_kernel", cfg["lse_smem"]),
-                ("topk_partial_kernel", cfg["topk_smem"]),
-            ):
+            kernels = [("lse_partial_kernel", cfg["lse_smem"]), ("topk_partial_kernel", cfg["topk_smem"])]
+            if cfg["engine"].startswith("TensorCore"):
+                kernels.append(("lse_topk_partial_kernel", cfg["lse_smem"] + LSE_TOPK_EXTRA))
+            for kernel, smem in kernels:
                 name, fn = _find(functions, kernel, cfg["engine"])
                 if fn is None:
                     failures.append(f"sm_{arch}: {kernel} {cfg['engine']} not in the cubin")
                     continue
                 entry = next((v for (n, sm), v in ptxas.items() if n == name and sm == code), PtxasEntry())
-                count = tile_loop_count(fn, cfg["dp"] or 64) if kernel == "lse_partial_kernel" else None
+                count = tile_loop_count(fn, cfg["dp"] or 64) if kernel.startswith("lse_") else None
                 if entry.spill_stores or entry.spill_loads:
                     failures.append(f"sm_{arch} {kernel} {cfg['label']} {cfg['bank']}: spills")
-                if smem > OPTIN[arch]:
+                fused_falls_back = kernel == "lse_topk_partial_kernel" and smem > OPTIN[arch]
+                if smem > OPTIN[arch] and not fused_falls_back:
                     failures.append(f"sm_{arch} {kernel} {cfg['label']}: {smem} bytes > {OPTIN[arch]}")
                 if count and count.unexplained_mma_loops:
                     failures.append(f"sm_{arch} {kernel}: a loop with MMAs has no trip count (stale build?)")
-                if count and cfg["features"] == "fp32" and cfg["bank"] == "bf16" and cfg["dp"] == 128:
+                headline = cfg["features"] == "fp32" and cfg["bank"] == "bf16" and cfg["dp"] == 128
+                if count and kernel == "lse_partial_kernel" and headline:
                     speed.append(f"sm_{arch} {cfg['label']}: {count.instructions} warp-instructions per tile")
                 cells = [
                     f"sm_{arch} ({code})",
@@ -448,12 +459,14 @@ def report(
                     kernel.split("_kernel")[0],
                     entry.registers,
                     f"{entry.spill_stores}/{entry.spill_loads}",
-                    f"{smem} ({OPTIN[arch]})",
+                    f"{smem} ({OPTIN[arch]})" + (": does not fit, two passes" if fused_falls_back else ""),
                     count.instructions if count else "-",
                     count.mma if count else "-",
                 ]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     try:
+        if not triton:
+            raise ImportError
         sys.path.insert(0, str(ROOT))
         from benchmarks.static_triton import triton_static_rows
 
@@ -482,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cubin-dir", type=Path, help="reuse (or keep) the cubins and ptxas logs in this folder"
     )
     parser.add_argument("--so", action="store_true", help="read the built snca_ext._C instead of compiling")
+    parser.add_argument(
+        "--no-triton", action="store_true", help="leave out the Triton rows (their compilation takes minutes)"
+    )
     args = parser.parse_args(argv)
     built = None
     if args.so:
@@ -492,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         built = extract_so(Path(_C.__file__), args.cubin_dir)
     elif args.cubin_dir:
         args.cubin_dir.mkdir(parents=True, exist_ok=True)
-    table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built)
+    table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built, not args.no_triton)
     print(table)
     print()
     print(

@@ -5,8 +5,8 @@ How a tensor core rounds its fp32 accumulation is not documented, and measuremen
 (csrc/cuda/stream_tile.cuh): TF32 splits of the fp32 operands, MMAs of k = 8 whose exact inner
 products are added to their accumulator with one rounding (RN or RZ, both tried), each chunk of
 k-steps (4 in the scores, a 64-row tile in the weighted sums) started from zero and added into an
-fp32 register in round-to-nearest, the online log-sum-exp with lazy rescaling, the combine of
-split partials. It then checks the rule the GPU tests apply
+fp32 register in round-to-nearest, the online log-sum-exp with lazy rescaling (a running sum per
+half of the tile's columns), the combine of split partials. It then checks the rule the GPU tests apply
 (tests/test_ops.py): at least as accurate as plain PyTorch in fp32, on the same problems.
 """
 
@@ -21,7 +21,7 @@ from snca_ext import _autograd, ops, reference
 from tests.problems import loss_errors_allowed, make_problem
 
 ROWS = COLS = 64  # queries per block, bank rows per tile (tile_config.h)
-K_STEP = 8  # the k of one TF32 MMA (m16n8k8 / WMMA m16n16k8)
+K_STEP = 8  # the k of one TF32 MMA (mma.sync m16n8k8)
 SCORE_CHUNK = 4  # k-steps per chunk in the scores (stream_tile.cuh: TensorCoreEngine::scores)
 SUM_CHUNK = 8  # k-steps per chunk in the weighted sums: one tile (TensorCoreEngine::accumulate)
 LAZY_RESCALE = 8.0
@@ -37,8 +37,8 @@ def tf32(x: torch.Tensor) -> torch.Tensor:
 
 def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hi, lo, hi_finite): x ~ hi + lo for finite x; a non-finite x keeps lo = 0 (x - hi would be
-    NaN), and the cross terms use hi_finite (0 for non-finite x), so that inf * 0 = NaN only
-    arises in the main product, exactly where the IEEE inner product has it."""
+    NaN) and hi_finite = 0. (The kernel splits finite values only: emulate_forward sets the
+    non-finite ones to 0 first.)"""
     hi = tf32(x)
     finite = torch.isfinite(x)
     lo = torch.where(finite, tf32(torch.where(finite, x - hi, 0.0)), 0.0)
@@ -109,9 +109,13 @@ def emulate_forward(
     m[:N, :D] = bank.float()
     m = m.view(num_tiles, COLS, dp)
     fp32_bank = bank.dtype == torch.float32
+    # The MMAs see finite operands only: non-finite values enter as 0 (and their scores are put
+    # back from the IEEE product below).
+    q = torch.where(q.isfinite(), q, 0.0)
+    m = torch.where(m.isfinite(), m, 0.0)
     q_hi, q_lo, q_fin = split(q)
     # A bf16/fp16 value is exact in TF32: the bank is not split, its low part is 0.
-    b_hi, b_lo, b_fin = split(m) if fp32_bank else (m, torch.zeros_like(m), torch.where(m.isfinite(), m, 0))
+    b_hi, b_lo, b_fin = split(m) if fp32_bank else (m, torch.zeros_like(m), m)
     cross = [(q_lo, b_fin.mT)] + ([(q_fin, b_lo.mT)] if fp32_bank else [])
     terms = [*cross, (q_hi, b_hi.mT)]
     if carry:
@@ -120,6 +124,12 @@ def emulate_forward(
         )
     else:
         scores = add_steps(torch.zeros(num_tiles, B, COLS), mma_steps(terms, mode, SCORE_CHUNK))  # [T, B, C]
+    # The rare path of a tile or a block of queries holding a non-finite value: where the IEEE fp32
+    # inner product is not finite, it replaces the tensor-core score.
+    ieee = torch.zeros(num_tiles * COLS, B)
+    ieee[:N] = bank.float() @ features.float().T
+    ieee = ieee.view(num_tiles, COLS, B).mT
+    scores = torch.where(ieee.isfinite(), scores, ieee)
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
     s_all = round_to_fp32(scores.double() * inv_t, "rn")
     cols = torch.arange(num_tiles * COLS).view(num_tiles, 1, COLS)
@@ -142,7 +152,9 @@ def emulate_forward(
                 .any(2)
                 .any(0)
             )
-            ref, total = torch.full((B,), NEG_INF), torch.zeros(B)
+            # The kernel keeps a running sum per half of the tile's columns (the two warps that
+            # hold a row), both rescaled by the same factors, and adds them at the end.
+            ref, halves = torch.full((B,), NEG_INF), torch.zeros(2, B)
             weights, facs = [], []
             for tile in tiles:
                 s_t, member = s_all[tile], member_all[tile]
@@ -153,7 +165,8 @@ def emulate_forward(
                 new_ref = torch.where(move, tile_max, ref)
                 fac = torch.where(move, torch.where(ref == NEG_INF, 0.0, torch.exp(ref - new_ref)), 1.0)
                 p = torch.where(v == NEG_INF, 0.0, torch.exp(v - new_ref[:, None]))
-                total = round_to_fp32(total.double() * fac.double() + p.sum(1).double(), "rn")
+                tile_sums = p.view(B, 2, COLS // 2).sum(2).double().T
+                halves = round_to_fp32(halves.double() * fac.double() + tile_sums, "rn")
                 ref = new_ref
                 weights.append(p)
                 facs.append(fac)
@@ -172,6 +185,7 @@ def emulate_forward(
                         acc = mma_carried([(a[i], b[i]) for a, b in wterms], mode, acc)
                     else:
                         acc = add_steps(acc, steps[i])
+            total = round_to_fp32(halves[0].double() + halves[1].double(), "rn")
             result[g] = (ref, total, acc, nan, inf)
         partials.append(result)
     out = []
@@ -289,3 +303,109 @@ def test_non_finite_scores_follow_the_contract():
         assert torch.equal(ours_t == math.inf, gt_t == math.inf)
         finite = gt_t.isfinite()
         torch.testing.assert_close(ours_t[finite].double(), gt_t[finite], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the streaming top-k
+
+TOPK_BUFFER = 256  # tile_config.h: kTopkBuffer
+
+
+def _beats(v1: float, i1: int, v2: float, i2: int) -> bool:
+    """stream_tile.cuh: beats(): NaN first, then the larger value, ties to the lower row."""
+    nan1, nan2 = math.isnan(v1), math.isnan(v2)
+    if nan1 or nan2:
+        return nan1 and (not nan2 or i1 < i2)
+    return v1 > v2 or (v1 == v2 and i1 < i2)
+
+
+def _count_beating(values: list, rows: list, count: int, v: float, i: int) -> int:
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _beats(values[mid], rows[mid], v, i):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _warp_sort(cv: list, ci: list) -> None:
+    """bank_topk.cu: warp_sort(), its compare-exchange network index for index."""
+    size = 2
+    while size <= TOPK_BUFFER:
+        stride = size // 2
+        while stride > 0:
+            for p in range(TOPK_BUFFER // 2):
+                x = 2 * p - (p & (stride - 1))
+                y = x + stride
+                forward = (x & size) == 0
+                if _beats(cv[y], ci[y], cv[x], ci[x]) if forward else _beats(cv[x], ci[x], cv[y], ci[y]):
+                    cv[x], cv[y], ci[x], ci[y] = cv[y], cv[x], ci[y], ci[x]
+            stride //= 2
+        size *= 2
+
+
+def _streaming_topk(scores: list, start: int, k: int, exclude: int) -> tuple[list, list]:
+    """bank_topk.cu: topk_partial_kernel for one query over one split (rows start.., tiles of 64):
+    the threshold filter, the candidate buffer, its merge (sort, then rank) when full and at the end."""
+    lv, li, buf = [], [], []
+    threshold = -math.inf
+
+    def flush():
+        nonlocal lv, li, threshold
+        cv = [v for v, _ in buf] + [-math.inf] * (TOPK_BUFFER - len(buf))
+        ci = [i for _, i in buf] + [2**31 - 1] * (TOPK_BUFFER - len(buf))
+        _warp_sort(cv, ci)
+        nb, n_old = len(buf), len(lv)
+        nv, ni = [None] * k, [None] * k
+        for t in range(nb):
+            rank = t + _count_beating(lv, li, n_old, cv[t], ci[t])
+            if rank < k:
+                nv[rank], ni[rank] = cv[t], ci[t]
+                if rank == k - 1:
+                    threshold = cv[t]
+        for p in range(n_old):
+            rank = p + _count_beating(cv, ci, nb, lv[p], li[p])
+            if rank < k:
+                nv[rank], ni[rank] = lv[p], li[p]
+                if rank == k - 1:
+                    threshold = lv[p]
+        count = min(k, n_old + nb)
+        assert None not in nv[:count] and None not in ni[:count]  # every rank < count written once
+        lv, li = nv[:count], ni[:count]
+        buf.clear()
+
+    def take(v, row):
+        full = len(lv) == k
+        return row != exclude and (not full or (math.isnan(v) and not math.isnan(threshold)) or v > threshold)
+
+    for t0 in range(0, len(scores), 64):
+        tile = [(scores[c], start + c) for c in range(t0, min(t0 + 64, len(scores)))]
+        new = [(v, row) for v, row in tile if take(v, row)]
+        if not new:
+            continue
+        if len(buf) + len(new) > TOPK_BUFFER:
+            flush()
+            new = [(v, row) for v, row in tile if take(v, row)]
+        buf.extend(new)
+    if buf:
+        flush()
+    return lv, li
+
+
+@pytest.mark.parametrize(("n", "k"), [(700, 1), (700, 30), (1500, 300), (3000, 1024), (300, 1024)])
+def test_streaming_topk_emulation_matches_the_sorted_order(n, k):
+    """The buffered top-k of one split (threshold, 256-candidate buffer, bitonic sort, merge by rank)
+    gives the first k of the full order, with ties (to the lower row) and NaN (first)."""
+    gen = torch.Generator().manual_seed(n + k)
+    scores = (torch.randint(0, 200, (n,), generator=gen).float() / 8).tolist()  # many ties
+    for j in torch.randint(0, n, (5,), generator=gen).tolist():
+        scores[j] = math.nan
+    start, exclude = 1000, 1000 + n // 2
+    values, rows = _streaming_topk(scores, start, k, exclude)
+    order = sorted(
+        ((v, start + c) for c, v in enumerate(scores) if start + c != exclude),
+        key=lambda e: (not math.isnan(e[0]), -e[0] if not math.isnan(e[0]) else 0.0, e[1]),
+    )[:k]
+    assert rows == [r for _, r in order]
+    assert [str(v) for v in values] == [str(v) for v in (v for v, _ in order)]

@@ -1,198 +1,43 @@
-// CUDA kernels of bank_topk (and of snca_forward's top-k): the twin of csrc/cpu's, same contract
-// (csrc/ops.cpp).
-//
-// Top-k (k <= kMaxFastK = 1024). Per query and split, a sorted list of up to k (value, row) lives
-// in the workspace (global memory, L2-resident), double-buffered. A bank row is a candidate only
-// if it beats the list's k-th value (the rejection threshold, BlockSelect style; rows arrive in
-// increasing order within a split, so a tie with the k-th loses). A warp ballots the candidates
-// of a row of the tile, compacts them into shared memory, and merges them into the list by rank:
-// an element's new position is its old position plus the number of the other side's elements
-// that beat it (binary search in the sorted list), which yields the sorted top k directly. Once
-// the list is full few rows pass, so the common tile costs one ballot per query row. Larger k
-// falls back to materialising B x N inner products and sorting them (documented, slow, exact).
-// Order: larger value first, NaN above +inf (as torch.topk), ties to the lower bank row; the
-// query's own row is never a candidate; fewer than k candidates pad the tail with -inf / -1.
+// CUDA kernels of bank_topk (and of snca_forward's top-k when it cannot run inside the lse pass):
+// the twin of csrc/cpu's, same contract (csrc/ops.cpp). The streaming top-k itself is in
+// topk_tile.cuh. Larger k than kMaxFastK falls back to materialising B x N inner products and
+// sorting them (documented, slow, exact).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "bank_topk.h"
 #include "stream_tile.cuh"
+#include "topk_tile.cuh"
 
 namespace snca_ext {
 namespace {
 
-// ----------------------------------------------------------------------------- top-k kernels
-
-// Merges n_new candidates (distinct rows, any order) into the sorted list (ov, oi, n_old),
-// writing the first k of the union, sorted, to (nv, ni). Called by a whole warp.
-template <typename acc_t>
-__device__ __forceinline__ void merge_candidates(const acc_t* cv, const int* ci, int n_new, const acc_t* ov,
-                                 const int* oi, int n_old, acc_t* nv, int* ni, int k,
-                                 acc_t* threshold, int lane) {
-  for (int t = lane; t < n_new; t += 32) {
-    const acc_t v = cv[t];
-    const int i = ci[t];
-    int rank = count_beating(ov, oi, n_old, v, i);
-    for (int u = 0; u < n_new; ++u) rank += beats(cv[u], ci[u], v, i);
-    if (rank < k) {
-      nv[rank] = v;
-      ni[rank] = i;
-      if (rank == k - 1) *threshold = v;
-    }
-  }
-  for (int p = lane; p < n_old; p += 32) {
-    const acc_t v = ov[p];
-    const int i = oi[p];
-    int rank = p;
-    for (int u = 0; u < n_new; ++u) rank += beats(cv[u], ci[u], v, i);
-    if (rank < k) {
-      nv[rank] = v;
-      ni[rank] = i;
-      if (rank == k - 1) *threshold = v;
-    }
-  }
-}
+// ----------------------------------------------------------------------------- top-k kernel
 
 template <class E>
-__global__ void __launch_bounds__(kThreads) topk_partial_kernel(const typename E::Args a) {
+__global__ void __launch_bounds__(kThreads, 1) topk_partial_kernel(const typename E::Args a) {
   using acc_t = typename E::acc_t;
   extern __shared__ __align__(128) unsigned char smem[];
   acc_t* ss = reinterpret_cast<acc_t*>(smem);
-  acc_t* cand_v = ss + kRows * kLdS;         // [kWarps][kCols]
-  acc_t* threshold = cand_v + kWarps * kCols;  // [kRows]: the k-th value once the list is full
-  int* cand_i = reinterpret_cast<int*>(threshold + kRows);
-  int* count = cand_i + kWarps * kCols;
-  int* live = count + kRows;  // which of the two buffers holds the list
-
+  TopkState<acc_t> state(reinterpret_cast<unsigned char*>(ss + kRows * kLdS));
   const int split_id = blockIdx.y;
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   E eng;
   eng.init(smem + topk_common_bytes<acc_t>(), a, split_id, row0);
-  if (tid < kRows) {
-    threshold[tid] = neg_inf<acc_t>();
-    count[tid] = 0;
-    live[tid] = 0;
-  }
+  state.init();
   int tile_begin, tile_end;
   split_range(a.num_tiles, a.splits, split_id, &tile_begin, &tile_end);
-  acc_t* wv = cand_v + warp * kCols;
-  int* wi = cand_i + warp * kCols;
-  const unsigned lanes_below = (1u << lane) - 1u;
-
   for (int tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t start = int64_t(tile) * kCols;
     const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
     __syncthreads();
-    eng.load_tile(a, start, n);
+    const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    eng.scores(a, ss, start, n, fix);
     __syncthreads();
-    eng.scores(a, ss, start, n);
-    __syncthreads();
-
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int r = warp * kRowsPerWarp + rr;
-      const int64_t row = row0 + r;
-      if (row >= a.B) continue;
-      const int64_t self = a.self_rows[row];
-      const int n_old = count[r];
-      const bool full = n_old == a.k;
-      const acc_t th = threshold[r];
-      const acc_t v0 = ss[r * kLdS + lane], v1 = ss[r * kLdS + lane + 32];
-      // Not full: any value (NaN included); full: strictly above the k-th (a tie has the higher row).
-      const bool take0 = lane < n && start + lane != self && (!full || ranks_above(v0, th));
-      const bool take1 = lane + 32 < n && start + lane + 32 != self && (!full || ranks_above(v1, th));
-      const unsigned m0 = __ballot_sync(kFullMask, take0);
-      const unsigned m1 = __ballot_sync(kFullMask, take1);
-      const int n_new = __popc(m0) + __popc(m1);
-      if (n_new == 0) continue;
-      if (take0) {
-        const int p = __popc(m0 & lanes_below);
-        wv[p] = v0;
-        wi[p] = static_cast<int>(start + lane);
-      }
-      if (take1) {
-        const int p = __popc(m0) + __popc(m1 & lanes_below);
-        wv[p] = v1;
-        wi[p] = static_cast<int>(start + lane + 32);
-      }
-      __syncwarp();
-      const int64_t base = (int64_t(split_id) * a.Bpad + row) * 2;
-      const int cur = live[r];
-      merge_candidates(wv, wi, n_new, a.list_v + (base + cur) * a.k, a.list_i + (base + cur) * a.k,
-                       n_old, a.list_v + (base + 1 - cur) * a.k, a.list_i + (base + 1 - cur) * a.k,
-                       a.k, &threshold[r], lane);
-      __syncwarp();  // the merged list (global) and the threshold are visible to the whole warp
-      if (lane == 0) {
-        count[r] = min(a.k, n_old + n_new);
-        live[r] = 1 - cur;
-      }
-      __syncwarp();
-    }
+    state.tile_rows(a, ss, split_id, row0, start, n);
   }
-
-  __syncthreads();
-  if (tid < kRows && row0 + tid < a.B) {
-    int* m = a.meta + (int64_t(split_id) * a.Bpad + row0 + tid) * 2;
-    m[0] = count[tid];
-    m[1] = live[tid];
-  }
+  state.finish(a, split_id, row0);
 }
-
-// One block per query: merge the splits' sorted lists pairwise (a tree over the splits), then
-// write the first k, padded with -inf / -1. Lists are written to the free buffer of the left
-// partner, so no list is overwritten while it is read.
-template <typename acc_t>
-__global__ void topk_combine_kernel(acc_t* list_v, int* list_i, const int* meta, int splits,
-                                    int64_t Bpad, int k, acc_t* out_v, int64_t* out_i) {
-  __shared__ int count[kMaxSplits];
-  __shared__ int live[kMaxSplits];
-  const int64_t row = blockIdx.x;
-  auto list = [&](int s, int buffer) { return ((int64_t(s) * Bpad + row) * 2 + buffer) * k; };
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    count[s] = meta[(int64_t(s) * Bpad + row) * 2];
-    live[s] = meta[(int64_t(s) * Bpad + row) * 2 + 1];
-  }
-  __syncthreads();
-  for (int width = 1; width < splits; width *= 2) {
-    for (int s = 0; s + width < splits; s += 2 * width) {
-      const int ca = count[s], cb = count[s + width];
-      const int64_t la = list(s, live[s]), lb = list(s + width, live[s + width]);
-      const int64_t out = list(s, 1 - live[s]);
-      for (int e = threadIdx.x; e < ca + cb; e += blockDim.x) {
-        acc_t v;
-        int i, rank;
-        if (e < ca) {
-          v = list_v[la + e];
-          i = list_i[la + e];
-          rank = e + count_beating(list_v + lb, list_i + lb, cb, v, i);
-        } else {
-          v = list_v[lb + e - ca];
-          i = list_i[lb + e - ca];
-          rank = (e - ca) + count_beating(list_v + la, list_i + la, ca, v, i);
-        }
-        if (rank < k) {
-          list_v[out + rank] = v;
-          list_i[out + rank] = i;
-        }
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int s = 0; s + width < splits; s += 2 * width) {
-        count[s] = min(k, count[s] + count[s + width]);
-        live[s] = 1 - live[s];
-      }
-    }
-    __syncthreads();
-  }
-  const int c = count[0];
-  const int64_t l = list(0, live[0]);
-  for (int t = threadIdx.x; t < k; t += blockDim.x) {
-    out_v[row * k + t] = t < c ? list_v[l + t] : neg_inf<acc_t>();
-    out_i[row * k + t] = t < c ? int64_t(list_i[l + t]) : int64_t(-1);
-  }
-}
-
 
 // ----------------------------------------------------------------------------- host side
 
@@ -206,23 +51,14 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Te
   const int64_t query_blocks = a.Bpad / kRows;
   const size_t smem = topk_common_bytes<acc_t>() + E::smem_bytes(a.D);
   auto kernel = topk_partial_kernel<E>;
-  const int64_t split_bytes = a.Bpad * 2 * k * int64_t(sizeof(acc_t) + sizeof(int));
-  const int cap = static_cast<int>(std::max<int64_t>(1, kTopkWorkspaceBytes / split_bytes));
-  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles, cap);
-  at::Tensor list_v = at::empty({a.splits, a.Bpad, 2, k}, queries.options());
-  at::Tensor list_i = at::empty({a.splits, a.Bpad, 2, k}, queries.options().dtype(at::kInt));
-  at::Tensor meta = at::empty({a.splits, a.Bpad, 2}, queries.options().dtype(at::kInt));
-  a.list_v = list_v.data_ptr<acc_t>();
-  a.list_i = list_i.data_ptr<int>();
-  a.meta = meta.data_ptr<int>();
+  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
+                           TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)));
+  const TopkWorkspace workspace(a, k, queries.options());
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<dim3(static_cast<unsigned>(query_blocks), a.splits), kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  topk_combine_kernel<acc_t><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
-      a.list_v, a.list_i, a.meta, a.splits, a.Bpad, a.k, values.data_ptr<acc_t>(),
-      indices.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TopkWorkspace::combine(a, values, indices, stream);
 }
 
 // k > kMaxFastK: materialise the B x N inner products and sort (B x N memory). Same order and

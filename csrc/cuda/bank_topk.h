@@ -1,4 +1,5 @@
-// The streaming top-k of bank_topk.cu, also run by snca_forward when k > 0.
+// The streaming top-k of bank_topk.cu, also run by snca_forward when k > 0 and its top-k cannot run
+// inside the lse pass (snca_forward.cu: launch_lse).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,18 +1,25 @@
 // CUDA kernels of snca_forward: the twin of csrc/cpu's, same contract (csrc/ops.cpp). The tile
-// loop, the engines and the split-KV design are described in stream_tile.cuh.
+// loop, the engines and the split-KV design are described in stream_tile.cuh. With k > 0 the top-k
+// (topk_tile.cuh) runs inside the lse pass where its state fits (lse_topk_partial_kernel), else as
+// a second pass over the bank (bank_topk.cu).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "bank_topk.h"
 #include "stream_tile.cuh"
+#include "topk_tile.cuh"
 
 namespace snca_ext {
 namespace {
 
 // ----------------------------------------------------------------------------- lse kernels
 
+// The lse kernel's tile loop for the generic engine: the softmax row by row from the scores in
+// shared memory, a warp per query row, the lanes over the columns.
 template <class E>
-__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(const typename E::Args a) {
+__device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
   using acc_t = typename E::acc_t;
   extern __shared__ __align__(128) unsigned char smem[];
   acc_t* ss = reinterpret_cast<acc_t*>(smem);
@@ -45,9 +52,8 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
     __syncthreads();  // the previous tile's sums phase is done with ms, ss, po
     if (tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
     if (tid < kRows / 16) rescale[tid] = 0;
-    eng.load_tile(a, start, n);
-    __syncthreads();
-    eng.scores(a, ss, start, n);
+    const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    eng.scores(a, ss, start, n, fix);
     __syncthreads();
 
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -138,6 +144,222 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
   if (a.with_grad) eng.store(a, split_id, row0);
 }
 
+// The lse kernel's tile loop for the tensor-core engine: the softmax on the scores where the MMAs
+// leave them, in registers (TensorCoreEngine::scores_frag): lane 4 g + t of warp w holds rows
+// R_i = 16 (w / 2) + g + 8 i (i = 0, 1) and 8 columns of the tile's half w % 2. Each lane keeps the
+// state of its two rows in registers: the reference maxima (the same in the 8 lanes that hold a
+// row: they compute them from the same values), and the running sums of its warp's half of the
+// columns (the two halves are added at the end). Per tile, one exchange of the row maxima
+// between the two halves through shared memory; the weights go to shared memory for the
+// weighted sums only. One exp per score; the arithmetic of the row phase it replaces
+// (lse_tiles_by_rows), but for the order of the fp32 additions of the sums.
+//
+// kTopk: the top-k of the same pass (topk_tile.cuh), on the raw scores of each tile, staged in the
+// other-class weights' buffer before the softmax writes its weights there; its state sits between
+// the lse part of shared memory and the engine's (tile::lse_topk_extra_bytes()).
+template <class E, bool kTopk>
+__device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a) {
+  constexpr int kNt = E::kSNt;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* ps = reinterpret_cast<float*>(smem);  // same-class weights [kRows][kLdS]
+  float* po = ps + kRows * kLdS;                // other-class weights [kRows][kLdS]
+  float* xchg = po + kRows * kLdS;              // [2 halves][2 groups][kRows] (+ 2 kRows unused)
+  int64_t* labs = reinterpret_cast<int64_t*>(xchg + 6 * kRows);
+  int* nan_flag = reinterpret_cast<int*>(labs + kCols);
+  int* same_chunks = nan_flag + kRows + kRows / 16;  // [kRows / 16]
+
+  const int split_id = blockIdx.y;
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int rg = warp / 2, h = warp % 2;
+  E eng;
+  eng.init(smem + lse_common_bytes<float>() + (kTopk ? tile::lse_topk_extra_bytes() : 0), a, split_id, row0);
+  TopkState<float> topk(smem + lse_common_bytes<float>());
+  if (kTopk) topk.init();
+  if (tid < kRows) nan_flag[tid] = 0;
+  int rows[2];
+  bool valid[2];
+  int64_t label[2], self[2];
+  float ref[2][2], sum[2][2];  // [group: same, other][i]
+  int flags[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    rows[i] = rg * 16 + g + 8 * i;
+    valid[i] = row0 + rows[i] < a.B;
+    label[i] = valid[i] ? a.labels[row0 + rows[i]] : int64_t(0);
+    self[i] = valid[i] ? a.self_rows[row0 + rows[i]] : int64_t(-1);
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+      ref[grp][i] = -kInf;
+      sum[grp][i] = 0.0f;
+    }
+  }
+  int tile_begin, tile_end;
+  split_range(a.num_tiles, a.splits, split_id, &tile_begin, &tile_end);
+
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t start = int64_t(tile) * kCols;
+    const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
+    __syncthreads();  // the previous tile is done with ms, ps, po, xchg
+    if (tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
+    if (tid < kRows / 16) same_chunks[tid] = 0;
+    const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    float c[kNt][4];
+    eng.scores_frag(a, start, n, fix, c);
+    if constexpr (kTopk) {
+      float* dst = po + rows[0] * kLdS + h * 32 + 2 * t;
+#pragma unroll
+      for (int u = 0; u < kNt; ++u) {
+        *reinterpret_cast<float2*>(dst + u * 8) = make_float2(c[u][0], c[u][1]);
+        *reinterpret_cast<float2*>(dst + 8 * kLdS + u * 8) = make_float2(c[u][2], c[u][3]);
+      }
+      __syncthreads();
+      // Done with po before the weights go there: the exchange of the maxima below syncs first.
+      topk.tile_rows(a, po, split_id, row0, start, n);
+    }
+
+    // Scores, eligibility, group, non-finite flags, this lane's maxima.
+    unsigned same_bits = 0;  // bit 4 u + e: value c[u][e] is in the same class as its row
+    float tmax[2][2] = {{-kInf, -kInf}, {-kInf, -kInf}};
+#pragma unroll
+    for (int u = 0; u < kNt; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, col = h * 32 + u * 8 + 2 * t + (e % 2);
+        const float s = c[u][e] * a.inv_t;
+        const bool in = valid[i] && col < n && start + col != self[i];
+        const bool same = labs[col] == label[i];
+        // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the
+        // rest) and kept out of the sums, which would turn them into NaN for the whole group.
+        if (in && s != s) flags[i] |= same ? kNanSame : kNanOther;
+        if (in && s == kInf) flags[i] |= same ? kInfSame : kInfOther;
+        const float v = (in && s == s && s != kInf) ? s : -kInf;
+        c[u][e] = v;
+        same_bits |= same ? 1u << (4 * u + e) : 0u;
+        tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
+        tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
+      }
+    }
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float m = tmax[grp][i];
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 2));
+        if (t == 0) xchg[(2 * h + grp) * kRows + rows[i]] = m;
+      }
+    }
+    __syncthreads();
+
+    // The lazy move of the reference maxima (the same decision in every lane holding the row).
+    float fac[2][2];
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float tile_max = fmaxf(xchg[grp * kRows + rows[i]], xchg[(2 + grp) * kRows + rows[i]]);
+        fac[grp][i] = 1.0f;
+        if (tile_max > ref[grp][i] + kLazyRescale) {
+          fac[grp][i] = rescale_factor(ref[grp][i], tile_max);
+          ref[grp][i] = tile_max;
+        }
+      }
+    }
+    // One exp per score: a score is in one group only.
+    float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    unsigned chunks = 0;  // bit 4 h + u: a same-class weight in bank rows 32 h + 8 u..
+#pragma unroll
+    for (int u = 0; u < kNt; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2;
+        const bool same = (same_bits >> (4 * u + e)) & 1u;
+        const float v = c[u][e];
+        const float p = v == -kInf ? 0.0f : exp_acc(v - (same ? ref[0][i] : ref[1][i]));
+        c[u][e] = p;
+        part[0][i] += same ? p : 0.0f;
+        part[1][i] += same ? 0.0f : p;
+        chunks |= (same && p != 0.0f) ? 1u << (4 * h + u) : 0u;
+      }
+    }
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float p = part[grp][i];
+        p += __shfl_xor_sync(kFullMask, p, 1);
+        p += __shfl_xor_sync(kFullMask, p, 2);
+        sum[grp][i] = sum[grp][i] * fac[grp][i] + p;
+      }
+    }
+    if (a.with_grad) {
+#pragma unroll
+      for (int u = 0; u < kNt; ++u) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int at = rows[i] * kLdS + h * 32 + u * 8 + 2 * t;
+          const bool s0 = (same_bits >> (4 * u + 2 * i)) & 1u, s1 = (same_bits >> (4 * u + 2 * i + 1)) & 1u;
+          const float p0 = c[u][2 * i], p1 = c[u][2 * i + 1];
+          *reinterpret_cast<float2*>(ps + at) = make_float2(s0 ? p0 : 0.0f, s1 ? p1 : 0.0f);
+          *reinterpret_cast<float2*>(po + at) = make_float2(s0 ? 0.0f : p0, s1 ? 0.0f : p1);
+        }
+      }
+      chunks = __reduce_or_sync(kFullMask, chunks);
+      if (lane == 0 && chunks != 0) atomicOr(&same_chunks[rg], static_cast<int>(chunks));
+      __syncthreads();
+      eng.accumulate(ps, po, fac, same_chunks);
+    }
+  }
+
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    int f = flags[i];
+    f |= __shfl_xor_sync(kFullMask, f, 1);
+    f |= __shfl_xor_sync(kFullMask, f, 2);
+    if (t == 0) {
+      if (f != 0) atomicOr(&nan_flag[rows[i]], f);
+      if (h == 1) {
+        xchg[rows[i]] = sum[0][i];
+        xchg[kRows + rows[i]] = sum[1][i];
+      }
+    }
+  }
+  __syncthreads();
+  if (h == 0 && t == 0) {
+    const int64_t plane = int64_t(a.splits) * a.Bpad;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!valid[i]) continue;
+      float* st = a.stats + int64_t(split_id) * a.Bpad + row0 + rows[i];
+      st[0 * plane] = ref[0][i];
+      st[1 * plane] = sum[0][i] + xchg[rows[i]];
+      st[2 * plane] = ref[1][i];
+      st[3 * plane] = sum[1][i] + xchg[kRows + rows[i]];
+      st[4 * plane] = float(nan_flag[rows[i]]);
+    }
+  }
+  if (a.with_grad) eng.store(a, split_id, row0);
+  if constexpr (kTopk) topk.finish(a, split_id, row0);
+}
+
+template <class E>
+__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(const typename E::Args a) {
+  if constexpr (E::kFragmentSoftmax) {
+    lse_tiles_in_registers<E, false>(a);
+  } else {
+    lse_tiles_by_rows<E>(a);
+  }
+}
+
+// The same with the top-k in the pass (tensor-core engine only).
+template <class E>
+__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_topk_partial_kernel(const typename E::Args a) {
+  lse_tiles_in_registers<E, true>(a);
+}
+
 // One block per query: merge the splits' partials in split order.
 template <typename acc_t>
 __global__ void lse_combine_kernel(const acc_t* stats, const acc_t* osum, int splits, int64_t Bpad,
@@ -195,11 +417,15 @@ __global__ void lse_combine_kernel(const acc_t* stats, const acc_t* osum, int sp
 
 // ----------------------------------------------------------------------------- host side
 
+// The lse partials and their combine; with k > 0, also the top-k when it fits in the same pass
+// (tensor-core engine, k <= kMaxFastK, the top-k state fits the opt-in shared memory): returns
+// whether it did.
 template <class E>
-void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& indices,
+bool launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& indices,
                 const at::Tensor& bank, const at::Tensor& bank_labels, double temperature,
                 bool with_grad, at::Tensor& lse_same, at::Tensor& lse_other,
-                at::Tensor& wmean_same, at::Tensor& wmean_other) {
+                at::Tensor& wmean_same, at::Tensor& wmean_other, int64_t k, at::Tensor& topk_values,
+                at::Tensor& topk_indices) {
   using acc_t = typename E::acc_t;
   auto a = make_args<E>(features, bank, indices, temperature);
   const at::Tensor queries_padded = pad_queries<E>(features, a);
@@ -207,9 +433,18 @@ void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
   a.bank_labels = bank_labels.data_ptr<int64_t>();
   a.with_grad = with_grad;
   const int64_t query_blocks = a.Bpad / kRows;
-  const size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  const bool fused = E::kFragmentSoftmax && k > 0 && k <= kMaxFastK &&
+                     smem + tile::lse_topk_extra_bytes() <= size_t(device_smem_optin());
   auto kernel = lse_partial_kernel<E>;
-  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles, kMaxSplits);
+  if constexpr (E::kFragmentSoftmax) {
+    if (fused) kernel = lse_topk_partial_kernel<E>;
+  }
+  if (fused) smem += tile::lse_topk_extra_bytes();
+  a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
+                           fused ? TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)) : kMaxSplits);
+  std::optional<TopkWorkspace> workspace;
+  if (fused) workspace.emplace(a, k, features.options());
   const int64_t acc_cols = E::acc_cols(a.D);
   at::Tensor stats = at::empty({5, a.splits, a.Bpad}, features.options());
   at::Tensor osum = at::empty({with_grad ? 2 : 0, a.splits, a.Bpad, acc_cols}, features.options());
@@ -224,6 +459,8 @@ void launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
       lse_other.data_ptr<acc_t>(), with_grad ? wmean_same.data_ptr<acc_t>() : nullptr,
       with_grad ? wmean_other.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (fused) TopkWorkspace::combine(a, topk_values, topk_indices, stream);
+  return fused;
 }
 
 
@@ -246,12 +483,14 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   std::tie(lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices) =
       empty_forward_outputs(features, with_grad, k);
   if (features.size(0) > 0) {
+    bool topk_done = false;
     with_engine(features, bank, device_config(features), [&](auto tag) {
-      launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
-                                               temperature, with_grad, lse_same, lse_other,
-                                               wmean_same, wmean_other);
+      topk_done = launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
+                                                           temperature, with_grad, lse_same, lse_other,
+                                                           wmean_same, wmean_other, k, topk_values,
+                                                           topk_indices);
     });
-    run_topk_cuda(features, bank, indices, k, topk_values, topk_indices);
+    if (!topk_done) run_topk_cuda(features, bank, indices, k, topk_values, topk_indices);
   }
   return {lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices};
 }

@@ -10,17 +10,20 @@
 //   lse_partial_kernel    per query: reference max and rescaled sum of the same-class and the
 //                         other-class exponentials (online softmax), optionally the rescaled
 //                         softmax-weighted sums of bank rows (the one-pass gradient of README "How it works")
+//   lse_topk_partial_kernel  the same with the top-k partials below in the same pass (tensor-core
+//                         engines, where its state fits: snca_forward.cu)
 //   lse_combine_kernel    log-sum-exp combine, rescale-sum of the accumulators
-//   topk_partial_kernel   per query a sorted top-k list per split, rejection threshold
+//   topk_partial_kernel   per query a sorted top-k list per split, candidate buffer, threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
-//
 // Each tile goes through the same phases, separated by __syncthreads:
-//   load    bank tile (and its labels) into shared memory, converted to the accumulation dtype
-//   scores  S[64 queries x 64 bank rows] = Q M^T into shared memory (raw inner products)
-//   rows    each warp takes 8 query rows: softmax update or top-k update, lanes over the columns
+//   load    bank tile (and its labels) into shared memory, converted to the accumulation dtype;
+//           the block learns whether the tile holds a non-finite value (__syncthreads_or)
+//   scores  S[64 queries x 64 bank rows] = Q M^T (raw inner products)
+//   rows    softmax or top-k update: the tensor-core lse kernel on S in the MMAs' registers
+//           (lse_tiles_in_registers); the others on S in shared memory, a warp per query row
 //   sums    (with_grad) O_same += P_same M, O_other += P_other M
-// The matrix work is done by an "engine": TensorCoreEngine (fp32 features, D <= 128, WMMA TF32
-// with split precision, see below) or GenericEngine (fp64, any D: plain FMA loops).
+// The matrix work is done by an "engine": TensorCoreEngine (fp32 features, D <= 128,
+// mma.sync TF32 with split precision, see below) or GenericEngine (fp64, any D: FMA loops).
 //
 // Precision of the tensor-core engine. The features are fp32, and the tests hold a backend to
 // "at least as accurate as plain PyTorch in fp32", whose matmul is exact FP32 FFMA unless
@@ -30,9 +33,10 @@
 // products hi*hi + lo*hi (+ hi*lo for an fp32 bank) are accumulated in fp32: "3xTF32", about
 // as accurate as FFMA at 2-3 tensor-core products per FFMA-equivalent, still several times
 // faster than FFMA (495 vs 67 TFLOP/s on H100/H200). The softmax weights P are split the same
-// way for the weighted sums. When allowTF32CuBLAS() is true (PyTorch's own matmul would then use
-// TF32) a single TF32 product is used. Converting the queries to bf16/fp16 instead would lose
-// 16 bits of the fp32 features and is not done.
+// way for the weighted sums. The queries, the same for every tile, are split once per block. When
+// allowTF32CuBLAS() is true (PyTorch's own matmul would then use TF32) a single TF32 product is
+// used. Converting the queries to bf16/fp16 instead would lose 16 bits of the fp32 features and
+// is not done.
 //
 // Tensor-core rounding. Whether an MMA rounds its fp32 accumulation to nearest or toward zero is
 // not documented (papers measure both). The MMAs therefore accumulate short chunks from zero (4
@@ -41,15 +45,16 @@
 // bank. tests/test_cuda_emulation.py replays this arithmetic under both models and holds it to
 // the accuracy rule; an accumulator carried through a split's tiles fails it under RZ.
 //
-// Non-finite values. Only finite values are split (inf - tf32(inf) would be NaN), and the cross
-// products use the finite part of the other operand, so a score is +-inf or NaN exactly when the
-// IEEE inner product is. Per query and group, a NaN score makes the lse NaN and a +inf one +inf.
+// Non-finite values. The MMAs see finite operands only (inf - tf32(inf) would be NaN); a tile or a
+// block of queries holding a non-finite value takes a rare path that puts the IEEE inner product
+// wherever it is not finite (TensorCoreEngine::scores), so a score is +-inf or NaN exactly when
+// the IEEE inner product is. Per query and group, a NaN score makes the lse NaN and a +inf one
+// +inf.
 //
-// Lazy rescaling. The weighted-sum accumulators live in WMMA fragments, whose element-to-row map
-// is opaque, so rescaling a row means a round trip through shared memory. The reference max of a
-// group is therefore moved only when a tile's max exceeds it by more than kLazyRescale (8 logit
-// units): each exp(s - ref) stays below e^8, which cannot overflow fp32 even summed over 2^31
-// rows, and after the first tiles rescales become rare.
+// Lazy rescaling. The reference max of a group is moved only when a tile's max exceeds it by more
+// than kLazyRescale (8 logit units): each exp(s - ref) stays below e^8, which cannot overflow fp32
+// even summed over 2^31 rows, and after the first tiles rescales of the weighted-sum accumulators
+// (64 registers per thread at D = 128) become rare.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -59,11 +64,11 @@
 #include "../checks.h"
 #include "tile_config.h"
 
-#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -76,10 +81,9 @@
 namespace snca_ext {
 namespace {
 
-using namespace nvcuda;
-
 using tile::kCols;
 using tile::kLdS;
+using tile::kTopkBuffer;
 using tile::kRows;
 using tile::kRowsPerWarp;
 using tile::kThreads;
@@ -168,7 +172,7 @@ struct StreamArgs {
   int num_tiles, splits;
   acc_t inv_t;
   bool tf32_only;  // tensor-core engine: one TF32 product per multiply (allowTF32CuBLAS())
-  const float* queries_padded;  // tensor-core engine without queries in shared memory: [Bpad, Dp]
+  const float* queries_padded;  // tensor-core engine without queries in shared memory: [2][Bpad][Dp]
   bool with_grad;
   bool vec_ok;     // D == the engine's padded D and 16-byte aligned bank: vector loads
   // lse partials: stats [5][splits][Bpad] (max_same, sum_same, max_other, sum_other, non-finite
@@ -176,21 +180,30 @@ struct StreamArgs {
   // accumulators [2][splits][Bpad][acc_cols] (same class, other classes)
   acc_t* stats;
   acc_t* osum;
-  // top-k partials: lists [splits][Bpad][2][k], meta [splits][Bpad][2] (count, live buffer)
+  // top-k partials: lists [splits][Bpad][2][k], candidate buffers [splits][Bpad][kTopkBuffer],
+  // meta [splits][Bpad][2] (count, live buffer)
   int k;
   acc_t* list_v;
   int* list_i;
+  acc_t* buf_v;
+  int* buf_i;
   int* meta;
 };
 
 // ----------------------------------------------------------------------------- engines
 
-// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32). The bank tile sits in
-// shared memory as fp32 (zero-padded to Dp columns and to full tiles); the queries too when
-// kQueriesInSmem, else they are read through L1/L2 from a copy zero-padded to [Bpad, Dp] (the
-// configuration for GPUs with 99 KB of shared memory per block, tile_config.h). So every WMMA
-// operand is in bounds. Warp w computes scores rows 16*(w/2).., columns 32*(w%2)..; for the
-// weighted sums it owns accumulator rows 16*(w/2).. and columns (Dp/2)*(w%2)..
+// fp32 features, fp32/bf16/fp16 bank, D <= Dp (Dp a multiple of 32), on mma.sync.m16n8k8 TF32 (the
+// fragment layouts are those of the PTX ISA, so every register's row and column is known:
+// accumulators are rescaled in registers, and the fragment loads are LDS from rows padded to kLd =
+// Dp + 4 words: no bank conflict, but for a 2-way one on the bank operand of the weighted sums).
+// The queries are split once per block, in init, into (hi, lo) with their non-finite values as 0,
+// and kept in shared memory when kQueriesInSmem, else read through L1/L2 from a copy prepared the
+// same way by the host ([2][Bpad][Dp], pad_queries: the configuration for GPUs with 99 KB of shared
+// memory per block, tile_config.h). The bank tile sits in shared memory as fp32, zero-padded to Dp
+// columns and to full tiles. So the main loop loads ready operands: no split of the queries, none
+// of a bf16/fp16 bank (exact in TF32), no finite masks. Non-finite inputs take a rare path per tile
+// (scores_frag()). Warp w computes scores rows 16*(w/2).., columns 32*(w%2)..; for the weighted sums it
+// owns accumulator rows 16*(w/2).. and columns (Dp/2)*(w%2)..
 template <int Dp, typename bank_type, bool kQueriesInSmem>
 struct TensorCoreEngine {
   static_assert(Dp % 32 == 0, "Dp must be a multiple of 32");
@@ -199,28 +212,26 @@ struct TensorCoreEngine {
   using Args = StreamArgs<float, bank_t>;
   static constexpr int kLd = Dp + 4;
   static constexpr int kLdQ = kQueriesInSmem ? kLd : Dp;
-  static constexpr int kOCols = Dp / 2;
-  static constexpr int kOFrags = kOCols / 16;
+  static constexpr int kOCols = Dp / 2;   // accumulator columns per warp
+  static constexpr int kONt = kOCols / 8;  // their n-tiles of 8
+  static constexpr int kSNt = 4;           // score n-tiles of 8 per warp (32 bank rows)
   // A bf16/fp16 value is exact in TF32: the bank needs no low part, so 2 products per multiply
   // (lo(f) m + hi(f) m); an fp32 bank 3 (+ hi(f) lo(m)). Fixed at compile time, so the products a
   // bank type does not need are not in the code.
   static constexpr bool kSplitBank = std::is_same<bank_t, float>::value;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragBt = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
-  const float* qs;  // [kRows][kLdQ], shared or global
-  float* ms;        // [kCols][kLd]
-  float* scratch;   // [kWarps][16 * 16], for rescaling fragments
-  bool tf32_only;   // allowTF32CuBLAS(): one TF32 product, as PyTorch's own matmul would do
-  FragC o[2][kOFrags];
+  const float* q_hi;  // [kRows][kLdQ], shared or global
+  const float* q_lo;
+  float* ms;          // [kCols][kLd]
+  bool tf32_only;     // allowTF32CuBLAS(): one TF32 product, as PyTorch's own matmul would do
+  bool queries_bad;   // a query of this block holds a non-finite value
+  float o[2][kONt][4];  // C fragments of the weighted sums (same class, other classes)
 
   static constexpr bool kPaddedQueries = !kQueriesInSmem;
+  static constexpr bool kFragmentSoftmax = true;  // the lse kernel's softmax runs on scores_frag()
   // Blocks per SM the lse kernel is compiled for: one (up to 255 registers). At Dp = 128 the
-  // weighted-sum accumulators and each tile's partial take 128 registers per thread, and at
-  // Dp = 64 two blocks (128 registers) spill on sm_80; one block of 8 warps is also all that
-  // fits in shared memory on sm_80/86/89 at Dp = 128.
+  // weighted-sum accumulators and each tile's partial take 128 registers per thread; one block
+  // of 8 warps is also all that fits in shared memory on sm_80/86/89 at Dp = 128.
   static constexpr int kMinBlocks = 1;
   static int64_t acc_cols(int64_t) { return Dp; }
   static size_t smem_bytes(int64_t) { return tile::tensor_core_bytes(Dp, kQueriesInSmem); }
@@ -228,116 +239,95 @@ struct TensorCoreEngine {
   // x = hi + lo with hi = tf32(x), lo = tf32(x - hi), the part hi misses, where tf32() keeps the
   // top 10 explicit mantissa bits (truncation: one LOP3, where cvt.rna.tf32 costs about four
   // instructions on sm_90; x - hi is exact, and the pair carries 22 of x's 24 significant bits,
-  // accurate enough by tests/test_cuda_emulation.py). fin is hi for a finite x and 0 otherwise.
-  // A non-finite x keeps hi = x (a NaN whose payload sits in the low bits must not become inf)
-  // and gets lo = 0 (x - hi would be NaN); the cross products use fin, so that inf * 0 = NaN can
-  // only come from the main product hi * hi, exactly where the IEEE inner product has it.
+  // accurate enough by tests/test_cuda_emulation.py). Only for finite x.
   __device__ __forceinline__ static float tf32_trunc(float x) {
     return __uint_as_float(__float_as_uint(x) & 0xffffe000u);
   }
-
-  template <class Frag>
-  __device__ __forceinline__ static void split(Frag& hi, Frag& lo, Frag& fin) {
-#pragma unroll
-    for (int t = 0; t < hi.num_elements; ++t) {
-      const float x = hi.x[t];
-      const bool finite = isfinite(x);
-      const float h = finite ? tf32_trunc(x) : x;
-      hi.x[t] = h;
-      lo.x[t] = finite ? tf32_trunc(x - h) : 0.0f;
-      fin.x[t] = finite ? h : 0.0f;
-    }
+  __device__ __forceinline__ static void split(float x, uint32_t& hi, uint32_t& lo) {
+    const float h = tf32_trunc(x);
+    hi = __float_as_uint(h);
+    lo = __float_as_uint(tf32_trunc(x - h));
   }
 
-  // (hi, lo) only: for operands whose cross products need no finite part (see accumulate).
-  template <class Frag>
-  __device__ __forceinline__ static void split(Frag& hi, Frag& lo) {
-#pragma unroll
-    for (int t = 0; t < hi.num_elements; ++t) {
-      const float x = hi.x[t];
-      const bool finite = isfinite(x);
-      const float h = finite ? tf32_trunc(x) : x;
-      hi.x[t] = h;
-      lo.x[t] = finite ? tf32_trunc(x - h) : 0.0f;
-    }
-  }
-
-  // fin only: the bank operand of an unsplit (bf16/fp16) bank in the cross product lo(f) m.
-  template <class Frag>
-  __device__ __forceinline__ static void finite_part(const Frag& x, Frag& fin) {
-#pragma unroll
-    for (int t = 0; t < x.num_elements; ++t) fin.x[t] = isfinite(x.x[t]) ? x.x[t] : 0.0f;
+  // c += a b: one m16n8k8 TF32 MMA. a: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);
+  // b: (k = t, n = g), (t + 4, g); c: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1), where
+  // g = lane / 4 and t = lane % 4.
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 
   // t += a b for one k-step of 8, with the small cross products first, so that they are not lost
   // against the large one. t is a chunk's accumulator, started from zero by the caller and then
-  // added into the running fp32 fragment with an ordinary add (round to nearest): whatever
+  // added into the running fp32 registers with an ordinary add (round to nearest): whatever
   // rounding the tensor core applies to its own accumulation (RN or RZ, not documented) then
   // touches a short partial only, and a biased rounding cannot build up over D (scores: chunks
   // of 4 k-steps) or over the bank (weighted sums: one chunk per tile of 64 rows).
-  // tests/test_cuda_emulation.py replays this arithmetic under both models.
-  template <class FA, class FB>
-  __device__ __forceinline__ void mma_terms(FragC& t, const FA& a_hi, const FA& a_lo, const FA& a_fin,
-                                            const FB& b_hi, const FB& b_lo, const FB& b_fin) const {
+  // tests/test_cuda_emulation.py replays this arithmetic under both models. b is the finite bank
+  // value (exact in TF32 for bf16/fp16), split here for an fp32 bank.
+  __device__ __forceinline__ void mma_terms(float (&t)[4], const uint32_t (&a_hi)[4],
+                                            const uint32_t (&a_lo)[4], float b0, float b1) const {
+    uint32_t h0 = __float_as_uint(b0), h1 = __float_as_uint(b1), l0 = 0, l1 = 0;
+    if (kSplitBank) {
+      split(b0, h0, l0);
+      split(b1, h1, l1);
+    }
     if (!tf32_only) {
-      wmma::mma_sync(t, a_lo, b_fin, t);
-      if (kSplitBank) wmma::mma_sync(t, a_fin, b_lo, t);
+      mma(t, a_lo, h0, h1);
+      if (kSplitBank) mma(t, a_hi, l0, l1);
     }
-    wmma::mma_sync(t, a_hi, b_hi, t);
+    mma(t, a_hi, h0, h1);
   }
 
-  __device__ __forceinline__ static void add_into(FragC& c, const FragC& t) {
+  __device__ __forceinline__ static void add_into(float (&c)[4], const float (&t)[4]) {
 #pragma unroll
-    for (int e = 0; e < c.num_elements; ++e) c.x[e] += t.x[e];
-  }
-
-  // The bank operand of the weighted sums: (hi, lo) with non-finite values as 0. A bank row
-  // holding inf or NaN has a non-finite score for every query, hence weight exactly 0 (its group
-  // is flagged instead), and the contract says such a row contributes nothing: as 0 it cannot
-  // make 0 * inf = NaN in the other queries' sums.
-  __device__ __forceinline__ void load_bank(FragB& b_hi, FragB& b_lo, const float* ptr) const {
-    FragB raw;
-    wmma::load_matrix_sync(raw, ptr, kLd);
-    if (kSplitBank) {
-      split(raw, b_lo, b_hi);  // b_hi = fin(raw); the unmasked hi left in raw is not used
-    } else {
-      finite_part(raw, b_hi);
-    }
-  }
-
-  // Loads the bank-side fragment and prepares (hi, lo, fin) for this bank type.
-  template <class FB>
-  __device__ __forceinline__ void load_bank(FB& b_hi, FB& b_lo, FB& b_fin, const float* ptr) const {
-    wmma::load_matrix_sync(b_hi, ptr, kLd);
-    if (kSplitBank) {
-      split(b_hi, b_lo, b_fin);
-    } else {
-      finite_part(b_hi, b_fin);  // exact in TF32 already: no rounding, no low part
-    }
+    for (int e = 0; e < 4; ++e) c[e] += t[e];
   }
 
   __device__ void init(unsigned char* smem, const Args& a, int, int64_t row0) {
-    float* q_smem = reinterpret_cast<float*>(smem);
-    ms = q_smem + (kQueriesInSmem ? kRows * kLd : 0);
-    scratch = ms + kCols * kLd;
+    float* base = reinterpret_cast<float*>(smem);
+    ms = base + (kQueriesInSmem ? 2 * kRows * kLd : 0);
     tf32_only = a.tf32_only;
+    bool bad = false;
     if (kQueriesInSmem) {
+      float* hi = base;
+      float* lo = base + kRows * kLd;
       for (int e = threadIdx.x; e < kRows * Dp; e += kThreads) {
         const int r = e / Dp, d = e % Dp;
-        q_smem[r * kLd + d] = (row0 + r < a.B && d < a.D) ? a.features[(row0 + r) * a.D + d] : 0.0f;
+        const float x = (row0 + r < a.B && d < a.D) ? a.features[(row0 + r) * a.D + d] : 0.0f;
+        const bool finite = isfinite(x);
+        bad |= !finite;
+        const float h = finite ? tf32_trunc(x) : 0.0f;
+        hi[r * kLd + d] = h;
+        lo[r * kLd + d] = finite ? tf32_trunc(x - h) : 0.0f;
       }
-      qs = q_smem;
+      q_hi = hi;
+      q_lo = lo;
     } else {
-      qs = a.queries_padded + row0 * Dp;
+      const int D = static_cast<int>(a.D);
+      const int rows = static_cast<int>(min(int64_t(kRows), a.B - row0));
+      for (int e = threadIdx.x; e < rows * D; e += kThreads) bad |= !isfinite(a.features[row0 * D + e]);
+      q_hi = a.queries_padded + row0 * Dp;
+      q_lo = a.queries_padded + (a.Bpad + row0) * Dp;
     }
+    queries_bad = __syncthreads_or(bad) != 0;
 #pragma unroll
-    for (int g = 0; g < 2; ++g) {
+    for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
-      for (int f = 0; f < kOFrags; ++f) wmma::fill_fragment(o[g][f], 0.0f);
+      for (int f = 0; f < kONt; ++f) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[grp][f][e] = 0.0f;
+      }
     }
   }
 
-  __device__ void load_tile(const Args& a, int64_t start, int n) {
+  // Loads the tile as fp32 into shared memory; true when this thread met a non-finite value (the
+  // caller ORs it over the block and passes it to scores()).
+  __device__ bool load_tile(const Args& a, int64_t start, int n) {
+    bool bad = false;
     if (a.vec_ok) {
       constexpr int kVec = 16 / sizeof(bank_t);
       constexpr int kVecPerRow = Dp / kVec;
@@ -351,7 +341,10 @@ struct TensorCoreEngine {
           const uint4 raw = __ldg(reinterpret_cast<const uint4*>(a.bank + (start + j) * Dp + d0));
           const bank_t* v = reinterpret_cast<const bank_t*>(&raw);
 #pragma unroll
-          for (int t = 0; t < kVec; ++t) vals[t] = static_cast<float>(v[t]);
+          for (int t = 0; t < kVec; ++t) {
+            vals[t] = static_cast<float>(v[t]);
+            bad |= !isfinite(vals[t]);
+          }
         } else {
 #pragma unroll
           for (int t = 0; t < kVec; ++t) vals[t] = 0.0f;
@@ -365,104 +358,185 @@ struct TensorCoreEngine {
     } else {
       for (int e = threadIdx.x; e < kCols * Dp; e += kThreads) {
         const int j = e / Dp, d = e % Dp;
-        ms[j * kLd + d] =
-            (j < n && d < a.D) ? static_cast<float>(a.bank[(start + j) * a.D + d]) : 0.0f;
+        const float x = (j < n && d < a.D) ? static_cast<float>(a.bank[(start + j) * a.D + d]) : 0.0f;
+        bad |= !isfinite(x);
+        ms[j * kLd + d] = x;
       }
     }
+    return bad;
   }
 
-  __device__ void scores(const Args&, float* ss, int64_t, int) const {
-    const int warp = threadIdx.x / 32, g = warp / 2, h = warp % 2;
-    FragC c[2];
-    wmma::fill_fragment(c[0], 0.0f);
-    wmma::fill_fragment(c[1], 0.0f);
+  // S = Q M^T (raw inner products) in C fragments: c[u] holds rows 16 (w / 2) + g (c[u][0..1]) and
+  // + 8 (c[u][2..3]), columns 32 (w % 2) + 8 u + 2 t (+ 1) of the tile, for warp w, lane 4 g + t.
+  // fix: the tile holds a non-finite bank value.
+  //
+  // Non-finite inputs. The MMAs see finite operands only: the queries were stored with their
+  // non-finite values as 0 (init), and a tile with a non-finite value has them set to 0 here
+  // first; the weighted sums use that tile too, as the contract says (a non-finite bank value
+  // counts as 0; its weights are 0 anyway, its scores being non-finite). Where a query or the
+  // tile held a non-finite value, each lane then recomputes its scores in IEEE fp32 from the raw
+  // inputs and keeps that value where it is not finite: an inner product with a non-finite
+  // operand is always +-inf or NaN (inf * 0 = NaN), so a score is non-finite exactly when the
+  // IEEE inner product is, with its value. This path is rare (the block's queries or the tile are
+  // not finite) and costs a plain FMA product of the tile.
+  __device__ void scores_frag(const Args& a, int64_t start, int n, bool fix, float (&c)[kSNt][4]) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int rg = warp / 2, h = warp % 2;
+    if (fix) {
+      for (int e = threadIdx.x; e < kCols * Dp; e += kThreads) {
+        float& x = ms[(e / Dp) * kLd + e % Dp];
+        if (!isfinite(x)) x = 0.0f;
+      }
+      __syncthreads();
+    }
+    const float* qh = q_hi + (rg * 16 + g) * kLdQ + t;
+    const float* ql = q_lo + (rg * 16 + g) * kLdQ + t;
+    const float* mb = ms + (h * 32 + g) * kLd + t;  // M^T: element (k, n) at ms[n * kLd + k]
+#pragma unroll
+    for (int u = 0; u < kSNt; ++u) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[u][e] = 0.0f;
+    }
     // Chunks of 4 k-steps (32 columns of D); the chunk loop is not unrolled: with the weighted-sum
     // accumulators live, more unrolled k-steps spill.
 #pragma unroll 1
     for (int kk = 0; kk < Dp; kk += 32) {
-      FragC t[2];
-      wmma::fill_fragment(t[0], 0.0f);
-      wmma::fill_fragment(t[1], 0.0f);
+      float acc[kSNt][4];
 #pragma unroll
-      for (int k8 = kk; k8 < kk + 32; k8 += 8) {
-        FragA a_hi, a_lo, a_fin;
-        wmma::load_matrix_sync(a_hi, qs + g * 16 * kLdQ + k8, kLdQ);
-        split(a_hi, a_lo, a_fin);
+      for (int u = 0; u < kSNt; ++u) {
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          FragBt b_hi, b_lo, b_fin;  // M^T: element (k8 + x, col) at ms[col * kLd + k8 + x]
-          load_bank(b_hi, b_lo, b_fin, ms + (h * 32 + u * 16) * kLd + k8);
-          mma_terms(t[u], a_hi, a_lo, a_fin, b_hi, b_lo, b_fin);
+        for (int e = 0; e < 4; ++e) acc[u][e] = 0.0f;
+      }
+#pragma unroll
+      for (int k8 = 0; k8 < 32; k8 += 8) {
+        const int k = kk + k8;
+        const uint32_t a_hi[4] = {__float_as_uint(qh[k]), __float_as_uint(qh[8 * kLdQ + k]),
+                                  __float_as_uint(qh[k + 4]), __float_as_uint(qh[8 * kLdQ + k + 4])};
+        const uint32_t a_lo[4] = {__float_as_uint(ql[k]), __float_as_uint(ql[8 * kLdQ + k]),
+                                  __float_as_uint(ql[k + 4]), __float_as_uint(ql[8 * kLdQ + k + 4])};
+#pragma unroll
+        for (int u = 0; u < kSNt; ++u) {
+          mma_terms(acc[u], a_hi, a_lo, mb[u * 8 * kLd + k], mb[u * 8 * kLd + k + 4]);
         }
       }
-      add_into(c[0], t[0]);
-      add_into(c[1], t[1]);
-    }
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      wmma::store_matrix_sync(ss + g * 16 * kLdS + h * 32 + t * 16, c[t], kLdS, wmma::mem_row_major);
+      for (int u = 0; u < kSNt; ++u) add_into(c[u], acc[u]);
+    }
+    if (fix || queries_bad) {
+      const int64_t row0 = int64_t(blockIdx.x) * kRows;
+      const int D = static_cast<int>(a.D);
+#pragma unroll 1
+      for (int e = 0; e < kSNt * 4; ++e) {
+        const int r = rg * 16 + g + ((e % 4) >= 2 ? 8 : 0), col = h * 32 + (e / 4) * 8 + 2 * t + (e % 2);
+        if (row0 + r >= a.B || col >= n) continue;
+        const float* f = a.features + (row0 + r) * a.D;
+        const bank_t* m = a.bank + (start + col) * a.D;
+        float s = 0.0f;
+        for (int d = 0; d < D; ++d) s = fmaf(f[d], static_cast<float>(m[d]), s);
+        if (isfinite(s)) continue;
+#pragma unroll
+        for (int v = 0; v < kSNt * 4; ++v) {  // c[e / 4][e % 4] = s, without a dynamic index
+          if (v == e) c[v / 4][v % 4] = s;
+        }
+      }
     }
   }
 
-  // O = O * fac (rows whose reference max moved) + P M, for both groups.
-  __device__ void accumulate(const Args&, const float* ps, const float* po, const float* fac,
-                             const int* rescale, int64_t, int) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = warp / 2, h = warp % 2;
-    if (rescale[g]) {
-      float* sc = scratch + warp * 256;
+  // The same into ss [kRows][kLdS] (the top-k kernel's row phase reads it there).
+  __device__ void scores(const Args& a, float* ss, int64_t start, int n, bool fix) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float c[kSNt][4];
+    scores_frag(a, start, n, fix, c);
+    float* dst = ss + ((warp / 2) * 16 + g) * kLdS + (warp % 2) * 32 + 2 * t;
+#pragma unroll
+    for (int u = 0; u < kSNt; ++u) {
+      *reinterpret_cast<float2*>(dst + u * 8) = make_float2(c[u][0], c[u][1]);
+      *reinterpret_cast<float2*>(dst + 8 * kLdS + u * 8) = make_float2(c[u][2], c[u][3]);
+    }
+  }
+
+  // O = O * fac + P M for both groups, P = (ps, po) [kRows][kLdS]. fac[grp][i]: the rescale factor
+  // of group grp in this lane's row 16 (w / 2) + g + 8 i (the rows of its C fragments, the same
+  // as in scores_frag). same_chunks[r / 16] has bit c set when some same-class weight of rows
+  // 16 (r / 16).. in bank rows 8c..8c+7 is not 0: the same-class products of the other k-steps
+  // would add exact zeros (all weights of the 16 x 8 block are +0) and are skipped. At 1,000
+  // classes about 1 in 8 k-steps has one.
+  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2],
+                             const int* same_chunks) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int rg = warp / 2, h = warp % 2;
+    const bool moved = fac[0][0] != 1.0f || fac[0][1] != 1.0f || fac[1][0] != 1.0f || fac[1][1] != 1.0f;
+    if (__any_sync(kFullMask, moved)) {
 #pragma unroll
       for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
-        for (int f = 0; f < kOFrags; ++f) {
-          wmma::store_matrix_sync(sc, o[grp][f], 16, wmma::mem_row_major);
-          __syncwarp();
-          for (int e = lane; e < 256; e += 32) sc[e] *= fac[grp * kRows + g * 16 + e / 16];
-          __syncwarp();
-          wmma::load_matrix_sync(o[grp][f], sc, 16, wmma::mem_row_major);
-          __syncwarp();
+        for (int f = 0; f < kONt; ++f) {
+          o[grp][f][0] *= fac[grp][0];
+          o[grp][f][1] *= fac[grp][0];
+          o[grp][f][2] *= fac[grp][1];
+          o[grp][f][3] *= fac[grp][1];
         }
       }
     }
-    // The weights are finite (exp of finite scores; NaN and +inf scores are kept out), so their
-    // hi is its own finite part; the bank operand comes finite from load_bank.
+    const int same = same_chunks[rg];
+    // The weights are finite and >= 0 (exp of finite scores, NaN and +inf ones are kept out), so
+    // they are split without masks; the bank tile is finite (scores_frag()).
     // This tile's P M from zero (one chunk), then added into the running sums.
-    FragC tile[2][kOFrags];
+    float tile[2][kONt][4];
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
-      for (int f = 0; f < kOFrags; ++f) wmma::fill_fragment(tile[grp][f], 0.0f);
+      for (int f = 0; f < kONt; ++f) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile[grp][f][e] = 0.0f;
+      }
     }
+    const float* pa_s = ps + (rg * 16 + g) * kLdS + t;
+    const float* pa_o = po + (rg * 16 + g) * kLdS + t;
+    const float* mb = ms + t * kLd + h * kOCols + g;  // M: element (k, n) at ms[k * kLd + n]
 #pragma unroll 1
     for (int kk = 0; kk < kCols; kk += 8) {
-      FragA s_hi, s_lo, t_hi, t_lo;
-      wmma::load_matrix_sync(s_hi, ps + g * 16 * kLdS + kk, kLdS);
-      wmma::load_matrix_sync(t_hi, po + g * 16 * kLdS + kk, kLdS);
-      split(s_hi, s_lo);
-      split(t_hi, t_lo);
+      uint32_t o_hi[4], o_lo[4];
+      split(pa_o[kk], o_hi[0], o_lo[0]);
+      split(pa_o[8 * kLdS + kk], o_hi[1], o_lo[1]);
+      split(pa_o[kk + 4], o_hi[2], o_lo[2]);
+      split(pa_o[8 * kLdS + kk + 4], o_hi[3], o_lo[3]);
 #pragma unroll
-      for (int f = 0; f < kOFrags; ++f) {
-        FragB b_hi, b_lo;
-        load_bank(b_hi, b_lo, ms + kk * kLd + h * kOCols + f * 16);
-        mma_terms(tile[0][f], s_hi, s_lo, s_hi, b_hi, b_lo, b_hi);
-        mma_terms(tile[1][f], t_hi, t_lo, t_hi, b_hi, b_lo, b_hi);
+      for (int f = 0; f < kONt; ++f) {
+        mma_terms(tile[1][f], o_hi, o_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
+      }
+      // One branch around the whole same-class k-step: a branch between MMAs would make ptxas
+      // fence each of them (WARPSYNC) and stop overlapping them.
+      if ((same >> (kk / 8)) & 1) {
+        uint32_t s_hi[4], s_lo[4];
+        split(pa_s[kk], s_hi[0], s_lo[0]);
+        split(pa_s[8 * kLdS + kk], s_hi[1], s_lo[1]);
+        split(pa_s[kk + 4], s_hi[2], s_lo[2]);
+        split(pa_s[8 * kLdS + kk + 4], s_hi[3], s_lo[3]);
+#pragma unroll
+        for (int f = 0; f < kONt; ++f) {
+          mma_terms(tile[0][f], s_hi, s_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
+        }
       }
     }
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
-      for (int f = 0; f < kOFrags; ++f) add_into(o[grp][f], tile[grp][f]);
+      for (int f = 0; f < kONt; ++f) add_into(o[grp][f], tile[grp][f]);
     }
   }
 
   __device__ void store(const Args& a, int split_id, int64_t row0) const {
-    const int warp = threadIdx.x / 32, g = warp / 2, h = warp % 2;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int rg = warp / 2, h = warp % 2;
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
+      float* dst = a.osum + ((int64_t(grp) * a.splits + split_id) * a.Bpad + row0 + rg * 16 + g) * Dp +
+                   h * kOCols + 2 * t;
 #pragma unroll
-      for (int f = 0; f < kOFrags; ++f) {
-        float* dst = a.osum + ((int64_t(grp) * a.splits + split_id) * a.Bpad + row0 + g * 16) * Dp +
-                     h * kOCols + f * 16;
-        wmma::store_matrix_sync(dst, o[grp][f], Dp, wmma::mem_row_major);
+      for (int f = 0; f < kONt; ++f) {
+        *reinterpret_cast<float2*>(dst + f * 8) = make_float2(o[grp][f][0], o[grp][f][1]);
+        *reinterpret_cast<float2*>(dst + 8 * Dp + f * 8) = make_float2(o[grp][f][2], o[grp][f][3]);
       }
     }
   }
@@ -482,6 +556,7 @@ struct GenericEngine {
   acc_t* oo = nullptr;  // other classes
 
   static constexpr bool kPaddedQueries = false;
+  static constexpr bool kFragmentSoftmax = false;  // the lse kernel's row phase, through ss
   static constexpr int kMinBlocks = 2;
   static int64_t acc_cols(int64_t D) { return D; }
   static size_t smem_bytes(int64_t) { return 0; }
@@ -497,9 +572,10 @@ struct GenericEngine {
     }
   }
 
-  __device__ void load_tile(const Args&, int64_t, int) {}
+  __device__ bool load_tile(const Args&, int64_t, int) { return false; }
 
-  __device__ void scores(const Args& a, acc_t* ss, int64_t start, int n) const {
+  // IEEE inner products: non-finite values need no special path here.
+  __device__ void scores(const Args& a, acc_t* ss, int64_t start, int n, bool) const {
     for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
       const int r = e / kCols, c = e % kCols;
       acc_t s = 0;
@@ -574,10 +650,18 @@ inline int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-// The tile configuration for these features on the current device: from its opt-in shared memory
-// per block (99 KB on sm_86/89/120, 163 KB on sm_80, 227 KB on sm_90), tile_config.h.
-inline tile::Config device_config(const at::Tensor& features) {
+// The current device's opt-in shared memory per block (99 KB on sm_86/89/120, 163 KB on sm_80,
+// 227 KB on sm_90). The environment variable SNCA_EXT_SMEM_OPTIN may lower it (never raise it),
+// so that one GPU can run the configurations of the smaller ones (benchmarks/edge_shapes.py does).
+inline int device_smem_optin() {
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const char* limit = std::getenv("SNCA_EXT_SMEM_OPTIN");
+  return limit ? std::min(optin, std::atoi(limit)) : optin;
+}
+
+// The tile configuration for these features on the current device (tile_config.h).
+inline tile::Config device_config(const at::Tensor& features) {
+  const int optin = device_smem_optin();
   const tile::Config c = tile::choose_config(features.size(1), features.scalar_type() == at::kDouble, optin);
   TORCH_CHECK(c.fits, "snca_ext's CUDA kernels need ", std::max(c.lse_smem, c.topk_smem),
               " bytes of shared memory per block; this GPU allows ", optin);
@@ -641,11 +725,18 @@ typename E::Args make_args(const at::Tensor& features, const at::Tensor& bank,
 
 // The zero-padded [Bpad, Dp] copy of the queries for an engine that reads them from global memory
 // (an undefined tensor for the others); it must stay alive until the kernels have run.
+// Prepared as the tensor-core engine's init prepares the queries it keeps in shared memory: planes
+// [2][Bpad][Dp] of (hi, lo) = (tf32(x), tf32(x - hi)) by truncation, non-finite values as 0.
 template <class E>
 at::Tensor pad_queries(const at::Tensor& features, typename E::Args& a) {
   if (!E::kPaddedQueries) return at::Tensor();
-  at::Tensor padded = at::zeros({a.Bpad, E::acc_cols(a.D)}, features.options());
-  padded.narrow(0, 0, a.B).narrow(1, 0, a.D).copy_(features);
+  constexpr int64_t kTf32Mask = -8192;  // 0xffffe000: the sign, the exponent, 10 mantissa bits
+  const at::Tensor x = at::where(features.isfinite(), features, 0.0).contiguous();
+  const at::Tensor hi = at::bitwise_and(x.view(at::kInt), kTf32Mask).view(at::kFloat);
+  const at::Tensor lo = at::bitwise_and((x - hi).contiguous().view(at::kInt), kTf32Mask).view(at::kFloat);
+  at::Tensor padded = at::zeros({2, a.Bpad, E::acc_cols(a.D)}, features.options());
+  padded.select(0, 0).narrow(0, 0, a.B).narrow(1, 0, a.D).copy_(hi);
+  padded.select(0, 1).narrow(0, 0, a.B).narrow(1, 0, a.D).copy_(lo);
   a.queries_padded = padded.data_ptr<float>();
   return padded;
 }

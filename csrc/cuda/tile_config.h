@@ -4,8 +4,9 @@
 //
 // Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_80 166,912 bytes,
 // sm_86/sm_89/sm_120 101,376, sm_90/sm_100 232,448. The fp32 tensor-core engine at D = 65..128
-// keeps the queries in shared memory when that fits (113,024 bytes: sm_80, sm_90) and otherwise
-// reads them through L1/L2 from a zero-padded copy (79,232 bytes: sm_86/89/120).
+// keeps the queries (split once into hi and lo) in shared memory when that fits (138,624 bytes:
+// sm_80, sm_90) and otherwise reads them through L1/L2 from a zero-padded copy prepared the same
+// way (71,040 bytes: sm_86/89/120).
 #pragma once
 
 #include <cstddef>
@@ -25,23 +26,33 @@ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
 // lse kernel: scores/P_same [kRows][kLdS], P_other [kRows][kLdS], state [4][kRows] (max_same,
 // sum_same, max_other, sum_other), fac [2][kRows], bank labels [kCols] (int64), nan flags [kRows],
-// rescale flags [kRows / 16]; then the engine's part.
+// rescale flags [kRows / 16], same-class chunk flags [kRows / 16]; then the engine's part.
 constexpr size_t lse_common_bytes(size_t acc_bytes) {
   return align128(acc_bytes * (2 * kRows * kLdS + 6 * kRows) + 8 * kCols +
-                  sizeof(int) * (kRows + kRows / 16));
+                  sizeof(int) * (kRows + 2 * (kRows / 16)));
 }
 
-// top-k kernel: scores [kRows][kLdS], candidates [kWarps][kCols] (value, row), threshold [kRows],
-// count [kRows], live buffer [kRows]; then the engine's part.
+constexpr int kTopkBuffer = 256;  // candidates buffered per query before a merge (a power of 2)
+
+// The streaming top-k's state (topk_tile.cuh: TopkState): a sort scratch [kWarps][kTopkBuffer]
+// (value, row), threshold [kRows], count [kRows], live buffer [kRows], buffered candidates [kRows].
+constexpr size_t topk_state_bytes(size_t acc_bytes) {
+  return acc_bytes * (kWarps * kTopkBuffer + kRows) + sizeof(int) * (kWarps * kTopkBuffer + 3 * kRows);
+}
+
+// top-k kernel: scores [kRows][kLdS], then the top-k state; then the engine's part.
 constexpr size_t topk_common_bytes(size_t acc_bytes) {
-  return align128(acc_bytes * (kRows * kLdS + kWarps * kCols + kRows) +
-                  sizeof(int) * (kWarps * kCols + 2 * kRows));
+  return align128(acc_bytes * kRows * kLdS + topk_state_bytes(acc_bytes));
 }
 
-// The tensor-core engine: the bank tile [kCols][Dp + 4] as fp32, the queries [kRows][Dp + 4]
-// when they are kept in shared memory, and a 16 x 16 scratch per warp.
+// The lse kernel with the top-k inside (tensor-core engine, fp32): the top-k state between the lse
+// kernel's part and the engine's part (17,408 bytes).
+constexpr size_t lse_topk_extra_bytes() { return align128(topk_state_bytes(4)); }
+
+// The tensor-core engine: the bank tile [kCols][Dp + 4] as fp32 and, when they are kept in shared
+// memory, the queries split once as (hi, lo) [2][kRows][Dp + 4].
 constexpr size_t tensor_core_bytes(int dp, bool queries_in_smem) {
-  return 4 * (size_t((queries_in_smem ? kRows : 0) + kCols) * (dp + 4) + size_t(kWarps) * 256);
+  return 4 * size_t((queries_in_smem ? 2 * kRows : 0) + kCols) * (dp + 4);
 }
 
 struct Config {
