@@ -357,7 +357,7 @@ def _summary(out: Path) -> dict:
 def one_process_digits(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("one-process")
     assert run(["--out", str(out), "--epochs", "2", "--threads", "1", "--no-progress"]) == EXIT_OK
-    return {**_summary(out), "losses": _losses(out)}
+    return {**_summary(out), "losses": _losses(out), "out": out}
 
 
 def _losses(out: Path) -> list[float]:
@@ -401,6 +401,22 @@ def test_sharded_run_stops_and_resumes_on_one_process(one_process_digits, tmp_pa
     ours = _summary(tmp_path)
     assert ours["epochs"] == 2 and ours["top1"] > 90.0
     assert abs(ours["top1"] - one_process_digits["top1"]) <= 4.0
+
+
+def test_a_one_process_checkpoint_resumes_into_a_sharded_run(one_process_digits, tmp_path):
+    """The checkpoint holds the whole bank: two ranks each take their block of it and continue the
+    same curve (its first two epochs kept as they were)."""
+    checkpoint = tmp_path / "one-process.pt"
+    checkpoint.write_bytes((one_process_digits["out"] / "checkpoint.pt").read_bytes())
+    out = tmp_path / "sharded"
+    result = _torchrun(out, "--resume", str(checkpoint), "--epochs", "3", "--bank-sharding")
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+    losses = _losses(out)
+    assert losses[:2] == one_process_digits["losses"] and len(losses) == 3
+    assert losses[2] < losses[1]  # the third epoch, sharded, goes on down the curve
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["memory"]["bank"].shape == (1347, 128)
+    assert _summary(out)["top1"] > 90.0
 
 
 def test_bank_sharding_needs_torchrun(tmp_path, capsys):
