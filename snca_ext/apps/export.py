@@ -350,6 +350,34 @@ def export_features(
     return metadata
 
 
+def add_checkpoint_arguments(add) -> None:
+    """The flags that say which network to load and on which data, shared by export and
+    neighbors: --checkpoint, --trust-checkpoint, and --dataset/--data/--arch for what the
+    checkpoint does not record."""
+    add(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint.pt of python -m snca_ext.train (or its run folder), or an original SNCA "
+        "checkpoint (main.py's .pth.tar, cifar.py's ckpt.t7; with --trust-checkpoint)",
+    )
+    add(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that need unpickling (the original project's): unpickling can run code",
+    )
+    add(
+        "--dataset",
+        choices=DATASETS,
+        help="the data set, if not the checkpoint's run's (an original checkpoint records none: its arch "
+        "implies imagefolder for main.py's ResNets, cifar10 for cifar.py's ckpt.t7)",
+    )
+    add(
+        "--data",
+        help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
+    )
+    add("--arch", type=arch_type, help="the network of an original checkpoint that does not say its arch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name("snca_ext.export"),
@@ -357,12 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of a split to a .safetensors file (streamed) or a .pt file.",
     )
     add = parser.add_argument
-    add(
-        "--checkpoint",
-        required=True,
-        help="a checkpoint.pt of python -m snca_ext.train (or its run folder), or an original SNCA "
-        "checkpoint (main.py's .pth.tar, cifar.py's ckpt.t7; with --trust-checkpoint)",
-    )
+    add_checkpoint_arguments(add)
     add(
         "--split",
         choices=SPLITS,
@@ -376,26 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="all classes, or with a --holdout-classes run its seen or novel (held-out) classes (all)",
     )
-    add(
-        "--dataset",
-        choices=DATASETS,
-        help="the data set, if not the checkpoint's run's (an original checkpoint records none: its arch "
-        "implies imagefolder for main.py's ResNets, cifar10 for cifar.py's ckpt.t7)",
-    )
-    add(
-        "--data",
-        help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
-    )
-    add("--arch", type=arch_type, help="the network of an original checkpoint that does not say its arch")
     add("-b", "--batch-size", type=POSITIVE_INT, default=256, help="images per forward pass (256)")
     add("-j", "--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes (0)")
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
-    add(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow checkpoints that need unpickling (the original project's): unpickling can run code",
-    )
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -51,7 +51,6 @@ from snca_ext import bank_topk
 
 from .cli import (
     POSITIVE_INT,
-    arch_type,
     int_list_type,
     number,
     program_name,
@@ -60,11 +59,12 @@ from .cli import (
     set_threads,
     writable_folder,
 )
-from .data import DATASETS, ClassSubset, DigitsDataset, IndexedDataset
+from .data import ClassSubset, DigitsDataset, IndexedDataset
 from .errors import AppError, ExportError
 from .export import (
     CLASS_SETS,
     SPLITS,
+    add_checkpoint_arguments,
     dataset_indices,
     load_features,
     load_trained_model,
@@ -320,12 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "top-k training images by feature similarity, marked correct or wrong class.",
     )
     add = parser.add_argument
-    add(
-        "--checkpoint",
-        required=True,
-        help="a checkpoint.pt of python -m snca_ext.train (or its run folder), or an original SNCA "
-        "checkpoint (main.py's .pth.tar, cifar.py's ckpt.t7; with --trust-checkpoint)",
-    )
+    add_checkpoint_arguments(add)
     add("--compare", help="a second checkpoint (same dataset) whose retrievals are shown under each query")
     add("--names", help="row labels of the models, comma-separated (default: their --loss and run folder)")
     add("--out", required=True, help="the HTML page to write")
@@ -351,17 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compare-bank-features", help="the same for --compare")
     add("--thumb", type=number(int, 8, what="an integer >= 8"), default=64, help="image size in pixels (64)")
     add(
-        "--dataset",
-        choices=DATASETS,
-        help="the data set, if not the checkpoint's run's (an original checkpoint records none: its arch "
-        "implies imagefolder for main.py's ResNets, cifar10 for cifar.py's ckpt.t7)",
-    )
-    add(
-        "--data",
-        help="the dataset folder, if not where the checkpoint's run read it (original checkpoints: needed)",
-    )
-    add("--arch", type=arch_type, help="the network of an original checkpoint that does not say its arch")
-    add(
         "-b",
         "--batch-size",
         type=POSITIVE_INT,
@@ -371,11 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
     add("--backend", default="auto", help="bank_topk backend (auto)")
-    add(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow checkpoints that need unpickling (the original project's): unpickling can run code",
-    )
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
