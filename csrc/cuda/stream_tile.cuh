@@ -248,6 +248,16 @@ struct TensorCoreEngine {
     hi = __float_as_uint(h);
     lo = __float_as_uint(tf32_trunc(x - h));
   }
+  // The split A fragment of one m16n8k8 step from a row-major shared tile (rows g and g + 8,
+  // columns kk + t and kk + t + 4 of the mma() layout below; p points at row g, column t).
+  template <int kLdA>
+  __device__ __forceinline__ static void split_a_fragment(const float* p, int kk, uint32_t (&hi)[4],
+                                                          uint32_t (&lo)[4]) {
+    split(p[kk], hi[0], lo[0]);
+    split(p[8 * kLdA + kk], hi[1], lo[1]);
+    split(p[kk + 4], hi[2], lo[2]);
+    split(p[8 * kLdA + kk + 4], hi[3], lo[3]);
+  }
 
   // c += a b: one m16n8k8 TF32 MMA. a: (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);
   // b: (k = t, n = g), (t + 4, g); c: (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1), where
@@ -497,10 +507,7 @@ struct TensorCoreEngine {
 #pragma unroll 1
     for (int kk = 0; kk < kCols; kk += 8) {
       uint32_t o_hi[4], o_lo[4];
-      split(pa_o[kk], o_hi[0], o_lo[0]);
-      split(pa_o[8 * kLdS + kk], o_hi[1], o_lo[1]);
-      split(pa_o[kk + 4], o_hi[2], o_lo[2]);
-      split(pa_o[8 * kLdS + kk + 4], o_hi[3], o_lo[3]);
+      split_a_fragment<kLdS>(pa_o, kk, o_hi, o_lo);
 #pragma unroll
       for (int f = 0; f < kONt; ++f) {
         mma_terms(tile[1][f], o_hi, o_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
@@ -509,10 +516,7 @@ struct TensorCoreEngine {
       // fence each of them (WARPSYNC) and stop overlapping them.
       if ((same >> (kk / 8)) & 1) {
         uint32_t s_hi[4], s_lo[4];
-        split(pa_s[kk], s_hi[0], s_lo[0]);
-        split(pa_s[8 * kLdS + kk], s_hi[1], s_lo[1]);
-        split(pa_s[kk + 4], s_hi[2], s_lo[2]);
-        split(pa_s[8 * kLdS + kk + 4], s_hi[3], s_lo[3]);
+        split_a_fragment<kLdS>(pa_s, kk, s_hi, s_lo);
 #pragma unroll
         for (int f = 0; f < kONt; ++f) {
           mma_terms(tile[0][f], s_hi, s_lo, mb[kk * kLd + f * 8], mb[(kk + 4) * kLd + f * 8]);
