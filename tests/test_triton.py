@@ -181,8 +181,11 @@ def test_gradient_float32_as_accurate_as_pytorch(temperature):
     assert_at_least_as_accurate(*grads, tol=8 * EPS32 / temperature)
 
 
-def test_topk_gradient_flows_through_stats():
-    features, indices, bank, bank_labels = make_problem(4, 90, 16, seed=5)
+# D = 130: beside the gradient the top-k takes rounds of its own (fuses_topk), and the weighted
+# sums are cut into 128-column parts, one per program.
+@pytest.mark.parametrize("dim", [16, 130])
+def test_topk_gradient_flows_through_stats(dim):
+    features, indices, bank, bank_labels = make_problem(4, 90, dim, seed=5)
     ours_in = features.clone().requires_grad_()
     ref_in = features.clone().requires_grad_()
     ours = snca_ext.snca_stats(ours_in, indices, bank, bank_labels, 0.1, topk=3, backend="triton")
@@ -554,6 +557,34 @@ def test_results_come_from_the_split_kernel(monkeypatch):
     assert not torch.allclose(
         lse_same, reference.snca_stats_reference(features, indices, bank, bank_labels, 0.05)[0]
     )
+
+
+def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
+    """benchmarks/static_triton.py checks spills and shared memory for kernels.launch_configs():
+    whatever the ops launch (dims, dtypes, gradient, top-k fused or in rounds) must be among them."""
+    spy = _LaunchSpy()
+    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    for dim, dtype, bank_dtype in [
+        (16, torch.float32, torch.float32),
+        (130, torch.float32, torch.float32),
+        (130, torch.float32, torch.bfloat16),
+        (100, torch.float64, torch.float64),
+    ]:
+        features, indices, bank, bank_labels = make_problem(2, 40, dim, dtype=dtype, seed=18)
+        bank = bank.to(bank_dtype)
+        for k in (0, 3, 33):
+            for with_grad in (False, True):
+                x = features.clone().requires_grad_(with_grad)
+                snca_ext.snca_stats(x, indices, bank, bank_labels, 0.05, topk=k, backend="triton")
+        snca_ext.bank_topk(features, bank, 5, backend="triton")
+    assert len(spy.launches) >= 4 * 7
+    planned = {
+        (tuple(sorted(c.constexprs().items())), c.num_warps, c.num_stages) for c in kernels.launch_configs()
+    }
+    for _, _, options in spy.launches:
+        constexprs = {key: value for key, value in options.items() if key.isupper()}
+        launched = (tuple(sorted(constexprs.items())), options["num_warps"], options["num_stages"])
+        assert launched in planned, launched
 
 
 def test_tf32_follows_pytorch_setting(monkeypatch):

@@ -19,6 +19,17 @@ def test_default_configurations_compile_for_sm90_without_spills():
         check_row(config, row)
 
 
+def test_wide_rows_with_gradient_compile_without_spills():
+    """D > 128 with the gradient: the two [16, D] accumulators beside the split scores spilled at
+    every tile shape (up to 376 bytes at sm_86); each program now keeps 128 of their columns. sm_80
+    was the tightest target, sm_86 the tightest shared memory (99 KB) for the fp32 bank's tile."""
+    config = kernels.kernel_config(256, "fp32", "fp32", True, True, 0, "split")
+    assert config.grad_parts == 2
+    for row in static_triton.triton_static_rows([config], [80, 86], jobs=2):
+        assert static_triton.fits(row), row
+        assert row["mma_per_tile"], row  # tensor cores, not FMAs
+
+
 def check_row(config, row):
     assert row["config"] == config.name and row["target"] == "sm_90"
     assert row["spills_bytes"] == 0, row

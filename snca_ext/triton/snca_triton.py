@@ -17,7 +17,8 @@ Gradient: one pass. The weighted sums are accumulated in the forward beside the 
 (``with_grad``), as the CPU and CUDA backends do, so the bank (656 MB at ImageNet size) is read
 once per step instead of twice, and the backward is the shared O(B*D) formula of _autograd.py.
 Its cost, two extra tile products per tile, is paid only when features require grad, and the
-state it adds per program is two [BLOCK_B, D] accumulators, which fit beside the tile at D = 128;
+state it adds per program is two [BLOCK_B, D] accumulators, which fit beside the tile at D = 128
+(at D > 128 each program keeps 128 of their columns and the scores are computed once per part);
 a two-pass backward would re-read the whole bank and recompute every exponential.
 
 Precision: fp32 features run on tf32 tensor cores with split operands (each value = a high and a
@@ -164,14 +165,19 @@ def _snca_partials_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GRAD_D: tl.constexpr,
 ):
     """Partials of one (query block, bank split) pair; layouts: [splits, B] for the LSE state,
     [splits, B, D] for the weighted sums, [splits, B, TOPK] for the top-k candidates.
 
     PRECISION: "split" (fp32 features: tf32 tensor cores on split operands, about fp32 accuracy),
-    "tf32" (one tf32 product, when PyTorch allows TF32 matmuls) or "ieee" (fp64 products)."""
+    "tf32" (one tf32 product, when PyTorch allows TF32 matmuls) or "ieee" (fp64 products).
+    GRAD_D < BLOCK_D: the weighted sums are cut into GRAD_D-column parts, one per program along
+    the grid's third axis; every part computes the whole scores, part 0 alone writes the LSE
+    state and the top-k."""
     query_block = tl.program_id(0)
     split = tl.program_id(1)
+    grad_part = tl.program_id(2)
     acc_dtype = tl.float64 if USE_FP64 else tl.float32
     key_dtype = tl.int64 if USE_FP64 else tl.int32
     EMPTY: tl.constexpr = -9223372036854775808 if USE_FP64 else -2147483648
@@ -200,8 +206,10 @@ def _snca_partials_kernel(
     sum_other = tl.zeros([BLOCK_B], acc_dtype)
     nan_same = tl.zeros([BLOCK_B], tl.int32)
     nan_other = tl.zeros([BLOCK_B], tl.int32)
-    acc_same = tl.zeros([BLOCK_B, BLOCK_D], acc_dtype)
-    acc_other = tl.zeros([BLOCK_B, BLOCK_D], acc_dtype)
+    acc_dims = grad_part * GRAD_D + tl.arange(0, GRAD_D)
+    acc_dim_ok = acc_dims < dim
+    acc_same = tl.zeros([BLOCK_B, GRAD_D], acc_dtype)
+    acc_other = tl.zeros([BLOCK_B, GRAD_D], acc_dtype)
     # The running top-k as order keys, unsorted. Empty slots hold the EMPTY key (below every
     # score, -inf included) with distinct negative rows (-1 - slot), so that "the worst slot"
     # (lowest key, then highest row) is always exactly one slot. Only candidates ranked after the
@@ -289,7 +297,16 @@ def _snca_partials_kernel(
                 # A non-finite bank value enters the weighted sums as 0: its row's weight is 0
                 # (a -inf or NaN score) or its group's lse is +inf, whose gradient the combine
                 # sets to NaN; either way 0 * inf must not make the whole mean NaN.
-                sum_tile = tl.where(tl.abs(bank_tile) < _PLUS_INF, bank_tile, 0.0)
+                if GRAD_D == BLOCK_D:
+                    sum_tile = bank_tile
+                else:
+                    # This program's columns, read again (from L1: the scores just read them).
+                    sum_tile = tl.load(
+                        bank_ptr + rows[:, None].to(tl.int64) * stride_mn + acc_dims[None, :] * stride_md,
+                        mask=row_ok[:, None] & acc_dim_ok[None, :],
+                        other=0.0,
+                    ).to(acc_dtype)
+                sum_tile = tl.where(tl.abs(sum_tile) < _PLUS_INF, sum_tile, 0.0)
                 if PRECISION == "split":
                     # Softmax weights lie in [0, 1]: no non-finite guard needed.
                     same_high, same_low = _tf32_split(weight_same, True)
@@ -333,24 +350,26 @@ def _snca_partials_kernel(
                 pending = tl.sum((best > worst).to(tl.int32), axis=0)
 
     state = split * num_queries + queries
+    # The parts of a D-split gradient computed the same state: part 0 writes it.
+    state_ok = query_ok & (grad_part == 0)
     if WITH_LSE:
         # A NaN in a group makes its sum NaN, which the combine carries into that group's lse.
         sum_same = tl.where(nan_same > 0, float("nan"), sum_same)
         sum_other = tl.where(nan_other > 0, float("nan"), sum_other)
-        tl.store(max_same_ptr + state, max_same, mask=query_ok)
-        tl.store(sum_same_ptr + state, sum_same, mask=query_ok)
-        tl.store(max_other_ptr + state, max_other, mask=query_ok)
-        tl.store(sum_other_ptr + state, sum_other, mask=query_ok)
+        tl.store(max_same_ptr + state, max_same, mask=state_ok)
+        tl.store(sum_same_ptr + state, sum_same, mask=state_ok)
+        tl.store(max_other_ptr + state, max_other, mask=state_ok)
+        tl.store(sum_other_ptr + state, sum_other, mask=state_ok)
         if WITH_GRAD:
-            acc_offsets = state[:, None].to(tl.int64) * dim + dims[None, :]
-            acc_mask = query_ok[:, None] & dim_ok[None, :]
+            acc_offsets = state[:, None].to(tl.int64) * dim + acc_dims[None, :]
+            acc_mask = query_ok[:, None] & acc_dim_ok[None, :]
             tl.store(acc_same_ptr + acc_offsets, acc_same, mask=acc_mask)
             tl.store(acc_other_ptr + acc_offsets, acc_other, mask=acc_mask)
     if TOPK > 0:
         top_offsets = state[:, None].to(tl.int64) * TOPK + slots[None, :]
         top_values = _key_value(top_keys, EMPTY, USE_FP64)
-        tl.store(top_values_ptr + top_offsets, top_values, mask=query_ok[:, None])
-        tl.store(top_rows_ptr + top_offsets, top_rows, mask=query_ok[:, None])
+        tl.store(top_values_ptr + top_offsets, top_values, mask=state_ok[:, None])
+        tl.store(top_rows_ptr + top_offsets, top_rows, mask=state_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- launch plan
@@ -377,16 +396,23 @@ class KernelConfig:
     block_d: int
     num_warps: int
     num_stages: int
+    grad_d: int = 0  # columns of the weighted sums per program; 0: all of block_d
 
     @property
     def name(self) -> str:
         mode = ("lse+grad" if self.with_grad else "lse") if self.with_lse else "topk"
         if self.with_lse and self.topk:
             mode += "+topk"
+        grad_columns = f" g{self.grad_d}" if self.grad_d else ""
         return (
             f"{self.features}/{self.bank} {mode} k{self.topk} {self.precision} "
-            f"{self.block_b}x{self.block_n}x{self.block_d} w{self.num_warps} s{self.num_stages}"
+            f"{self.block_b}x{self.block_n}x{self.block_d}{grad_columns} w{self.num_warps} s{self.num_stages}"
         )
+
+    @property
+    def grad_parts(self) -> int:
+        """Programs along the grid's third axis, each accumulating grad_d columns."""
+        return self.block_d // self.grad_d if self.grad_d else 1
 
     def launch_options(self) -> dict:
         # maxnreg: left to itself ptxas sometimes caps a kernel at 128 registers and spills;
@@ -404,6 +430,7 @@ class KernelConfig:
             "BLOCK_B": self.block_b,
             "BLOCK_N": self.block_n,
             "BLOCK_D": self.block_d,
+            "GRAD_D": self.grad_d or self.block_d,
         }
 
 
@@ -425,18 +452,45 @@ def kernel_config(
     # Register budget (255 a thread at 8 warps): the split queries, two [BLOCK_B, D] gradient
     # accumulators or the log-sum-exp state beside a running top-k, and the bank tile's split
     # parts as MMA fragments. Those configurations take 16 queries a program; the gradient beside
-    # a wide bank or a 128-wide top-k also halves the tile.
-    if with_grad or features == "fp64" or topk > 32 or (with_lse and topk > 0):
+    # a wide bank or a 128-wide top-k also halves the tile. At D > 128 the gradient's two
+    # [16, D] accumulators do not fit beside the scores (ptxas spilled whatever the tile): each
+    # program keeps 128 of their columns, the scores computed once per 128 columns, and a wide
+    # bank's tile is quartered to fit the 99 KB of shared memory of sm_86/89.
+    wide_rows = block_d > 128
+    if with_grad or features == "fp64" or topk > 32 or (with_lse and topk > 0) or wide_rows:
         block_b = 16
     else:
         block_b = 32
-    block_n = 32 if (with_grad and (wide_bank or topk > 32)) or block_d > 128 else 64
-    num_warps = 8 if block_d >= 128 else 4
+    if wide_rows:
+        block_n = 16 if with_grad and wide_bank else 32
+    else:
+        block_n = 32 if with_grad and (wide_bank or topk > 32) else 64
+    grad_d = 128 if with_grad and wide_rows else 0
+    # fp64 values take two registers each: 8 warps share them even at D = 64.
+    num_warps = 8 if block_d >= 128 or features == "fp64" else 4
     # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise.
-    num_stages = 2 if wide_bank or block_d > 128 else 3
+    num_stages = 2 if wide_bank or wide_rows else 3
     return KernelConfig(
-        features, bank, with_lse, with_grad, topk, precision, block_b, block_n, block_d, num_warps, num_stages
+        features,
+        bank,
+        with_lse,
+        with_grad,
+        topk,
+        precision,
+        block_b,
+        block_n,
+        block_d,
+        num_warps,
+        num_stages,
+        grad_d,
     )
+
+
+def fuses_topk(dim: int, features: str, with_grad: bool, k: int) -> bool:
+    """Whether snca_forward's top-k of k rides on its log-sum-exp pass (else it takes rounds of its
+    own after it): k fits one running list, and the list fits beside the gradient's accumulators
+    (not at D > 128, whose programs each hold a part of them, nor in fp64: both spilled)."""
+    return 0 < k <= TOPK_WIDTHS[-1] and not (with_grad and (dim > 128 or features == "fp64"))
 
 
 def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
@@ -450,7 +504,8 @@ def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
         for features, bank, precision in pairs:
             for with_grad in (False, True):
                 for topk in (0, *TOPK_WIDTHS):
-                    configs.append(kernel_config(dim, features, bank, True, with_grad, topk, precision))
+                    if topk == 0 or fuses_topk(dim, features, with_grad, topk):
+                        configs.append(kernel_config(dim, features, bank, True, with_grad, topk, precision))
             for topk in TOPK_WIDTHS:
                 configs.append(kernel_config(dim, features, bank, False, False, topk, precision))
     return list(dict.fromkeys(configs))
@@ -471,10 +526,10 @@ class _Plan:
         self.splits = triton.cdiv(num_tiles, self.tiles_per_split)
 
     @property
-    def grid(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, int, int]:
         # Query blocks vary fastest, so the programs that read the same bank split run side by
         # side and share its tiles through L2.
-        return (self.query_blocks, self.splits)
+        return (self.query_blocks, self.splits, self.config.grad_parts)
 
 
 def _device_programs(device: torch.device) -> int:
@@ -692,9 +747,9 @@ def _snca_forward_impl(
             features.new_empty(0, k, dtype=torch.long),
         )
     indices = indices.long().contiguous()
-    # A top-k that fits one running list rides on the log-sum-exp pass; a larger one takes its
-    # own rounds after it.
-    fused_topk = k <= TOPK_WIDTHS[-1]
+    # A top-k that fits one running list rides on the log-sum-exp pass where the registers allow;
+    # otherwise it takes its own rounds after it.
+    fused_topk = fuses_topk(dim, _DTYPE_NAMES[features.dtype], with_grad, k)
     max_same, sum_same, max_other, sum_other, acc_same, acc_other, top_values, top_rows = _launch(
         features,
         labels.long().contiguous(),
