@@ -200,6 +200,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """Per target: how many configurations, the most registers, how many spill, the largest
+    shared memory against the opt-in limit, and how many do not fit."""
+    lines = [
+        "| target | configurations | most registers | spilling | largest shared memory (opt-in) "
+        "| not fitting |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for target in sorted({row["target"] for row in rows}, key=lambda name: int(name[3:])):
+        mine = [row for row in rows if row["target"] == target]
+        largest = max(row["shared_bytes"] for row in mine)
+        limit = SHARED_LIMITS[int(target[3:])]
+        lines.append(
+            f"| {target} | {len(mine)} | {max(row['registers'] for row in mine)} | "
+            f"{sum(row['spills_bytes'] > 0 for row in mine)} | {largest:,} ({limit:,}) | "
+            f"{sum(not fits(row) for row in mine)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--default", action="store_true", help="only the D = 128 configurations")
@@ -215,6 +235,7 @@ def main() -> None:
     if args.default:
         configs = [config for config in configs if config.block_d == 128]
     rows = triton_static_rows(configs, jobs=args.jobs)
+    print(summary(rows) + "\n")
     print(markdown(rows))
     bad = [row for row in rows if not fits(row)]
     print(f"\n{len(rows)} rows; {len(bad)} spill or exceed the opt-in shared memory")

@@ -468,8 +468,12 @@ def kernel_config(
     grad_d = 128 if with_grad and wide_rows else 0
     # fp64 values take two registers each: 8 warps share them even at D = 64.
     num_warps = 8 if block_d >= 128 or features == "fp64" else 4
-    # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise.
-    num_stages = 2 if wide_bank or wide_rows else 3
+    # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise;
+    # one for fp64 at D > 128 with the gradient (two took 102,656 bytes, 1,280 over sm_86/89's).
+    if features == "fp64" and grad_d:
+        num_stages = 1
+    else:
+        num_stages = 2 if wide_bank or wide_rows else 3
     return KernelConfig(
         features,
         bank,
