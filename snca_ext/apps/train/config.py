@@ -49,14 +49,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "fashion-mnist": {
         # This package's recipe for 2 CPU cores (benchmarks/fidelity.py): a small CNN, the
-        # paper's temperature and momenta, a short step schedule.
+        # paper's temperature and momenta, a short step schedule calibrated to about 20 minutes
+        # of a quiet 2-core machine (9 epochs: 91.7% kNN, seed 0; 6 epochs: 91.2%; README).
         "arch": "fashion_cnn",
         "low_dim": 128,
         "temperature": 0.05,
         "batch_size": 128,
         "lr": 0.1,
-        "lr_step": 8,
-        "epochs": 12,
+        "lr_step": 6,
+        "epochs": 9,
         "weight_decay": 5e-4,
         "memory_momentum": 0.5,
         "memory_schedule": "",
