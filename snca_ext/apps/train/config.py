@@ -49,8 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "fashion-mnist": {
         # This package's recipe for 2 CPU cores (benchmarks/fidelity.py): a small CNN, the
-        # paper's temperature and momenta, a short step schedule calibrated to about 20 minutes
-        # of a quiet 2-core machine (9 epochs: 91.7% kNN, seed 0; 6 epochs: 91.2%; README).
+        # paper's temperature and momenta, a short step schedule (9 epochs: 91.7% kNN, seed 0;
+        # 6 epochs: 91.2%; the README has the runs and their times).
         "arch": "fashion_cnn",
         "low_dim": 128,
         "temperature": 0.05,
