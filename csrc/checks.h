@@ -31,12 +31,14 @@ inline void check_bank_inputs(const at::Tensor& features, const at::Tensor& bank
               " columns like ", features_name, ", got ", bank.size(1));
   const auto ft = features.scalar_type();
   const auto bt = bank.scalar_type();
-  TORCH_CHECK(ft == at::kFloat || ft == at::kDouble, features_name,
-              " must be float32 or float64, got ", ft);
-  TORCH_CHECK(bt == ft || (ft == at::kFloat && (bt == at::kBFloat16 || bt == at::kHalf)),
-              "bank dtype ", bt, " does not go with ", features_name, " dtype ", ft,
-              " (expected the same dtype, or a bfloat16/float16 bank with float32 ", features_name,
-              ")");
+  TORCH_CHECK(ft == at::kFloat || ft == at::kDouble || ft == at::kBFloat16 || ft == at::kHalf,
+              features_name, " must be float32, float64, bfloat16 or float16, got ", ft);
+  const bool bank_ok = ft == at::kDouble
+                           ? bt == at::kDouble
+                           : (bt == at::kFloat || bt == at::kBFloat16 || bt == at::kHalf);
+  TORCH_CHECK(bank_ok, "bank dtype ", bt, " does not go with ", features_name, " dtype ", ft,
+              " (expected float64 with float64 ", features_name,
+              ", else float32, bfloat16 or float16)");
   TORCH_CHECK(self_rows.dim() == 1 && self_rows.size(0) == features.size(0), self_name,
               " must have B=", features.size(0), " entries, got shape ", self_rows.sizes());
   TORCH_CHECK(self_rows.scalar_type() == at::kLong, self_name, " must be int64, got ",
@@ -62,13 +64,19 @@ inline void check_label_inputs(const at::Tensor& features, const at::Tensor& lab
               bank_labels.scalar_type(), " of shape ", bank_labels.sizes());
 }
 
+// The accumulation dtype of features of dtype ft: float64 for float64, else float32 (bfloat16 and
+// float16 features included: their products accumulate, and their softmax state lives, in fp32).
+inline at::ScalarType accumulation_dtype(at::ScalarType ft) {
+  return ft == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The outputs of snca_forward, allocated alike by every backend (shapes in ops.cpp): lse_same,
 // lse_other [B]; wmean_same, wmean_other [B, D] when with_grad, else [0, D]; topk values and
-// indices [B, k]. Accumulation dtype = the features' dtype.
+// indices [B, k]. All in the accumulation dtype.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 empty_forward_outputs(const at::Tensor& features, bool with_grad, int64_t k) {
   const int64_t rows = features.size(0), dim = features.size(1);
-  const auto opts = features.options();
+  const auto opts = features.options().dtype(accumulation_dtype(features.scalar_type()));
   return {at::empty({rows}, opts),
           at::empty({rows}, opts),
           at::empty({with_grad ? rows : 0, dim}, opts),

@@ -11,15 +11,22 @@ import torch
 from torch import Tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate in, and return their statistics in: float64 for float64
+    features, else float32 (bfloat16/float16 features included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def snca_forward_fake(features, labels, indices, bank, bank_labels, temperature, with_grad, k):
     rows, dim = features.shape
     grad_rows = rows if with_grad else 0
+    acc = accumulation_dtype(features.dtype)
     return (
-        features.new_empty(rows),
-        features.new_empty(rows),
-        features.new_empty(grad_rows, dim),
-        features.new_empty(grad_rows, dim),
-        features.new_empty(rows, k),
+        features.new_empty(rows, dtype=acc),
+        features.new_empty(rows, dtype=acc),
+        features.new_empty(grad_rows, dim, dtype=acc),
+        features.new_empty(grad_rows, dim, dtype=acc),
+        features.new_empty(rows, k, dtype=acc),
         features.new_empty(rows, k, dtype=torch.long),
     )
 

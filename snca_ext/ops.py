@@ -55,7 +55,9 @@ class SNCAPartials(NamedTuple):
 
 
 REDUCTIONS = ("mean", "sum", "none")
-# bfloat16/float16 features are computed in float32 (_in_accumulation_dtype).
+# bfloat16/float16 features reach the fused kernels as they are: the GPU backends compute their
+# products on 16-bit tensor cores with float32 accumulation (as a matmul under torch.autocast
+# does), the CPU in float32; the reference computes them in float32 (_in_accumulation_dtype).
 FEATURE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
 
@@ -267,7 +269,9 @@ def _prepare(features, indices, bank, bank_labels, temperature, labels, backend)
         if labels.device != features.device:
             raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
     backend = _resolve_backend(backend, features.device)
-    return _in_accumulation_dtype(features), indices, bank_labels, labels, temperature, backend
+    if backend == "reference":
+        features = _in_accumulation_dtype(features)
+    return features, indices, bank_labels, labels, temperature, backend
 
 
 def _stats(features, indices, bank, bank_labels, temperature, labels, topk, backend, want_grad) -> SNCAStats:
@@ -309,8 +313,11 @@ def snca_loss(
 
     Args:
         features: [B, D] query features (L2-normalise them first): float32 or float64, or
-            bfloat16/float16 (e.g. a network's output under ``torch.autocast``), which are
-            computed in float32 and get their gradient back in their own dtype.
+            bfloat16/float16 (e.g. a network's output under ``torch.autocast``): their dtype
+            decides the products, as autocast does (the bank is read in it; the GPU backends
+            multiply on 16-bit tensor cores, the CPU and the reference in float32), accumulation
+            and the softmax state are float32, the loss is float32 and the gradient comes back
+            in the features' dtype.
         indices: [B] integer, each query's own bank row, or -1 for a query with no row (which
             then needs ``labels``).
         bank: [N, D] the memory bank: float64 with float64 features, else float32, bfloat16

@@ -15,7 +15,7 @@ snca_forward_cpu(const at::Tensor& features_in, const at::Tensor& labels_in,
                  const at::Tensor& bank_labels_in, double temperature, bool with_grad, int64_t k) {
   // Autograd is handled one level up (register_autograd); the tile GEMMs run on OpenMP threads,
   // which do not inherit a dispatch guard, so the inputs are detached instead.
-  const at::Tensor features = features_in.detach().contiguous();
+  at::Tensor features = features_in.detach().contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
@@ -23,16 +23,14 @@ snca_forward_cpu(const at::Tensor& features_in, const at::Tensor& labels_in,
   check_bank_inputs(features, bank, indices, k, "features", "indices");
   check_label_inputs(features, labels, bank, bank_labels, temperature);
   check_rows_in_bank(indices, bank.size(0), "indices");
+  // The CPU computes bfloat16/float16 features in float32 (exact products of the rounded
+  // inputs, no 16-bit rounding anywhere after), more accurate than a 16-bit GPU product.
+  features = features.to(accumulation_dtype(features.scalar_type()));
 
+  at::Tensor lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices;
+  std::tie(lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices) =
+      empty_forward_outputs(features, with_grad, k);
   const int64_t rows = features.size(0);
-  const int64_t dim = features.size(1);
-  auto opts = features.options();
-  at::Tensor lse_same = at::empty({rows}, opts);
-  at::Tensor lse_other = at::empty({rows}, opts);
-  at::Tensor wmean_same = at::empty({with_grad ? rows : 0, dim}, opts);
-  at::Tensor wmean_other = at::empty({with_grad ? rows : 0, dim}, opts);
-  at::Tensor topk_values = at::empty({rows, k}, opts);
-  at::Tensor topk_indices = at::empty({rows, k}, opts.dtype(at::kLong));
   if (rows > 0) {
     const StreamOptions opt{true, with_grad, k, temperature};
     AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "snca_forward_cpu", [&] {

@@ -472,7 +472,7 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   const c10::cuda::CUDAGuard guard(features_in.device());
   check_common(features_in, bank_in, indices_in, k, "features", "indices");
   check_label_inputs(features_in, labels_in, bank_in, bank_labels_in, temperature);
-  const at::Tensor features = features_in.contiguous();
+  const at::Tensor features = features_in.to(accumulation_dtype(features_in.scalar_type())).contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();

@@ -708,6 +708,7 @@ def _check(features: Tensor, bank: Tensor, own_rows: Tensor, k: int, name: str) 
     if bank.shape[0] == 0 or bank.shape[1] != features.shape[1]:
         raise ValueError(f"bank must be [N>0, D={features.shape[1]}], got shape {tuple(bank.shape)}")
     allowed = {torch.float32: (torch.float32, torch.bfloat16, torch.float16), torch.float64: (torch.float64,)}
+    allowed[torch.bfloat16] = allowed[torch.float16] = allowed[torch.float32]
     if features.dtype not in allowed or bank.dtype not in allowed[features.dtype]:
         raise TypeError(f"bank dtype {bank.dtype} does not go with {name} dtype {features.dtype}")
     if own_rows.shape != (features.shape[0],):
@@ -738,6 +739,8 @@ def _snca_forward_impl(
     """Triton ``snca_ext::snca_forward``: outputs and conventions as in csrc/ops.cpp."""
     _check(features, bank, indices, k, "features")
     features = features.detach()
+    if features.dtype in (torch.bfloat16, torch.float16):
+        features = features.float()
     batch, dim = features.shape
     grad_rows = batch if with_grad else 0
     if batch == 0:
