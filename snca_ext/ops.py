@@ -105,10 +105,19 @@ def _usable(backend: str, device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and _triton_usable(device)
 
 
+def _device_present(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    # torch.cuda.is_available() asks the driver without initialising CUDA and is False without one.
+    return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on ``device`` in this install, fastest first (``auto`` picks the
-    first)."""
+    first); none on a device this machine does not have (``"cuda"`` without a GPU or driver)."""
     device = torch.device(device)
+    if not _device_present(device):
+        return []
     return [b for b in _PREFERENCE.get(device.type, ("reference",)) if _usable(b, device)]
 
 

@@ -10,6 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+import snca_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,3 +143,11 @@ def test_sdist_carries_every_source_and_installs(tmp_path):
     env["PYTHONPATH"] = str(target)
     result = _run([sys.executable, "-c", INSTALLED_CHILD, str(target)], cwd=tmp_path, env=env, timeout=120)
     assert "installed cpu backend ok" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_available_backends_on_a_missing_gpu_lists_nothing():
+    # Without a driver, asking about "cuda" must answer, not raise torch's "Found no NVIDIA driver".
+    assert snca_ext.available_backends("cuda") == []
+    assert snca_ext.available_backends(torch.device("cuda", 3)) == []
+    assert "reference" in snca_ext.available_backends("cpu")
