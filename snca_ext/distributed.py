@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import _autograd, combine
-from .memory import MemoryBank, momentum_update
+from .memory import MemoryBank, check_update, momentum_update
 from .ops import bank_topk, loss_from_lse, snca_partials
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -503,7 +503,8 @@ class ShardedMemoryBank(MemoryBank):
     def update(self, features: Tensor, indices: Tensor, momentum: float | None = None) -> None:
         """The global batch's momentum update of the rows this rank owns (same arithmetic as
         ``MemoryBank.update``, so the rows equal the single-process bank's)."""
-        momentum = self.momentum if momentum is None else float(momentum)
+        check_update(features, indices, self.dim, self.size)
+        momentum = self.momentum if momentum is None else momentum
         sizes = gather_sizes(features.shape[0], features.device)
         features = all_gather_cat(features.detach().float(), sizes).to(self.bank.device)
         rows = local_rows(all_gather_cat(indices.to(features.device).long(), sizes), self.start, self.end)

@@ -2,15 +2,16 @@
 
 ``MemoryBank`` holds the N x D bank and its labels as buffers (so it travels in a ``state_dict``
 and loads with ``weights_only=True``) and runs the loss and the kNN search through the fused op.
-``SNCALoss`` (alias ``SNCACriterion``) is the loss as a module with a pytorch-metric-learning
-forward, ``(embeddings, labels, indices, ref_emb, ref_labels)``: with its own bank it is a drop-in
-replacement for the original project's pair ``LinearAverage`` + ``NCACrossEntropy``, updating the
-bank during the backward exactly when the original did.
+``SNCALoss`` (``SNCACriterion``: its old name, with the old call) is the loss as a module with a
+pytorch-metric-learning forward, ``(embeddings, labels, indices, ref_emb, ref_labels)``: with its
+own bank it is a drop-in replacement for the original project's pair ``LinearAverage`` +
+``NCACrossEntropy``, updating the bank during the backward exactly when the original did.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from numbers import Real
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .ops import bank_topk, snca_loss
+from .ops import _check_temperature, bank_topk, snca_loss
 
 BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,22 +45,38 @@ def momentum_update(bank: Tensor, rows: Tensor, features: Tensor, momentum: floa
         bank: [N, D] the bank (any float dtype). rows: [b] integer rows of ``bank``.
         features: [b, D] the new features (detached). momentum: in [0, 1).
     """
+    momentum = _check_momentum(momentum)
     rows = rows.to(bank.device).long()
     mixed = bank[rows].float().mul_(momentum)
     mixed.add_(features.detach().to(mixed.device, torch.float32), alpha=1.0 - momentum)
     bank.index_copy_(0, rows, F.normalize(mixed, dim=1).to(bank.dtype))
 
 
-def _check_temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def _check_momentum(value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def check_update(features: Tensor, indices: Tensor, dim: int, size: int) -> None:
+    """The inputs of a bank update: features [b, D] and indices [b], each index a row in [0, N)."""
+    if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != dim:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be [b, D={dim}] like the bank, got {shape}")
+    if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.shape[0] != features.shape[0]:
+        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+        raise ValueError(f"indices must be [b={features.shape[0]}] bank rows, one per feature, got {shape}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
+    if indices.numel() == 0:
+        return
+    message = f"indices must be bank rows in [0, N={size})"
+    if indices.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(((indices >= 0) & (indices < size)).all(), message)  # no host sync
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"{message}, got {low if low < 0 else high}")
 
 
 class MomentumSchedule:
@@ -187,7 +204,8 @@ class MemoryBank(nn.Module):
     def update(self, features: Tensor, indices: Tensor, momentum: float | None = None) -> None:
         """``m_idx <- normalize(momentum * m_idx + (1 - momentum) * f)`` for each row in the batch
         (features [b, D], indices [b]); ``momentum`` overrides the bank's for this call."""
-        momentum = self.momentum if momentum is None else _check_momentum(momentum)
+        check_update(features, indices, self.dim, self.size)
+        momentum = self.momentum if momentum is None else momentum
         momentum_update(self.bank, indices, features, momentum)
 
     @torch.no_grad()
@@ -320,6 +338,8 @@ class SNCALoss(nn.Module):
                 "to a loss with a memory bank: call loss(embeddings, labels, indices) or "
                 "loss(embeddings, indices=indices)"
             )
+        if labels is not None:
+            self._check_labels_match_bank(labels, indices)
         loss = self.memory.loss(embeddings, indices, margin=self.margin, labels=labels, backend=self.backend)
         if embeddings.requires_grad and torch.is_grad_enabled():
             # Updating now would change a tensor the op saved for its backward; a hook on the
@@ -327,6 +347,27 @@ class SNCALoss(nn.Module):
             snapshot, rows = embeddings.detach(), indices.detach()
             embeddings.register_hook(lambda _grad: self.memory.update(snapshot, rows))
         return loss
+
+    def _check_labels_match_bank(self, labels: Tensor, indices: Tensor) -> None:
+        """With its own bank the loss reads each embedding's class from the bank: given labels that
+        contradict it (a shuffled or wrong label tensor) would silently change the loss."""
+        if labels.shape != indices.shape:
+            raise ValueError(
+                f"labels must have one entry per embedding like indices, shape {tuple(indices.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.numel() == 0:
+            return
+        stored = self.memory.labels[indices.clamp(min=0)]
+        message = "labels must equal the memory bank's labels of indices (the classes of those rows)"
+        if labels.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(((labels == stored) | (indices < 0)).all(), message)  # no host sync
+        elif not bool(((labels == stored) | (indices < 0)).all()):
+            row = int(((labels != stored) & (indices >= 0)).nonzero()[0, 0])
+            raise ValueError(
+                f"{message}: embedding {row} has label {int(labels[row])}, its bank row "
+                f"{int(indices[row])} has {int(stored[row])}"
+            )
 
     def _loss_against_reference(
         self,
@@ -338,6 +379,16 @@ class SNCALoss(nn.Module):
     ) -> Tensor:
         if labels is None:
             raise ValueError("labels must be given when the bank is ref_emb or the batch itself")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must be [B={embeddings.shape[0]}], one per embedding, "
+                f"got shape {tuple(labels.shape)}"
+            )
+        if ref_emb is not None and (ref_labels.dim() != 1 or ref_labels.shape[0] != ref_emb.shape[0]):
+            raise ValueError(
+                f"ref_labels must be [M={ref_emb.shape[0]}], one per row of ref_emb, got shape "
+                f"{tuple(ref_labels.shape)}"
+            )
         if ref_emb is None:
             if indices is not None:
                 raise ValueError(
@@ -364,4 +415,30 @@ class SNCALoss(nn.Module):
         return f"{bank}, temperature={self.temperature}, margin={self.margin}, backend={self.backend!r}"
 
 
-SNCACriterion = SNCALoss  # the name of earlier releases
+class SNCACriterion(SNCALoss):
+    """``SNCALoss`` under the name of earlier releases, whose forward was ``(features, indices)``.
+
+    That call still works, with a ``FutureWarning`` naming the new form: the second positional
+    argument of ``SNCALoss.forward`` is ``labels`` (pytorch-metric-learning's order), so the
+    indices go by keyword, ``loss(features, indices=indices)``. Every other call is ``SNCALoss``'s.
+    """
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices: Tensor | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        if self.memory is not None and labels is not None and indices is None and ref_emb is None:
+            # The old call: a loss with its own bank needs indices, so the second positional
+            # argument can only be them.
+            warnings.warn(
+                "SNCACriterion(features, indices) is the call of earlier releases: use "
+                "SNCALoss(...)(features, indices=indices) (the second positional argument is now labels)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            labels, indices = None, labels
+        return super().forward(embeddings, labels, indices, ref_emb, ref_labels)

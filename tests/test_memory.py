@@ -13,7 +13,14 @@ from torch.nn import functional as F
 
 from snca_ext import distributed
 from snca_ext.distributed import ShardedMemoryBank
-from snca_ext.memory import MemoryBank, MomentumSchedule, SNCACriterion, initial_bank
+from snca_ext.memory import (
+    MemoryBank,
+    MomentumSchedule,
+    SNCACriterion,
+    SNCALoss,
+    initial_bank,
+    momentum_update,
+)
 from snca_ext.reference import snca_loss_original, snca_loss_reference
 
 
@@ -221,3 +228,61 @@ def test_a_sharded_rank_loads_its_block_of_the_whole_bank(monkeypatch):
         RuntimeError, match=r"memory.bank: .* shape \(29, 8\), expected the whole bank \(30, 8\)"
     ):
         target.load_state_dict(whole)
+
+
+def test_update_refuses_bad_inputs_naming_the_argument():
+    memory = MemoryBank(torch.arange(10) % 3, 8, temperature=0.1)
+    before = memory.bank.clone()
+    bad_calls = [
+        ((torch.randn(2, 7), torch.tensor([0, 1])), ValueError, r"features must be \[b, D=8\]"),
+        ((torch.randn(2, 8), torch.tensor([1])), ValueError, r"indices must be \[b=2\]"),
+        (
+            (torch.randn(2, 8), torch.tensor([0, 10])),
+            ValueError,
+            r"indices must be bank rows in \[0, N=10\), got 10",
+        ),
+        (
+            (torch.randn(2, 8), torch.tensor([-1, 1])),
+            ValueError,
+            r"indices must be bank rows in \[0, N=10\), got -1",
+        ),
+        ((torch.randn(2, 8), torch.tensor([0.0, 1.0])), TypeError, "indices must have an integer dtype"),
+    ]
+    for args, error, message in bad_calls:
+        with pytest.raises(error, match=message):
+            memory.update(*args)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1.0"):
+        memory.update(torch.randn(2, 8), torch.tensor([0, 1]), momentum=1.0)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\)"):
+        momentum_update(memory.bank, torch.tensor([0]), torch.randn(1, 8), 1.5)  # every bank's update
+    assert torch.equal(memory.bank, before)
+
+
+def test_loss_refuses_labels_that_contradict_its_bank():
+    """With its own bank the classes come from the bank: wrong labels must not change the loss
+    silently (a label no class has, 99, would make every row lose its positives: loss 0)."""
+    labels = torch.arange(12) % 3
+    criterion = SNCALoss(8, labels, 0.1, 0.5)
+    features, rows = _features(4, 8, 1), torch.tensor([0, 4, 8, 11])
+    expected = criterion(features, indices=rows)
+    assert torch.equal(criterion(features, labels[rows], rows), expected)
+    for wrong in (torch.tensor([0, 1, 2, 0]), torch.full((4,), 99)):
+        with pytest.raises(ValueError, match="labels must equal the memory bank's labels of indices"):
+            criterion(features, wrong, rows)
+    with pytest.raises(ValueError, match=r"labels must have one entry per embedding like indices"):
+        criterion(features, labels[:3], rows)
+    batch_mode = SNCALoss(temperature=0.1)
+    with pytest.raises(ValueError, match=r"labels must be \[B=4\], one per embedding, got shape \(3,\)"):
+        batch_mode(features, labels[:3])
+    with pytest.raises(ValueError, match=r"ref_labels must be \[M=12\]"):
+        batch_mode(features, labels[:4], ref_emb=_features(12, 8, 2), ref_labels=labels[:5])
+
+
+def test_old_criterion_call_still_works_with_a_future_warning():
+    labels = torch.arange(12) % 3
+    old, new = SNCACriterion(8, labels, 0.1, 0.5), SNCALoss(8, labels, 0.1, 0.5)
+    new.memory.bank.copy_(old.memory.bank)
+    features, rows = _features(4, 8, 3), torch.tensor([1, 2, 5, 9])
+    with pytest.warns(FutureWarning, match=r"SNCALoss\(\.\.\.\)\(features, indices=indices\)"):
+        loss = old(features, rows)
+    assert torch.equal(loss, new(features, indices=rows))
