@@ -10,7 +10,9 @@ pytorch-metric-learning's ``AccuracyCalculator`` as its ``knn_func``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -36,6 +38,30 @@ class KnnResult:
         return cls(top1=100.0 * correct1 / total, top5=100.0 * correct5 / total, count=total)
 
 
+def _check_vote_arguments(bank: Tensor, bank_labels: Tensor, num_classes: int, k: int, sigma: float) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 (neighbours that vote), got {k!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if not (isinstance(sigma, Real) and not isinstance(sigma, bool) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if not isinstance(bank_labels, Tensor) or bank_labels.shape != (bank.shape[0],):
+        shape = tuple(bank_labels.shape) if isinstance(bank_labels, Tensor) else type(bank_labels).__name__
+        raise ValueError(f"bank_labels must be [N={bank.shape[0]}], one class per bank row, got {shape}")
+    if bank_labels.dtype.is_floating_point or bank_labels.dtype.is_complex or bank_labels.dtype == torch.bool:
+        raise TypeError(f"bank_labels must have an integer dtype, got {bank_labels.dtype}")
+    if bank_labels.numel() and bank_labels.device.type == "cpu":
+        low, high = int(bank_labels.min()), int(bank_labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"bank_labels must be classes in [0, num_classes={num_classes}), "
+                f"got {low if low < 0 else high}"
+            )
+    elif bank_labels.numel():  # on a GPU: checked there, no host sync
+        message = f"bank_labels must be classes in [0, num_classes={num_classes})"
+        torch._assert_async(((bank_labels >= 0) & (bank_labels < num_classes)).all(), message)
+
+
 def knn_scores(
     queries: Tensor,
     bank: Tensor,
@@ -51,7 +77,7 @@ def knn_scores(
 
     Args:
         queries: [B, D]. bank: [N, D]. bank_labels: [N] integer classes in [0, num_classes).
-        k: neighbours (capped at N). sigma: vote temperature > 0.
+        k: neighbours >= 1 (capped at N). sigma: vote temperature > 0.
         exclude: [B] optional bank row each query must skip (-1 for none).
 
     Returns:
@@ -59,8 +85,7 @@ def knn_scores(
         weight of a query by the same exp(max_sim / sigma) leaves its ranking of classes unchanged
         and cannot overflow at small sigma.
     """
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    _check_vote_arguments(bank, bank_labels, num_classes, k, sigma)
     k = min(k, bank.shape[0])
     values, rows = bank_topk(queries, bank, k, exclude=exclude, backend=backend)
     return knn_votes(values, rows, bank_labels, num_classes, sigma)
@@ -119,6 +144,9 @@ def knn_accuracy(
 ) -> KnnResult:
     """Top-1 / top-5 weighted kNN accuracy of ``queries`` [B, D] with true ``labels`` [B] against
     ``bank`` [N, D] with ``bank_labels`` [N], searched ``chunk`` queries at a time."""
+    if not isinstance(labels, Tensor) or labels.shape != (queries.shape[0],):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be [B={queries.shape[0]}], one class per query, got {shape}")
     counts = torch.zeros(3, dtype=torch.long, device=queries.device)
     for first in range(0, queries.shape[0], chunk):
         scores = knn_scores(

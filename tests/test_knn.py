@@ -66,9 +66,25 @@ def test_predict_returns_at_most_the_class_count():
     assert knn_predict(_unit(4, 6, 6), _unit(20, 6, 7), torch.arange(20) % 3, 3, 5, 0.1).shape == (4, 3)
 
 
-def test_sigma_must_be_positive():
-    with pytest.raises(ValueError, match="sigma must be > 0, got 0"):
-        knn_scores(_unit(2, 4, 0), _unit(5, 4, 1), torch.zeros(5, dtype=torch.long), 2, 1, 0)
+def test_vote_arguments_are_checked_by_name():
+    queries, bank, bank_labels = _unit(2, 4, 0), _unit(5, 4, 1), torch.tensor([0, 1, 1, 0, 1])
+    bad = [
+        (dict(sigma=0), ValueError, "sigma must be a finite number > 0, got 0"),
+        (dict(sigma=float("nan")), ValueError, "sigma must be a finite number > 0, got nan"),
+        (dict(k=0), ValueError, "k must be an int >= 1 .*, got 0"),  # k = 0 once gave a number
+        (dict(num_classes=1), ValueError, r"bank_labels must be classes in \[0, num_classes=1\), got 1"),
+        (dict(num_classes=0), ValueError, "num_classes must be an int >= 1, got 0"),
+        (dict(bank_labels=bank_labels[:4]), ValueError, r"bank_labels must be \[N=5\]"),
+        (dict(bank_labels=bank_labels.float()), TypeError, "bank_labels must have an integer dtype"),
+    ]
+    for change, error, message in bad:
+        arguments = dict(bank_labels=bank_labels, num_classes=2, k=3, sigma=0.1) | change
+        with pytest.raises(error, match=message):
+            knn_scores(queries, bank, **arguments)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        knn_accuracy(queries, torch.tensor([0, 1]), bank, bank_labels, 2, k=0, sigma=0.1)
+    with pytest.raises(ValueError, match=r"labels must be \[B=2\], one class per query, got \(3,\)"):
+        knn_accuracy(queries, torch.tensor([0, 1, 1]), bank, bank_labels, 2, k=3, sigma=0.1)
 
 
 def test_knn_accuracy_counts_top1_and_top5_against_brute_force():
