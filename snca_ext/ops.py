@@ -75,7 +75,13 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 # Looked up once: torch.compile cannot trace the dispatcher query, and it never changes.
 _COMPILED_FOR = {"cpu": _has_kernel("snca_forward", "CPU"), "cuda": _has_kernel("snca_forward", "CUDA")}
 # Fastest first, per device type; `auto` takes the first usable one.
-_PREFERENCE = {"cpu": ("cpu", "triton", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Meta tensors (shapes without data, e.g. a model built on torch.device("meta")) go through the
+# registered ops, whose fake kernels give the outputs' shapes; the reference would read values.
+_PREFERENCE = {
+    "cpu": ("cpu", "triton", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+    "meta": ("cpu",),
+}
 _triton_ok: dict[str, bool] = {}
 
 
@@ -93,6 +99,8 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def _usable(backend: str, device: torch.device) -> bool:
+    if device.type == "meta":
+        return backend == "cpu" and _C_IMPORT_ERROR is None
     if backend == "reference":
         return True
     if backend == "cpu":
@@ -122,6 +130,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def _missing_backend_message(backend: str, device: torch.device) -> str:
+    if device.type == "meta":
+        return (
+            f"backend={backend!r} cannot run on meta tensors (shapes without data): use "
+            "backend='auto', whose registered ops give the outputs' shapes"
+            + ("" if _C_IMPORT_ERROR is None else f" once snca_ext._C loads ({_C_IMPORT_ERROR})")
+        )
     if backend in ("cpu", "cuda") and _C_IMPORT_ERROR is not None:
         return (
             f"backend={backend!r} needs the compiled extension snca_ext._C, which failed to load "

@@ -177,3 +177,20 @@ def test_backward_without_accumulators_is_a_clear_error():
     )
     with pytest.raises(RuntimeError, match="with_grad=False"):
         lse_same.sum().backward()
+
+
+@pytest.mark.skipif("cpu" not in snca_ext.available_backends("cpu"), reason="needs the compiled ops")
+def test_meta_tensors_get_shapes_not_a_crash():
+    """A model built on the meta device: the ops answer with shapes (their fake kernels), and the
+    reference, which reads values, says so instead of failing in Tensor.item()."""
+    features = torch.empty(4, 8, device="meta", requires_grad=True)
+    bank, bank_labels = torch.empty(10, 8, device="meta"), torch.zeros(10, dtype=torch.long, device="meta")
+    indices = torch.arange(4, device="meta")
+    loss = snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1)
+    loss.backward()
+    assert loss.shape == () and loss.device.type == "meta" and features.grad.shape == (4, 8)
+    stats = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.1, topk=3)
+    assert stats.topk_indices.shape == (4, 3) and stats.lse_same.dtype == torch.float32
+    assert snca_ext.bank_topk(features.detach(), bank, 2).values.shape == (4, 2)
+    with pytest.raises(RuntimeError, match="backend='reference' cannot run on meta tensors"):
+        snca_ext.snca_loss(features, indices, bank, bank_labels, 0.1, backend="reference")
