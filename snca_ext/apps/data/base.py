@@ -78,6 +78,11 @@ class DataBundle:
     # Fashion-MNIST): coarse_of[class] is its coarse class, coarse_classes their names.
     coarse_of: Tensor | None = None
     coarse_classes: list[str] | None = None
+    # The class names, where the data set has them (Omniglot's "Alphabet/characterNN").
+    classes: list[str] | None = None
+    # The classes the data set itself leaves out of training (Omniglot's alphabets of splits not
+    # trained on, or held out by name): the run's novel classes, beside --holdout-classes.
+    novel_classes: tuple[int, ...] = ()
 
     @property
     def channels(self) -> int:
@@ -90,8 +95,8 @@ class DataBundle:
 
     def select_classes(self, classes: Sequence[int]) -> DataBundle:
         """The same data restricted to the examples of ``classes`` (train, train_plain and test),
-        with the class ids and ``num_classes`` unchanged; yielded indices are positions in the
-        subset (``ClassSubset.rows`` maps them back)."""
+        with the class ids, ``num_classes``, class names and coarse classes unchanged; yielded
+        indices are positions in the subset (``ClassSubset.rows`` maps them back)."""
         wanted = torch.tensor(sorted(set(classes)), dtype=torch.long)
         bad = [c for c in wanted.tolist() if not 0 <= c < self.num_classes]
         if bad:
@@ -105,6 +110,9 @@ class DataBundle:
             train_plain=subset(self.train_plain),
             test=subset(self.test),
             num_classes=self.num_classes,
+            coarse_of=self.coarse_of,
+            coarse_classes=self.coarse_classes,
+            classes=self.classes,
         )
 
     def coarse(self) -> DataBundle:
@@ -135,6 +143,8 @@ class DataBundle:
             num_classes=self.num_classes,
             coarse_of=self.coarse_of,
             coarse_classes=self.coarse_classes,
+            classes=self.classes,
+            novel_classes=self.novel_classes,
         )
 
     def split_holdout(self, holdout: Sequence[int]) -> tuple[DataBundle, DataBundle]:

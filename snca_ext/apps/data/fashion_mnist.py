@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -104,14 +104,24 @@ def find_files(path: str | Path | None) -> dict[str, Path]:
 
 
 class GreyImages(Dataset):
-    """uint8 images [n, H, W] as float [1, H, W] tensors in [0, 1], standardised by ``MEAN`` and
-    ``STD``, with an optional tensor transform; ``(image, label)``."""
+    """uint8 images [n, H, W] as float [1, H, W] tensors in [0, 1], standardised by ``mean`` and
+    ``std`` (Fashion-MNIST's by default), with an optional tensor transform; ``(image, label)``."""
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable | None = None,
+        *,
+        mean: float = MEAN,
+        std: float = STD,
+        classes: Sequence[str] = CLASSES,
+    ) -> None:
         self.images = images
         self.targets = labels
         self.transform = transform
-        self.classes = list(CLASSES)
+        self.mean, self.std = mean, std
+        self.classes = list(classes)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -120,7 +130,7 @@ class GreyImages(Dataset):
         image = self.images[index].unsqueeze(0).float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
-        return image.sub_(MEAN).div_(STD), int(self.targets[index])
+        return image.sub_(self.mean).div_(self.std), int(self.targets[index])
 
 
 class RandomCropFlip:

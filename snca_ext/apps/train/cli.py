@@ -44,15 +44,16 @@ from ..cli import (
     class_list_type,
     configure_logging,
     int_list_type,
-    parse_classes,
     program_name,
     report,
     resolve_device,
     set_threads,
     writable_folder,
 )
-from ..data import DATASETS, DataBundle, build_data
+from ..data import DATASETS, WITHIN_GROUPS, DataBundle, held_out_classes, run_data
 from ..data.imagefolder import BadImageError
+from ..data.omniglot import SPLITS as OMNIGLOT_SPLITS
+from ..data.omniglot import parse_names
 from ..errors import EXIT_USAGE, AppError, UsageError
 from ..models import ARCHS
 from .config import RunConfig
@@ -74,6 +75,25 @@ __all__ = [
     "main",
     "run",
 ]
+
+
+def _omniglot_splits(text: str) -> str:
+    """argparse type of --omniglot-train: known split names, canonical (``SPLITS`` order)."""
+    names = parse_names(text)
+    unknown = [name for name in names if name not in OMNIGLOT_SPLITS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated Omniglot splits among {', '.join(OMNIGLOT_SPLITS)}, got {text!r}"
+        )
+    return ",".join(name for name in OMNIGLOT_SPLITS if name in names)
+
+
+def _alphabets(text: str) -> str:
+    """argparse type of --holdout-alphabets: names, canonical (sorted, unique)."""
+    names = sorted(parse_names(text))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated alphabet names, got {text!r}")
+    return ",".join(names)
 
 
 def _schedule(text: str) -> str:
@@ -126,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C,C,...",
         help="train without these classes; the final evaluation adds kNN and N-way K-shot accuracy on "
         "them (novel classes)",
+    )
+
+    data.add_argument(
+        "--omniglot-train",
+        type=_omniglot_splits,
+        metavar="SPLIT,...",
+        help=f"omniglot: train on the characters of these splits ({', '.join(OMNIGLOT_SPLITS)}; default: "
+        "every split found in --data); every other character is a novel class, e.g. small1 leaves "
+        "small2's Japanese_(katakana), Sanskrit and Tagalog novel",
+    )
+    data.add_argument(
+        "--holdout-alphabets",
+        type=_alphabets,
+        metavar="NAME,...",
+        help="omniglot: train without these alphabets (their folder names, e.g. Sanskrit,Tagalog); "
+        "they join the novel classes",
     )
 
     model = parser.add_argument_group("model and loss")
@@ -214,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="final kNN against features recomputed over the training set (default: on after "
         "training, off with --evaluate, which then uses the checkpoint's bank)",
     )
-    evaluation.add_argument("--fewshot-ways", type=POSITIVE_INT, default=5, help="classes per episode (5)")
+    evaluation.add_argument(
+        "--fewshot-ways",
+        type=int_list_type(minimum=2, what="classes per episode", example="20,5"),
+        help="novel classes per few-shot episode, comma-separated (5; omniglot: 20,5, each episode's "
+        "classes from one alphabet)",
+    )
     evaluation.add_argument(
         "--fewshot-shots",
         type=int_list_type(minimum=1, what="shot counts", example="1,5"),
@@ -375,7 +416,7 @@ def _prepare(
     config.out = distributed.broadcast_object(config.out)  # the ranks' clocks may straddle a second
     set_threads(config.threads)
     seed_everything(config.seed)
-    data = build_data(config.dataset, config.data, skip_bad_images=bool(config.skip_bad_images)).limit(
+    data = run_data(config.run_dict(), skip_bad_images=bool(config.skip_bad_images)).limit(
         config.train_limit, config.test_limit
     )
     fine = None
@@ -583,8 +624,9 @@ def prepare_out(out: Path) -> None:
 
 
 def _holdout(data: DataBundle, holdout_classes: str) -> tuple[DataBundle, DataBundle | None]:
-    """``(data to train on, novel-class data or None)`` for ``--holdout-classes``."""
-    holdout = parse_classes(holdout_classes)
+    """``(data to train on, novel-class data or None)`` for ``--holdout-classes`` and the data
+    set's own novel classes (Omniglot's alphabets not trained on)."""
+    holdout = held_out_classes(data, holdout_classes)
     if not holdout:
         return data, None
     if max(holdout) >= data.num_classes or data.num_classes - len(holdout) < 2 or len(holdout) < 2:
@@ -606,19 +648,23 @@ def _novel_evaluation(trainer: Trainer, novel: DataBundle, progress: bool) -> di
         batch_size=config.batch_size,
         ways=config.fewshot_ways,
         shots=config.fewshot_shots,
+        groups=novel.coarse_of if config.dataset in WITHIN_GROUPS else None,
         episodes=config.fewshot_episodes,
         seed=config.seed,
         backend=config.backend,
         progress=progress,
     )
+    classes = report_["classes"]
+    named = f"classes {classes}" if len(classes) <= 10 else f"{len(classes)} classes"
     log.info(
-        f"novel classes {report_['classes']} (never trained on): kNN (K={config.knn_k}) on "
+        f"novel {named} (never trained on): kNN (K={config.knn_k}) on "
         f"{report_['test_examples']} test images against a bank of their {report_['bank_size']} "
         f"training images: top-1 {report_['knn_top1']:.2f}%"
     )
     for row in report_["fewshot"]:
+        within = ", classes of one alphabet" if row["within_groups"] else ""
         log.info(
-            f"novel classes {row['ways']}-way {row['shots']}-shot ({row['episodes']} episodes, "
+            f"novel classes {row['ways']}-way {row['shots']}-shot ({row['episodes']} episodes{within}, "
             f"nearest class mean): {row['mean']:.2f}% ± {row['ci95']:.2f} (95% interval)"
         )
     return report_

@@ -64,6 +64,23 @@ RECIPES: dict[str, dict[str, Any]] = {
         "workers": 0,
         "threads": None,
     },
+    "omniglot": {
+        # The first try of the Omniglot issue, to be tuned: a small CNN for 28 x 28 ink images,
+        # the paper's temperature and momentum, the lr / 10 after 10 of 15 epochs (~70%); mild
+        # affine augmentation (snca_ext/apps/data/omniglot.py).
+        "arch": "fashion_cnn",
+        "low_dim": 128,
+        "temperature": 0.05,
+        "batch_size": 128,
+        "lr": 0.1,
+        "lr_step": 10,
+        "epochs": 15,
+        "weight_decay": 5e-4,
+        "memory_momentum": 0.5,
+        "memory_schedule": "",
+        "workers": 0,
+        "threads": None,
+    },
     "digits": {
         "arch": "digits_cnn",
         "low_dim": 128,
@@ -97,10 +114,15 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "loss": "snca",
     "holdout_classes": "",  # canonical "5,6,7,8,9"; "" trains on every class
     "train_labels": "fine",  # or "coarse": train on the coarse classes (sub-category discovery)
+    "omniglot_train": "",  # Omniglot: the splits trained on, "small1,small2" ("": every split found)
+    "holdout_alphabets": "",  # Omniglot: alphabets held out by name ("": none)
     "train_limit": None,  # None: every example
     "test_limit": None,
 }
 RECIPES["cifar100"] = dict(RECIPES["cifar10"])  # the same recipe, 100 classes (or 20 coarse ones)
+# The novel-class few-shot episodes' classes per episode, where not 5: Omniglot's headline is
+# 20-way (Lake et al.), within one alphabet.
+FEWSHOT_WAYS: dict[str, tuple[int, ...]] = {"omniglot": (20, 5)}
 # What defines a run: saved in the checkpoint, and taken from it on --resume unless given again.
 RUN_KEYS = (*RECIPES["digits"], *COMMON_DEFAULTS, "dataset", "data")
 
@@ -136,13 +158,15 @@ class RunConfig:
     backend: str = "auto"
     loss: str = "snca"
     holdout_classes: str = ""
+    omniglot_train: str = ""
+    holdout_alphabets: str = ""
     train_labels: str = "fine"
     train_limit: int | None = None
     test_limit: int | None = None
     workers: int = 0
     threads: int | None = 1
     # this invocation
-    fewshot_ways: int = 5
+    fewshot_ways: tuple[int, ...] | None = None  # None: FEWSHOT_WAYS of the data set
     fewshot_shots: tuple[int, ...] = (1, 5)
     fewshot_episodes: int = 1000
     recompute_bank: bool | None = None
@@ -180,6 +204,8 @@ class RunConfig:
         config = cls(**{key: value for key, value in merged.items() if key in names})
         if config.knn_sigma is None:
             config.knn_sigma = config.temperature
+        if config.fewshot_ways is None:
+            config.fewshot_ways = FEWSHOT_WAYS.get(config.dataset, (5,))
         if config.recompute_bank is None:
             config.recompute_bank = not config.evaluate
         config.validate()
@@ -200,8 +226,17 @@ class RunConfig:
                 f"--train-labels coarse needs a data set with coarse classes {COARSE_LABELLED}, "
                 f"got --dataset {self.dataset}"
             )
+        if self.dataset != "omniglot" and (self.omniglot_train or self.holdout_alphabets):
+            raise UsageError(
+                "--omniglot-train and --holdout-alphabets are for --dataset omniglot, "
+                f"got --dataset {self.dataset}"
+            )
         if self.train_labels == "coarse" and self.holdout_classes:
             raise UsageError("--train-labels coarse and --holdout-classes cannot be combined")
+        if self.train_labels == "coarse" and (self.omniglot_train or self.holdout_alphabets):
+            raise UsageError(
+                "--train-labels coarse cannot be combined with --omniglot-train or --holdout-alphabets"
+            )
         if self.pretrained is not None:
             if not self.arch.startswith(TIMM_PREFIX):
                 raise UsageError(f"--pretrained is for --arch timm:<name>, got --arch {self.arch}")

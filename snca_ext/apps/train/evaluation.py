@@ -140,18 +140,21 @@ def novel_class_evaluation(
     sigma: float,
     device: torch.device,
     batch_size: int = 256,
-    ways: int = 5,
+    ways: Sequence[int] = (5,),
     shots: Sequence[int] = (1, 5),
     queries: int = 15,
     episodes: int = 1000,
     seed: int = 0,
+    groups: Tensor | None = None,
     backend: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """kNN accuracy on the novel classes' test images against a bank of their training images
-    (features recomputed by the network), and ``ways``-way (at most the number of novel classes)
-    few-shot accuracy for each of ``shots``, with episodes drawn from all of their images,
-    training and test (the few-shot convention: none was seen in training)."""
+    (features recomputed by the network), and few-shot accuracy for each of ``ways`` x ``shots``,
+    with episodes drawn from all of their images, training and test (the few-shot convention:
+    none was seen in training). ``groups`` [num_classes] (a group id per class, e.g. Omniglot's
+    alphabets): each episode's classes come from one group. A ``ways`` larger than the classes
+    available (in one group) is lowered to that count."""
     (bank, bank_labels), (tests, test_labels) = (
         compute_features(model, part, device, batch_size=batch_size, progress=progress)
         for part in (novel.train_plain, novel.test)
@@ -160,12 +163,22 @@ def novel_class_evaluation(
         tests, test_labels, bank, bank_labels, novel.num_classes, k=k, sigma=sigma, backend=backend
     )
     classes = sorted(set(bank_labels.tolist()))
-    ways = min(ways, len(classes))
     pool, pool_labels = torch.cat([bank, tests]).cpu(), torch.cat([bank_labels, test_labels]).cpu()
+    pool_groups = None if groups is None else groups.cpu()[pool_labels]
+    # The most classes an episode can draw: all of them, or those of the largest group.
+    largest = len(classes) if groups is None else int(groups.cpu()[classes].bincount().max())
     fewshot = [
         few_shot_accuracy(
-            pool, pool_labels, ways=ways, shots=shot, queries=queries, episodes=episodes, seed=seed
+            pool,
+            pool_labels,
+            ways=way,
+            shots=shot,
+            queries=queries,
+            episodes=episodes,
+            seed=seed,
+            groups=pool_groups,
         ).as_dict()
+        for way in dict.fromkeys(min(way, largest) for way in ways)
         for shot in shots
     ]
     return {
