@@ -86,3 +86,21 @@ def test_console_scripts_point_at_the_commands():
     assert set(scripts) == {"snca-train", "snca-export", "snca-neighbors", "snca-fewshot"}
     for script in scripts.values():
         assert callable(script.load())
+
+
+def test_python_m_snca_ext_names_its_commands_and_runs_one(monkeypatch, capsys):
+    """A bare ``python -m snca_ext`` once started a 25-epoch run and ``python -m snca_ext export``
+    failed as an unknown train argument: now it lists the commands and dispatches to them."""
+    from snca_ext.__main__ import COMMANDS, main
+
+    assert main([]) == 2
+    listed = capsys.readouterr().err
+    assert all(command in listed for command in ("train", "export", "neighbors", "fewshot")), listed
+    assert main(["serve"]) == 2 and "unknown command 'serve'" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "python -m snca_ext COMMAND" in capsys.readouterr().out
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--help"])
+        assert stopped.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: python -m snca_ext.{command}")
+    assert main(["fewshot", "/nonexistent.safetensors"]) == 2
