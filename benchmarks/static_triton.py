@@ -1,5 +1,5 @@
 """Static report of the Triton kernel, without a GPU: every configuration the launcher can choose
-(snca_ext.triton.snca_triton.launch_configs), compiled ahead of time for sm_80, sm_86, sm_89 and
+(snca_ext.triton.configs.launch_configs), compiled ahead of time for sm_80, sm_86, sm_89 and
 sm_90, with its registers, spills and shared memory (from the cubin) and the warp-instructions
 and tensor-core MMAs of one bank tile (from the SASS of the main loop).
 
@@ -27,7 +27,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from snca_ext.triton import snca_triton
+from snca_ext.triton import configs
+from snca_ext.triton import kernel as triton_kernel
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of each target.
 SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -49,11 +50,13 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
 
 
-def _signature(config: snca_triton.KernelConfig) -> tuple[dict, dict, dict]:
+def _signature(config: configs.KernelConfig) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of the kernel as the launcher calls it on contiguous
     tensors: unit inner strides (Triton specialises 1) and 16-aligned pointers and row strides."""
-    kernel = snca_triton._snca_partials_kernel
+    kernel = triton_kernel._snca_partials_kernel
     features = _POINTER_TYPES[config.features]
+    # Outputs and 1 / T in the accumulation dtype: fp32 for 16-bit features.
+    accumulated = "*fp64" if config.features == "fp64" else "*fp32"
     key = "*i64" if config.features == "fp64" else "*i32"
     pointers = {
         "features_ptr": features,
@@ -71,7 +74,7 @@ def _signature(config: snca_triton.KernelConfig) -> tuple[dict, dict, dict]:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = pointers.get(name, features)
+            signature[name] = pointers.get(name, accumulated)
         else:
             signature[name] = "i32"
     # The launch of interest: D = BLOCK_D and B a multiple of 16 (B = 256), which Triton
@@ -82,11 +85,11 @@ def _signature(config: snca_triton.KernelConfig) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def compile_config(config: snca_triton.KernelConfig, arch: int):
+def compile_config(config: configs.KernelConfig, arch: int):
     """The kernel compiled ahead of time for sm_<arch> (no device needed)."""
     signature, constexprs, attrs = _signature(config)
     source = triton.compiler.ASTSource(
-        fn=snca_triton._snca_partials_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+        fn=triton_kernel._snca_partials_kernel, signature=signature, constexprs=constexprs, attrs=attrs
     )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())
 
@@ -127,7 +130,7 @@ def main_loop_counts(sass: str) -> tuple[int, int]:
     return max(loops)
 
 
-def static_row(config: snca_triton.KernelConfig, arch: int) -> dict:
+def static_row(config: configs.KernelConfig, arch: int) -> dict:
     compiled = compile_config(config, arch)
     registers, spills = resource_usage(compiled.asm["cubin"])
     instructions, mmas = main_loop_counts(_cuobjdump(compiled.asm["cubin"], "-sass"))
@@ -144,20 +147,20 @@ def static_row(config: snca_triton.KernelConfig, arch: int) -> dict:
     }
 
 
-def _static_row(job: tuple[snca_triton.KernelConfig, int]) -> dict:
+def _static_row(job: tuple[configs.KernelConfig, int]) -> dict:
     return static_row(*job)
 
 
 def triton_static_rows(
-    configs: Iterable[snca_triton.KernelConfig] | None = None,
+    configs: Iterable[configs.KernelConfig] | None = None,
     archs: Iterable[int] = tuple(SHARED_LIMITS),
     jobs: int = 1,
 ) -> list[dict]:
     """One row per (configuration, target); by default every configuration the launcher can
     choose, for sm_80, sm_86, sm_89 and sm_90. ``jobs`` > 1 compiles in that many processes."""
-    configs = snca_triton.launch_configs() if configs is None else list(configs)
+    configs = configs.launch_configs() if configs is None else list(configs)
     archs = list(archs)
-    if not isinstance(snca_triton._snca_partials_kernel, JITFunction):
+    if not isinstance(triton_kernel._snca_partials_kernel, JITFunction):
         return _rows_in_subprocess(configs, archs, jobs)
     work = [(config, arch) for config in configs for arch in archs]
     if jobs <= 1:
@@ -166,7 +169,7 @@ def triton_static_rows(
         return list(pool.map(_static_row, work))
 
 
-def _rows_in_subprocess(configs: list[snca_triton.KernelConfig], archs: list[int], jobs: int) -> list[dict]:
+def _rows_in_subprocess(configs: list[configs.KernelConfig], archs: list[int], jobs: int) -> list[dict]:
     """Under TRITON_INTERPRET=1 (set before triton was imported, as the CPU test suite does) the
     kernels are interpreted functions, which do not compile: a fresh process without it does."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,10 +231,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.json:
         request = json.loads(sys.stdin.read())
-        configs = [snca_triton.KernelConfig(**config) for config in request["configs"]]
+        configs = [configs.KernelConfig(**config) for config in request["configs"]]
         print(json.dumps(triton_static_rows(configs, request["archs"], request["jobs"])))
         return
-    configs = snca_triton.launch_configs()
+    configs = configs.launch_configs()
     if args.default:
         configs = [config for config in configs if config.block_d == 128]
     rows = triton_static_rows(configs, jobs=args.jobs)

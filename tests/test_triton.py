@@ -24,7 +24,9 @@ from snca_ext import reference
 pytest.importorskip("triton")
 import problems
 
-from snca_ext.triton import snca_triton as kernels
+from snca_ext.triton import configs, registration
+from snca_ext.triton import kernel as kernel_module
+from snca_ext.triton import launch as launch_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -316,7 +318,7 @@ def _tied_bank(copies=3, rows=40, dim=16, seed=12):
 @pytest.mark.parametrize(("copies", "distinct", "programs"), [(3, 40, 4), (24, 5, 1)])
 def test_bank_topk_ties_go_to_the_lower_row(monkeypatch, dtype, copies, distinct, programs):
     # programs=1: two long splits, so ties also meet across tiles inside one program.
-    monkeypatch.setattr(kernels, "_device_programs", lambda device: programs)
+    monkeypatch.setattr(launch_module, "device_programs", lambda device: programs)
     queries, bank = _tied_bank(copies, distinct)
     query_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     queries, bank = queries.to(query_dtype), bank.to(dtype)
@@ -356,9 +358,9 @@ def test_bank_topk_large_k_spans_splits():
 def test_topk_width_is_bounded_for_any_k():
     """The running list compiled into the kernel is never wider than the widest width: k up to
     N (1.28M at ImageNet size) compiles the same kernels as k = 128."""
-    widest = kernels.TOPK_WIDTHS[-1]
+    widest = configs.TOPK_WIDTHS[-1]
     for k in (1, 32, 33, widest, widest + 1, 32768, 32769, 1_281_167):
-        width = kernels.topk_width(k)
+        width = configs.topk_width(k)
         assert width <= widest and (width >= k or width == widest), (k, width)
 
 
@@ -366,9 +368,9 @@ def test_topk_width_is_bounded_for_any_k():
 def test_large_k_runs_in_rounds(monkeypatch, dtype):
     """k above the widest width: rounds of streaming passes, each continuing after the previous
     round's last (value, row); ties across a round boundary still go to the lower row."""
-    monkeypatch.setattr(kernels, "TOPK_WIDTHS", (4, 8))
+    monkeypatch.setattr(configs, "TOPK_WIDTHS", (4, 8))
     spy = _LaunchSpy()
-    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    monkeypatch.setattr(launch_module, "wrap_triton", spy)
     queries, bank = _tied_bank(copies=3, rows=20)  # every value three times: ties everywhere
     queries, bank = queries.to(dtype), bank.to(dtype)
     exclude = torch.tensor([0, 20, -1, 59, 5, 33], device=DEVICE)
@@ -399,7 +401,7 @@ def test_large_k_runs_in_rounds(monkeypatch, dtype):
 
 def test_launch_runs_on_the_tensors_device(monkeypatch):
     """Tensors on cuda:1 launch on cuda:1, not on the current device."""
-    guard = kernels._device_guard(torch.device("cuda", 1))
+    guard = launch_module.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     active, seen = [], []
 
@@ -425,8 +427,8 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
 
             return _Grid()
 
-    monkeypatch.setattr(kernels, "_device_guard", recording_guard)
-    monkeypatch.setattr(kernels, "wrap_triton", _GuardSpy())
+    monkeypatch.setattr(launch_module, "device_guard", recording_guard)
+    monkeypatch.setattr(launch_module, "wrap_triton", _GuardSpy())
     features, indices, bank, bank_labels = make_problem(3, 50, 8, dtype=torch.float32, seed=21)
     snca_ext.snca_stats(features, indices, bank, bank_labels, 0.1, topk=2, backend="triton")
     snca_ext.bank_topk(features, bank, 2, backend="triton")
@@ -513,26 +515,26 @@ def test_results_come_from_the_split_kernel(monkeypatch):
     """The ops launch the one @triton.jit kernel with the planned split-KV grid (several splits
     here), the same call on a GPU and in the interpreter, and its output is what they return."""
     spy = _LaunchSpy()
-    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    monkeypatch.setattr(launch_module, "wrap_triton", spy)
     features, indices, bank, bank_labels = make_problem(5, 300, 16, dtype=torch.float32, seed=15)
     snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, topk=3, backend="triton")
     snca_ext.bank_topk(features, bank, 2, backend="triton")
     assert len(spy.launches) == 2
-    config = kernels.kernel_config(16, "fp32", "fp32", True, False, 32, "split")
-    plan = kernels._Plan(config, 5, 300, features.device)
+    config = configs.kernel_config(16, "fp32", "fp32", True, False, 32, "split")
+    plan = launch_module.Plan(config, 5, 300, features.device)
     assert plan.splits > 1
     for kernel, grid, options in spy.launches:
-        assert kernel is kernels._snca_partials_kernel
+        assert kernel is kernel_module._snca_partials_kernel
         assert grid == plan.grid
         assert options["PRECISION"] == "split"
     assert spy.launches[0][2]["WITH_LSE"] and not spy.launches[1][2]["WITH_LSE"]
     # No device branches besides the program count: the plan and launch code never mention one.
     for fn in (
-        kernels._launch,
-        kernels._Plan,
-        kernels.kernel_config,
-        kernels._snca_forward_impl,
-        kernels._bank_topk_impl,
+        launch_module.launch,
+        launch_module.Plan,
+        configs.kernel_config,
+        registration._snca_forward_impl,
+        registration._bank_topk_impl,
     ):
         source = inspect.getsource(fn)
         for device_test in ("device.type", '"cpu"', "is_cuda", "TRITON_INTERPRET", "knobs"):
@@ -552,7 +554,7 @@ def test_results_come_from_the_split_kernel(monkeypatch):
 
             return _Grid()
 
-    monkeypatch.setattr(kernels, "wrap_triton", _Corrupting())
+    monkeypatch.setattr(launch_module, "wrap_triton", _Corrupting())
     lse_same = snca_ext.snca_stats(features, indices, bank, bank_labels, 0.05, backend="triton")[0]
     assert not torch.allclose(
         lse_same, reference.snca_stats_reference(features, indices, bank, bank_labels, 0.05)[0]
@@ -560,10 +562,10 @@ def test_results_come_from_the_split_kernel(monkeypatch):
 
 
 def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
-    """benchmarks/static_triton.py checks spills and shared memory for kernels.launch_configs():
+    """benchmarks/static_triton.py checks spills and shared memory for configs.launch_configs():
     whatever the ops launch (dims, dtypes, gradient, top-k fused or in rounds) must be among them."""
     spy = _LaunchSpy()
-    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    monkeypatch.setattr(launch_module, "wrap_triton", spy)
     for dim, dtype, bank_dtype in [
         (16, torch.float32, torch.float32),
         (130, torch.float32, torch.float32),
@@ -579,7 +581,7 @@ def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
         snca_ext.bank_topk(features, bank, 5, backend="triton")
     assert len(spy.launches) >= 4 * 7
     planned = {
-        (tuple(sorted(c.constexprs().items())), c.num_warps, c.num_stages) for c in kernels.launch_configs()
+        (tuple(sorted(c.constexprs().items())), c.num_warps, c.num_stages) for c in configs.launch_configs()
     }
     for _, _, options in spy.launches:
         constexprs = {key: value for key, value in options.items() if key.isupper()}
@@ -589,7 +591,7 @@ def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
 
 def test_tf32_follows_pytorch_setting(monkeypatch):
     spy = _LaunchSpy()
-    monkeypatch.setattr(kernels, "wrap_triton", spy)
+    monkeypatch.setattr(launch_module, "wrap_triton", spy)
     features, indices, bank, bank_labels = make_problem(2, 40, 16, dtype=torch.float32)
     previous = torch.get_float32_matmul_precision()
     try:
@@ -604,10 +606,10 @@ def test_tf32_follows_pytorch_setting(monkeypatch):
 
 @pytest.mark.parametrize("programs", [1, 1000])
 def test_split_count_does_not_change_the_answer(monkeypatch, programs):
-    monkeypatch.setattr(kernels, "_device_programs", lambda device: programs)
+    monkeypatch.setattr(launch_module, "device_programs", lambda device: programs)
     features, indices, bank, bank_labels = make_problem(3, 300, 8, seed=16)
-    config = kernels.kernel_config(8, "fp64", "fp64", True, True, 32, "ieee")
-    plan = kernels._Plan(config, 3, 300, features.device)
+    config = configs.kernel_config(8, "fp64", "fp64", True, True, 32, "ieee")
+    plan = launch_module.Plan(config, 3, 300, features.device)
     assert plan.splits == (2 if programs == 1 else 10)
     _compare_with_reference(features, indices, bank, bank_labels, 0.01)
 

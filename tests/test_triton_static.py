@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks import static_triton
-from snca_ext.triton import snca_triton as kernels
+from snca_ext.triton import configs as triton_configs
 
 
 def test_default_configurations_compile_for_sm90_without_spills():
-    configs = [kernels.kernel_config(128, "fp32", bank, True, True, 0, "split") for bank in ("fp32", "bf16")]
+    configs = [triton_configs.kernel_config(128, "fp32", bank, True, True, 0, "split") for bank in ("fp32", "bf16")]
     for config, row in zip(configs, static_triton.triton_static_rows(configs, [90], jobs=2), strict=True):
         check_row(config, row)
 
@@ -23,7 +23,7 @@ def test_wide_rows_with_gradient_compile_without_spills():
     """D > 128 with the gradient: the two [16, D] accumulators beside the split scores spilled at
     every tile shape (up to 376 bytes at sm_86); each program now keeps 128 of their columns. sm_80
     was the tightest target, sm_86 the tightest shared memory (99 KB) for the fp32 bank's tile."""
-    config = kernels.kernel_config(256, "fp32", "fp32", True, True, 0, "split")
+    config = triton_configs.kernel_config(256, "fp32", "fp32", True, True, 0, "split")
     assert config.grad_parts == 2
     for row in static_triton.triton_static_rows([config], [80, 86], jobs=2):
         assert static_triton.fits(row), row
@@ -59,11 +59,11 @@ def test_main_loop_counts_read_the_loop_with_mmas():
 _LAUNCH_CHECK = """
 import inspect
 from triton.runtime.jit import JITFunction
-from snca_ext.triton import snca_triton as kernels
+from snca_ext.triton import kernel
 
 checked = 0
-for name, obj in vars(kernels).items():
-    if not isinstance(obj, JITFunction) or obj.__module__ != kernels.__name__:
+for name, obj in vars(kernel).items():
+    if not isinstance(obj, JITFunction) or obj.__module__ != kernel.__name__:
         continue
     obj.cache_key  # finds the globals it reads, as the first launch does
     for (global_name, _), (value, globals_dict) in obj.used_global_vals.items():

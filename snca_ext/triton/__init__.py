@@ -1,8 +1,10 @@
 """Triton kernels of the fused SNCA op: ``snca_forward`` and ``bank_topk`` (csrc/ops.cpp schemas),
 registered as ``snca_ext::snca_forward_triton`` and ``snca_ext::bank_topk_triton``.
 
-They run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests check
-them on a machine without a GPU); the variable must be set before this package is imported.
+kernel.py holds the @triton.jit kernel, configs.py the configurations it is compiled with,
+launch.py the launch plan and the combine of the partials, registration.py the ops. They run on
+CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests check them on a
+machine without a GPU); the variable must be set before this package is imported.
 """
 
 try:
@@ -13,7 +15,7 @@ except ImportError:
     AVAILABLE = False
 
 if AVAILABLE:
-    from .snca_triton import bank_topk, snca_forward
+    from .registration import bank_topk, snca_forward
 else:
 
     def snca_forward(features, labels, indices, bank, bank_labels, temperature, with_grad, k):

@@ -1,0 +1,188 @@
+"""The configurations of the Triton kernel (kernel.py): which compiled kernel (constexprs, tile
+shape, warps, pipeline stages) a launch takes, and the list of every one the launcher can choose,
+which benchmarks/static_triton.py compiles ahead of time for sm_80/86/89/90 to check registers,
+spills and shared memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Widths of the running top-k the kernel is compiled with. A larger k runs in rounds of the
+# largest width, each a streaming pass that continues after the previous round's last (value,
+# row): registers bound the per-query list, never the k the API accepts (k <= N).
+TOPK_WIDTHS = (32, 128)
+DTYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Everything that selects one compiled kernel: its constexprs and launch options."""
+
+    features: str  # "fp32", "fp64", "bf16" or "fp16"
+    bank: str  # "fp32", "bf16", "fp16" or "fp64"
+    with_lse: bool
+    with_grad: bool
+    topk: int  # width of the running top-k, 0 for none
+    precision: str  # "split", "tf32", "16bit" or "ieee"
+    block_b: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    grad_d: int = 0  # columns of the weighted sums per program; 0: all of block_d
+
+    @property
+    def name(self) -> str:
+        mode = ("lse+grad" if self.with_grad else "lse") if self.with_lse else "topk"
+        if self.with_lse and self.topk:
+            mode += "+topk"
+        grad_columns = f" g{self.grad_d}" if self.grad_d else ""
+        return (
+            f"{self.features}/{self.bank} {mode} k{self.topk} {self.precision} "
+            f"{self.block_b}x{self.block_n}x{self.block_d}{grad_columns} w{self.num_warps} s{self.num_stages}"
+        )
+
+    @property
+    def grad_parts(self) -> int:
+        """Programs along the grid's third axis, each accumulating grad_d columns."""
+        return self.block_d // self.grad_d if self.grad_d else 1
+
+    def launch_options(self) -> dict:
+        # maxnreg: left to itself ptxas sometimes caps a kernel at 128 registers and spills;
+        # the explicit 255 (the most a thread may have at 8 warps) lets it keep every value.
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, "maxnreg": 255}
+
+    def constexprs(self) -> dict:
+        return {
+            "WITH_LSE": self.with_lse,
+            "WITH_GRAD": self.with_grad,
+            "TOPK": self.topk,
+            "USE_FP64": self.features == "fp64",
+            "PRECISION": self.precision,
+            "BANK_EXACT": self.bank in ("bf16", "fp16"),
+            "BLOCK_B": self.block_b,
+            "BLOCK_N": self.block_n,
+            "BLOCK_D": self.block_d,
+            "GRAD_D": self.grad_d or self.block_d,
+        }
+
+
+def topk_width(k: int) -> int:
+    """The running top-k width for a request of k (a round's share when k exceeds every width)."""
+    return next((width for width in TOPK_WIDTHS if k <= width), TOPK_WIDTHS[-1]) if k > 0 else 0
+
+
+def kernel_config(
+    dim: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int, precision: str
+) -> KernelConfig:
+    """The tile shape of one launch. It depends on no device: every configuration fits the opt-in
+    shared memory of sm_80/86/89/90 without spills (checked ahead of time for each of them by
+    benchmarks/static_triton.py and tests/test_triton_static.py)."""
+    # tl.dot needs every side >= 16; narrow rows are padded to 64 columns, a few wasted MMAs
+    # against one compiled kernel fewer per width.
+    block_d = max(64, triton.next_power_of_2(dim))
+    if precision == "16bit":
+        return _config_16bit(block_d, features, bank, with_lse, with_grad, topk)
+    wide_bank = bank in ("fp32", "fp64")  # 4 or 8 bytes a value, and split into two parts (fp32)
+    # Register budget (255 a thread at 8 warps): the split queries, two [BLOCK_B, D] gradient
+    # accumulators or the log-sum-exp state beside a running top-k, and the bank tile's split
+    # parts as MMA fragments. Those configurations take 16 queries a program; the gradient beside
+    # a wide bank or a 128-wide top-k also halves the tile. At D > 128 the gradient's two
+    # [16, D] accumulators do not fit beside the scores (ptxas spilled whatever the tile): each
+    # program keeps 128 of their columns, the scores computed once per 128 columns, and a wide
+    # bank's tile is quartered to fit the 99 KB of shared memory of sm_86/89.
+    wide_rows = block_d > 128
+    if with_grad or features == "fp64" or topk > 32 or (with_lse and topk > 0) or wide_rows:
+        block_b = 16
+    else:
+        block_b = 32
+    if wide_rows:
+        block_n = 16 if with_grad and wide_bank else 32
+    else:
+        block_n = 32 if with_grad and (wide_bank or topk > 32) else 64
+    grad_d = 128 if with_grad and wide_rows else 0
+    # fp64 values take two registers each: 8 warps share them even at D = 64.
+    num_warps = 8 if block_d >= 128 or features == "fp64" else 4
+    # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise;
+    # one for fp64 at D > 128 with the gradient (two took 102,656 bytes, 1,280 over sm_86/89's).
+    if features == "fp64" and grad_d:
+        num_stages = 1
+    else:
+        num_stages = 2 if wide_bank or wide_rows else 3
+    return KernelConfig(
+        features,
+        bank,
+        with_lse,
+        with_grad,
+        topk,
+        precision,
+        block_b,
+        block_n,
+        block_d,
+        num_warps,
+        num_stages,
+        grad_d,
+    )
+
+
+def _config_16bit(
+    block_d: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int
+) -> KernelConfig:
+    """The tile shape for bf16/fp16 features: one 16-bit MMA a product, so no split parts in
+    registers and half the bytes per operand. Without a top-k a program takes 64 queries, the
+    M of one Hopper warpgroup MMA (wgmma m64nNk16), so that each bank tile read from L2 serves
+    four times the queries of the fp32 kernel; with the gradient 8 warps (two warpgroups) share
+    the two [64, D] fp32 accumulators. A running top-k keeps [BLOCK_B, TOPK] keys and rows in
+    registers beside the scores: those configurations keep the fp32 kernel's 16 queries."""
+    wide_rows = block_d > 128
+    block_b = 16 if topk else 64
+    # The bank tile as loaded (4 bytes a value for an fp32 bank, rounded after the load) in each
+    # pipeline stage: at D = 256 a 64-row fp32 tile (64 KB) would leave no room for two stages
+    # within the 99 KB of sm_86/89.
+    block_n = 32 if wide_rows and bank == "fp32" else 64
+    grad_d = 128 if with_grad and wide_rows else 0
+    num_warps = 8 if with_grad or block_d >= 128 else 4
+    num_stages = 2 if wide_rows else 3
+    return KernelConfig(
+        features,
+        bank,
+        with_lse,
+        with_grad,
+        topk,
+        "16bit",
+        block_b,
+        block_n,
+        block_d,
+        num_warps,
+        num_stages,
+        grad_d,
+    )
+
+
+def fuses_topk(dim: int, features: str, with_grad: bool, k: int) -> bool:
+    """Whether snca_forward's top-k of k rides on its log-sum-exp pass (else it takes rounds of its
+    own after it): k fits one running list, and the list fits beside the gradient's accumulators
+    (not at D > 128, whose programs each hold a part of them, nor in fp64: both spilled)."""
+    return 0 < k <= TOPK_WIDTHS[-1] and not (with_grad and (dim > 128 or features == "fp64"))
+
+
+def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
+    """Every configuration the launcher can choose for D <= max_dim."""
+    configs = []
+    dims = [64 << i for i in range(max(0, (max_dim // 64).bit_length()))]
+    banks = ("fp32", "bf16", "fp16")
+    pairs = [("fp32", bank, precision) for bank in banks for precision in ("split", "tf32")]
+    pairs.append(("fp64", "fp64", "ieee"))
+    pairs += [(features, bank, "16bit") for features in ("bf16", "fp16") for bank in banks]
+    for dim in dims:
+        for features, bank, precision in pairs:
+            for with_grad in (False, True):
+                for topk in (0, *TOPK_WIDTHS):
+                    if topk == 0 or fuses_topk(dim, features, with_grad, topk):
+                        configs.append(kernel_config(dim, features, bank, True, with_grad, topk, precision))
+            for topk in TOPK_WIDTHS:
+                configs.append(kernel_config(dim, features, bank, False, False, topk, precision))
+    return list(dict.fromkeys(configs))
