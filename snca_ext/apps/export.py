@@ -24,7 +24,21 @@ length, a JSON header, then the raw little-endian arrays):
                               split, CIFAR-10's batch order, ImageFolder's sorted
                               ``datasets.ImageFolder(DATA/train).samples`` order (val/ for test)
     __metadata__ (strings): format, checkpoint, dataset, split, classes (all/seen/novel),
-                            holdout_classes, arch, low_dim, loss, epoch
+                            holdout_classes, arch, low_dim, loss, epoch; where the data set
+                            has them, class_names (a JSON list, by class id); for omniglot
+                            groups (a JSON list: each class's alphabet id, which
+                            ``python -m snca_ext.fewshot`` draws episodes within) and
+                            group_names (the alphabets)
+
+``--images DIR`` instead of a split: the features of every image file under DIR (recursive,
+sorted; the files ImageFolder takes: .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp),
+through the checkpoint's test-time transform, with the paths relative to DIR in row order in the
+metadata as ``paths`` (a JSON list; a ``.pt`` file holds the list as ``paths``), labels -1 and
+indices 0..N-1. Every file's header is read first: files that are not readable images stop the
+export with their names (exit status 2), or with ``--skip-bad-images`` are left out, named on
+stderr.
+
+    python -m snca_ext.export --checkpoint RUN --images my_drawings/ --out mine.safetensors
 
 ``--out F.pt`` writes the same tensors with ``torch.save`` as a dict
 ``{"features", "labels", "indices", "metadata"}`` that loads with ``weights_only=True``; it holds
@@ -53,15 +67,25 @@ from .cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
     arch_type,
-    parse_classes,
     program_name,
     report,
     resolve_device,
     set_threads,
     writable_folder,
 )
-from .data import DATASETS, DEFAULT_LOCATION, ClassSubset, IndexedDataset, build_data
-from .errors import AppError, CheckpointError, ExportError
+from .data import (
+    DATASETS,
+    DEFAULT_LOCATION,
+    WITHIN_GROUPS,
+    ClassSubset,
+    DataBundle,
+    IndexedDataset,
+    held_out_classes,
+    image_file_transform,
+    run_data,
+)
+from .data.imagefolder import ImageFiles, header_problems, name_bad
+from .errors import AppError, CheckpointError, DataError, ExportError
 from .features import iter_features
 from .files import atomic_write
 from .models import build_model, input_channels
@@ -125,15 +149,9 @@ def load_trained_model(
     return model.to(device).eval(), args
 
 
-def split_dataset(
-    run_args: dict[str, Any], split: str, classes: str = "all", data_path: str | None = None
-) -> IndexedDataset:
-    """The examples of ``split`` ("train": with the test-time transform, or "test") of the run's
-    dataset, restricted to ``classes``: "all", or the run's "seen" / "novel" (held-out) classes."""
-    if split not in SPLITS:
-        raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
-    if classes not in CLASS_SETS:
-        raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
+def run_bundle(run_args: dict[str, Any], data_path: str | None = None) -> DataBundle:
+    """The data of the checkpoint's run (``load_trained_model``'s args), read from ``data_path``
+    (default: where the run read it), with the same Omniglot splits and held-out alphabets."""
     dataset = run_args.get("dataset")
     if dataset is None:
         raise ExportError(f"the checkpoint does not say its data set: pass --dataset (one of {DATASETS})")
@@ -143,14 +161,39 @@ def split_dataset(
             f"{run_args['checkpoint']} is an original {run_args['original']} checkpoint, which does not "
             f"record its data: pass --data PATH, the {dataset} folder (or --dataset and --data for another)"
         )
-    bundle = build_data(dataset, data_path)
-    holdout = parse_classes(str(run_args.get("holdout_classes") or ""))
+    return run_data(run_args, data_path)
+
+
+def select_split(
+    bundle: DataBundle, run_args: dict[str, Any], split: str, classes: str = "all"
+) -> IndexedDataset:
+    """The examples of ``split`` ("train": with the test-time transform, or "test") of ``bundle``,
+    restricted to ``classes``: "all", or the run's "seen" / "novel" (held-out) classes."""
+    if split not in SPLITS:
+        raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
+    if classes not in CLASS_SETS:
+        raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
+    holdout = held_out_classes(bundle, str(run_args.get("holdout_classes") or ""))
     if classes != "all":
         if not holdout:
-            raise ExportError(f"--classes {classes} needs a run trained with --holdout-classes")
+            raise ExportError(
+                f"--classes {classes} needs a run trained with --holdout-classes (or omniglot's "
+                "--omniglot-train / --holdout-alphabets)"
+            )
         seen, novel = bundle.split_holdout(holdout)
         bundle = seen if classes == "seen" else novel
     return bundle.train_plain if split == "train" else bundle.test
+
+
+def split_dataset(
+    run_args: dict[str, Any], split: str, classes: str = "all", data_path: str | None = None
+) -> IndexedDataset:
+    """``select_split`` of the run's data (``run_bundle``)."""
+    if split not in SPLITS:
+        raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
+    if classes not in CLASS_SETS:
+        raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
+    return select_split(run_bundle(run_args, data_path), run_args, split, classes)
 
 
 def dataset_indices(dataset: IndexedDataset) -> Tensor:
@@ -266,8 +309,9 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
 
 
 def load_features(path: str | Path) -> dict[str, Any]:
-    """``{"features", "labels", "indices", "metadata"}`` of a file written by this module
-    (``.safetensors``, memory-mapped, or ``.pt``)."""
+    """``{"features", "labels", "indices", "metadata", "paths"}`` of a file written by this module
+    (``.safetensors``, memory-mapped, or ``.pt``); ``paths`` is the ``--images`` files' list, or
+    None."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: no such feature file")
@@ -282,15 +326,65 @@ def load_features(path: str | Path) -> dict[str, Any]:
     missing = [name for name in ("features", "labels", "indices") if name not in tensors]
     if missing:
         raise ExportError(f"{path}: lacks {', '.join(missing)}; not written by python -m snca_ext.export")
+    paths = tensors.get("paths")
+    if paths is None and "paths" in metadata:
+        try:
+            paths = json.loads(metadata["paths"])
+        except json.JSONDecodeError as error:
+            raise ExportError(f"{path}: its paths metadata is not a JSON list ({error})") from error
     return {
         "features": tensors["features"],
         "labels": tensors["labels"],
         "indices": tensors["indices"],
         "metadata": dict(metadata),
+        "paths": paths,
     }
 
 
 # ----------------------------------------------------------------------------- export
+
+
+def _run_metadata(run_args: dict[str, Any], **fields: Any) -> dict[str, str]:
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "checkpoint": run_args["checkpoint"],
+        "dataset": run_args.get("dataset"),
+        **fields,
+        "arch": run_args["arch"],
+        "low_dim": run_args["low_dim"],
+        "loss": run_args.get("loss", "snca"),
+        "epoch": run_args["epoch"],
+    }
+    return {key: str(value) for key, value in metadata.items()}
+
+
+def _write(
+    out: Path,
+    batches: Iterable[Tensor],
+    rows: int,
+    dim: int,
+    labels: Tensor,
+    indices: Tensor,
+    metadata: dict[str, str],
+    paths: list[str] | None = None,
+) -> None:
+    """Writes the feature file ``out``: streamed to a ``.safetensors``, gathered for a ``.pt``
+    (which holds ``paths`` as a list; the safetensors metadata as JSON)."""
+    if out.suffix != ".pt":
+        if paths is not None:
+            metadata = {**metadata, "paths": json.dumps(paths)}
+        write_safetensors(out, batches, rows, dim, labels, indices, metadata)
+        return
+    features = torch.empty(rows, dim)
+    start = 0
+    for batch in batches:
+        features[start : start + len(batch)] = batch
+        start += len(batch)
+    content = {"features": features, "labels": labels, "indices": indices, "metadata": metadata}
+    if paths is not None:
+        content["paths"] = paths
+    with atomic_write(out) as file:
+        torch.save(content, file)
 
 
 def export_features(
@@ -312,41 +406,106 @@ def export_features(
     metadata written. ``dataset`` and ``arch`` name what an original checkpoint does not say."""
     device = torch.device(device)
     model, run_args = load_trained_model(checkpoint, device, trust=trust, arch=arch, dataset=dataset)
-    dataset = split_dataset(run_args, split, classes, data_path)
-    labels, indices = dataset.targets.clone(), dataset_indices(dataset)
-    metadata = {
-        "format": EXPORT_FORMAT,
-        "checkpoint": run_args["checkpoint"],
-        "dataset": run_args.get("dataset"),
-        "split": split,
-        "classes": classes,
-        "holdout_classes": run_args.get("holdout_classes") or "",
-        "arch": run_args["arch"],
-        "low_dim": run_args["low_dim"],
-        "loss": run_args.get("loss", "snca"),
-        "epoch": run_args["epoch"],
-    }
-    metadata = {key: str(value) for key, value in metadata.items()}
+    if split not in SPLITS:
+        raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
+    if classes not in CLASS_SETS:
+        raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
+    bundle = run_bundle(run_args, data_path)
+    examples = select_split(bundle, run_args, split, classes)
+    labels, indices = examples.targets.clone(), dataset_indices(examples)
+    metadata = _run_metadata(
+        run_args, split=split, classes=classes, holdout_classes=run_args.get("holdout_classes") or ""
+    )
+    if bundle.classes is not None:
+        metadata["class_names"] = json.dumps(bundle.classes)
+    if run_args.get("dataset") in WITHIN_GROUPS and bundle.coarse_of is not None:
+        metadata["groups"] = json.dumps(bundle.coarse_of.tolist())
+        metadata["group_names"] = json.dumps(bundle.coarse_classes)
     batches = (
         features.cpu()
         for features, _ in iter_features(
-            model, dataset, device, batch_size=batch_size, workers=workers, progress=progress
+            model, examples, device, batch_size=batch_size, workers=workers, progress=progress
         )
     )
-    rows, dim = len(dataset), int(run_args["low_dim"])
-    out = Path(out)
-    if out.suffix == ".pt":
-        features = torch.empty(rows, dim)
-        start = 0
-        for batch in batches:
-            features[start : start + len(batch)] = batch
-            start += len(batch)
-        with atomic_write(out) as file:
-            torch.save(
-                {"features": features, "labels": labels, "indices": indices, "metadata": metadata}, file
-            )
-    else:
-        write_safetensors(out, batches, rows, dim, labels, indices, metadata)
+    _write(Path(out), batches, len(examples), int(run_args["low_dim"]), labels, indices, metadata)
+    return metadata
+
+
+def image_files(folder: str | Path, skip_bad: bool = False) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted; ImageFolder's extensions), each
+    header read: bad files stop here with their names (DataError), or with ``skip_bad`` are left
+    out with a warning naming them."""
+    import logging
+
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"--images {folder} does not exist or is not a folder")
+    paths = sorted(
+        path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
+    )
+    if not paths:
+        raise ExportError(f"--images {folder} holds no image file ({', '.join(IMG_EXTENSIONS)})")
+    problems = header_problems([str(path) for path in paths])
+    bad = [(str(path), problem) for path, problem in zip(paths, problems, strict=True) if problem is not None]
+    if bad and not skip_bad:
+        raise DataError(
+            f"--images {folder}: {len(bad)} of the {len(paths)} image files cannot be read: {name_bad(bad)}. "
+            "Remove or replace them, or pass --skip-bad-images to leave them out"
+        )
+    if bad:
+        logging.getLogger(__name__).warning(
+            f"warning: left out {len(bad)} of the {len(paths)} image files: {name_bad(bad)}"
+        )
+    kept = [path for path, problem in zip(paths, problems, strict=True) if problem is None]
+    if not kept:
+        raise DataError(f"--images {folder}: no readable image file left")
+    return kept
+
+
+def export_images(
+    checkpoint: str | Path,
+    folder: str | Path,
+    out: str | Path,
+    *,
+    skip_bad: bool = False,
+    dataset: str | None = None,
+    arch: str | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    trust: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Writes the features of the image files under ``folder`` (``image_files``), through the
+    test-time transform of the checkpoint's data set, to ``out`` with their paths relative to
+    ``folder`` in row order; returns the metadata written."""
+    device = torch.device(device)
+    model, run_args = load_trained_model(checkpoint, device, trust=trust, arch=arch, dataset=dataset)
+    if run_args.get("dataset") is None:
+        raise ExportError(f"the checkpoint does not say its data set: pass --dataset (one of {DATASETS})")
+    transform = image_file_transform(run_args["dataset"])
+    paths = image_files(folder, skip_bad)
+    files = ImageFiles([str(path) for path in paths], transform)
+    metadata = _run_metadata(run_args, split="images", images=str(folder))
+    batches = (
+        features.cpu()
+        for features, _ in iter_features(
+            model, files, device, batch_size=batch_size, workers=workers, progress=progress
+        )
+    )
+    relative = [path.relative_to(folder).as_posix() for path in paths]
+    _write(
+        Path(out),
+        batches,
+        len(files),
+        int(run_args["low_dim"]),
+        files.targets,
+        torch.arange(len(files)),
+        metadata,
+        relative,
+    )
     return metadata
 
 
@@ -389,14 +548,25 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--split",
         choices=SPLITS,
-        default="train",
         help="train or test; both go through the test-time transform (default: train)",
+    )
+    add(
+        "--images",
+        metavar="DIR",
+        help="instead of a split: every image file under DIR (recursive, sorted), through the "
+        "checkpoint's test-time transform; their paths relative to DIR are recorded in row order "
+        "(metadata 'paths')",
+    )
+    add(
+        "--skip-bad-images",
+        action="store_true",
+        help="--images: leave out the files that are not readable images, named on stderr (by default "
+        "they stop the export, named, with exit status 2)",
     )
     add("--out", required=True, help="output file: .safetensors (streamed) or .pt")
     add(
         "--classes",
         choices=CLASS_SETS,
-        default="all",
         help="all classes, or with a --holdout-classes run its seen or novel (held-out) classes (all)",
     )
     add("-b", "--batch-size", type=POSITIVE_INT, default=256, help="images per forward pass (256)")
@@ -415,12 +585,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise ExportError(f"--out must end in .safetensors or .pt, got {args.out}")
         writable_folder(Path(args.out).parent, "--out")
         set_threads(args.threads)
-        metadata = export_features(
-            args.checkpoint,
-            args.out,
-            split=args.split,
-            classes=args.classes,
-            data_path=args.data,
+        options = dict(
             dataset=args.dataset,
             arch=args.arch,
             batch_size=args.batch_size,
@@ -428,6 +593,27 @@ def run(argv: Sequence[str] | None = None) -> int:
             device=resolve_device(args.device),
             trust=args.trust_checkpoint,
             progress=not args.no_progress,
+        )
+        if args.images is not None:
+            if args.split is not None or args.classes is not None or args.data is not None:
+                raise ExportError("--images replaces --split, --classes and --data: give one or the other")
+            export_images(args.checkpoint, args.images, args.out, skip_bad=args.skip_bad_images, **options)
+            exported = load_features(args.out)
+            print(
+                f"wrote {len(exported['labels'])} x {exported['features'].shape[1]} features of the images "
+                f"under {args.images} to {args.out}"
+            )
+            return 0
+        if args.skip_bad_images:
+            raise ExportError("--skip-bad-images is for --images")
+        args.split, args.classes = args.split or "train", args.classes or "all"
+        metadata = export_features(
+            args.checkpoint,
+            args.out,
+            split=args.split,
+            classes=args.classes,
+            data_path=args.data,
+            **options,
         )
     except AppError as error:
         return report(parser, error)

@@ -54,3 +54,9 @@ def untrained_holdout(tmp_path_factory) -> dict[str, dict]:
         loss: untrained_figures(tmp_path_factory.mktemp(f"untrained-{loss}"), *HOLDOUT, "--loss", loss)
         for loss in ("snca", "softmax")
     }
+
+
+@pytest.fixture(scope="session")
+def untrained_of():
+    """``untrained_figures`` for the test files that need it with flags of their own."""
+    return untrained_figures

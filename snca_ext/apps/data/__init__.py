@@ -9,7 +9,7 @@ Omniglot's zips or folders (its alphabets are its coarse classes). Nothing here 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "digits_data",
     "fashion_mnist_data",
     "held_out_classes",
+    "image_file_transform",
     "imagefolder_data",
     "load_digits_split",
     "omniglot_data",
@@ -103,3 +104,35 @@ def held_out_classes(data: DataBundle, holdout_classes: str) -> tuple[int, ...]:
     """The novel classes of a run: ``--holdout-classes`` (ids, "5,6,7") and the data set's own
     (``DataBundle.novel_classes``: Omniglot's alphabets not trained on), sorted."""
     return tuple(sorted(set(parse_classes(holdout_classes)) | set(data.novel_classes)))
+
+
+def image_file_transform(name: str) -> Callable:
+    """The test-time transform of data set ``name`` for a picture read from a file (an RGB PIL
+    image of any size; ``export --images``): the same resizing and standardisation as its test
+    images. Omniglot's expects dark ink on a light background, as Omniglot's files are."""
+    from torchvision import transforms
+
+    from .cifar import cifar_test_transform
+    from .fashion_mnist import MEAN, STD
+    from .imagefolder import imagenet_test_transform
+    from .omniglot import file_transform
+
+    if name == "omniglot":
+        return file_transform
+    if name == "imagefolder":
+        return imagenet_test_transform()
+    if name in ("cifar10", "cifar100"):
+        return transforms.Compose([transforms.Resize((32, 32)), cifar_test_transform()])
+    if name == "fashion-mnist":
+        return transforms.Compose(
+            [
+                transforms.Grayscale(),
+                transforms.Resize((28, 28)),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
+    raise DataError(
+        f"--images: the {name} network takes no image files (scikit-learn's 8 x 8 digits are arrays, not "
+        "pictures); use a network trained on omniglot, fashion-mnist, cifar10, cifar100 or imagefolder"
+    )

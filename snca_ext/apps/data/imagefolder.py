@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from ..errors import DataError
@@ -40,7 +41,7 @@ def load_rgb(path: str) -> Image.Image:
         raise BadImageError(f"{path} could not be read as an image ({error})") from error
 
 
-def _header_problem(path: str) -> str | None:
+def header_problem(path: str) -> str | None:
     """Why the image at ``path`` cannot be used, from its header alone (cheap: no pixel is
     decoded), or None. More pixels than PIL's ``Image.MAX_IMAGE_PIXELS`` is refused as a
     decompression bomb."""
@@ -59,35 +60,62 @@ def _header_problem(path: str) -> str | None:
     return None
 
 
+def header_problems(paths: list[str]) -> list[str | None]:
+    """``header_problem`` of every path, in order, read by a pool of threads."""
+    with warnings.catch_warnings():
+        # The pixel limit is checked explicitly; PIL's own warning would only repeat it.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=16) as pool:  # file reads: threads overlap the waits
+            return list(pool.map(header_problem, paths))
+
+
+def name_bad(bad: list[tuple[str, str]]) -> str:
+    """The first bad files and their problems, for a message: ``"a.jpg (why); b.png (why) and 3
+    more"``."""
+    named = "; ".join(f"{path} ({problem})" for path, problem in bad[:_NAMED])
+    return named + (f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else "")
+
+
 def check_images(folder: datasets.ImageFolder, where: str, split: str, skip_bad: bool) -> None:
     """Reads every image's header before training starts; a file that is not an image, is
     truncated before its pixels or is a decompression bomb stops the run here with the files
     named, or with ``skip_bad`` is left out (named on stderr). Files whose pixels are damaged
     past a sound header are found by ``load_rgb`` when the loader reaches them."""
     paths = [path for path, _ in folder.samples]
-    with warnings.catch_warnings():
-        # The pixel limit is checked explicitly; PIL's own warning would only repeat it.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=16) as pool:  # file reads: threads overlap the waits
-            problems = list(pool.map(_header_problem, paths))
+    problems = header_problems(paths)
     bad = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem is not None]
     if not bad:
         return
-    named = "; ".join(f"{path} ({problem})" for path, problem in bad[:_NAMED])
-    more = f" and {len(bad) - _NAMED} more" if len(bad) > _NAMED else ""
+    named = name_bad(bad)
     if not skip_bad:
         raise DataError(
             f"{where}: {len(bad)} of the {len(paths)} files in {split}/ cannot be used as images: "
-            f"{named}{more}. "
+            f"{named}. "
             "Remove or replace them, or pass --skip-bad-images to leave them out"
         )
-    log.warning(f"warning: left out {len(bad)} of the {len(paths)} files in {split}/: {named}{more}")
+    log.warning(f"warning: left out {len(bad)} of the {len(paths)} files in {split}/: {named}")
     keep = [problem is None for problem in problems]
     folder.samples = [sample for sample, kept in zip(folder.samples, keep, strict=True) if kept]
     folder.imgs = folder.samples
     folder.targets = [target for _, target in folder.samples]
     if not folder.samples:
         raise DataError(f"{where}: {split}/ has no usable image left")
+
+
+class ImageFiles(Dataset):
+    """Image files, in the given order, read by ``load_rgb`` and put through ``transform``:
+    ``(image, -1, index)`` (they have no class)."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+        self.targets = torch.full((len(paths),), -1, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_rgb(self.paths[index])), -1, index
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
