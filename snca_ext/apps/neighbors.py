@@ -60,6 +60,7 @@ from .cli import (
     writable_folder,
 )
 from .data import ClassSubset, DigitsDataset, IndexedDataset
+from .data.fashion_mnist import GreyImages
 from .errors import AppError, ExportError
 from .export import (
     CLASS_SETS,
@@ -107,6 +108,9 @@ def display_image(dataset: IndexedDataset, position: int, size: int = 64) -> Ima
     if isinstance(source, DigitsDataset):
         pixels = source.images[index].squeeze(0).clamp(0, 1).mul(255).round().byte().numpy()
         image = Image.fromarray(255 - pixels, mode="L")  # dark ink on white, as the digits were written
+    elif isinstance(source, GreyImages):
+        pixels = source.images[index].numpy()
+        image = Image.fromarray(255 - pixels if source.inverted else pixels, mode="L")
     else:
         raw = copy.copy(source)
         raw.transform = None

@@ -116,8 +116,11 @@ class GreyImages(Dataset):
         mean: float = MEAN,
         std: float = STD,
         classes: Sequence[str] = CLASSES,
+        inverted: bool = False,
     ) -> None:
         self.images = images
+        # The images were inverted when read (Omniglot's ink made bright): shown inverted back.
+        self.inverted = inverted
         self.targets = labels
         self.transform = transform
         self.mean, self.std = mean, std

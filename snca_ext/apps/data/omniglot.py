@@ -223,7 +223,9 @@ def omniglot_data(
     names = [f"{alphabet}/{character}" for alphabet, character in keys]
 
     def part(rows: Tensor, transform=None) -> IndexedDataset:
-        dataset = GreyImages(pixels[rows], targets[rows], transform, mean=MEAN, std=STD, classes=names)
+        dataset = GreyImages(
+            pixels[rows], targets[rows], transform, mean=MEAN, std=STD, classes=names, inverted=True
+        )
         return IndexedDataset(dataset, targets[rows])
 
     train_rows, test_rows = is_train.nonzero().flatten(), (~is_train).nonzero().flatten()

@@ -2,7 +2,9 @@
 
 With no argument it trains a small CNN on scikit-learn's digits (embedded, no download). With
 ``--dataset cifar10 --data PATH`` or ``--dataset imagefolder --data PATH`` it follows the paper's
-recipe for that dataset; every recipe value is a flag. The run directory (``--out``) gets
+recipe for that dataset; every recipe value is a flag. ``--dataset omniglot --data DIR
+--omniglot-train small1`` trains on one of Omniglot's splits and evaluates one-shot episodes within
+each alphabet the training did not see. The run directory (``--out``) gets
 ``checkpoint.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``.
 
 Exit status: 0 done, 1 the loss diverged (NaN), 2 a bad argument, data folder, checkpoint or
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--data",
         help="local data folder: cifar10 (holds cifar-10-batches-py/), imagefolder (train/, val/), "
-        "fashion-mnist (the four IDX files; default /usr/share/datasets/fashion-mnist)",
+        "fashion-mnist (the four IDX files; default /usr/share/datasets/fashion-mnist), omniglot (its "
+        "zips or their folders: images_background_small1.zip, ..., images_evaluation.zip)",
     )
     data.add_argument("-j", "--workers", type=NON_NEGATIVE_INT, help="data loader processes")
     data.add_argument(
