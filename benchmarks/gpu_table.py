@@ -1,45 +1,76 @@
 """GPU benchmark table (and a small CUDA smoke run) for benchmarks/gpu_check.sh.
 
-    python3 benchmarks/gpu_table.py [--budget SECONDS] [--out FILE]   # one markdown table
+    python3 benchmarks/gpu_table.py [--budget SECONDS] [--out FILE] [--cases TEXT]   # markdown table
     python3 benchmarks/gpu_table.py --smoke                           # small runs of the CUDA backend
     python3 benchmarks/gpu_table.py --one-launch                      # one forward+backward, for ncu
 
-Times the SNCA loss (forward, and forward+backward) for the fused backends (cuda, triton) and
-plain PyTorch (reference.snca_loss_original, reference.snca_loss_reference) at B=256, D=128 and
-N = 50,000 / 1,281,167 with an fp32 and a bf16 bank (TF32 off, and the fused backends again with
-TF32 on), a same-size cuBLAS product F M^T for calibration, and bank_topk (k = 30, 1024) against
-torch.topk on the materialised B x N matrix, and snca_stats with a top-k (k = 30; the cuda backend
-runs it inside the lse pass). Each row is the median of CUDA-event timings,
-the peak memory beyond the inputs, and the fraction of the floor reached:
+Times the SNCA loss (forward, and forward+backward) at B=256, D=128, T=0.05 and N = 1,281,167 /
+50,000 (most important first: ImageNet size under autocast, bf16 features and a bf16 bank) for:
+
+- ours: the fused backends (cuda, triton), called with the case's dtypes;
+- the peers a GPU user would write instead (benchmarks/peers.py): SNCA as two FlexAttention calls,
+  compiled, with the bank cut into one chunk per SM and sorted by class, and as one sequence in
+  bank order and sorted (where features and bank share a dtype: flex_attention needs one);
+- plain PyTorch: the original code (reference.snca_loss_original), torch.compile of it, and the
+  log-space reference, under torch.autocast in the bf16-features case (16-bit matmuls, fp32 exp);
+- calibration: one unmasked scaled_dot_product_attention call of the same size (flash kernel for
+  bf16, memory-efficient for fp32; as one sequence and in one chunk per SM) and a same-size cuBLAS
+  product F M^T;
+- bank_topk (k = 30, 1024) against torch.topk on the materialised B x N matrix, snca_stats with a
+  top-k (k = 30; the cuda backend runs it inside the lse pass), the fused backends with TF32 on.
+
+Every loss and attention row is checked before it is timed, against the float64 reference on the
+same (rounded) inputs: loss and, for forward+backward, the gradient, relative errors within the
+bounds of the row's arithmetic (TOLERANCE); a row outside them is a FAIL row with its errors, never
+a time. The top-k rows give their agreement with the float64 top-k indices.
+The check's call also compiles (torch.compile, Triton): the note gives that first call's seconds
+when it took over 2 s. Then the median of CUDA-event timings (3-10 of them, about 1 s), the peak
+memory beyond the inputs, and the fraction of the floor reached:
 floor = max(bank bytes / 4.3 TB/s, products * 2*B*N*D / rate), rate 990e12 (bf16 bank) or
 495e12 (fp32, TF32 rate), products = 1 for a forward or a top-k, 3 for forward+backward (the
-scores and the two softmax-weighted sums of MATH.md). A failing backend gives a FAIL row; the
-rest still run.
+scores and the two softmax-weighted sums of MATH.md), 2 for an attention call. A failing row gives
+a FAIL row; the rest still run. Rows are printed, and written to --out, as they are measured, so a
+run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
+from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 B, D, T = 256, 128, 0.05
 HBM_BYTES_PER_S = 4.3e12
 RATE = {torch.float32: 495e12, torch.bfloat16: 990e12}
+# (loss, gradient) relative errors against float64 beyond which a row is wrong, not rounded
+# differently: fp32 arithmetic; TF32 products (inputs rounded to 10 bits); 16-bit matmuls or
+# softmax weights (8 bits in bf16; scores up to 1/T = 20; plain PyTorch under autocast is off by
+# ~1e-3 in the loss and 1-3e-2 in the gradient at N = 1,500). The gradient's error is
+# max|g - g64| / max|g64|. A wrong mask (the own row counted, or another class's rows) moves the
+# loss by 10 % or more on these inputs; a wrong scale or sign moves the gradient by 100 %.
+TOLERANCE = {"fp32": (1e-4, 1e-3), "tf32": (5e-3, 3e-2), "16-bit": (2e-2, 1e-1)}
 
 
-def _median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
+class CheckFailed(Exception):
+    """A row's result is outside its tolerance: reported as FAIL, not timed."""
+
+
+def _median_ms(fn: Callable[[], object], target_ms: float = 1000.0, fewest: int = 3, most: int = 10) -> float:
+    fn()  # warm-up (the check has already made the first, compiling call)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
+    times: list[float] = []
+    while len(times) < most and (len(times) < fewest or sum(times) < target_ms):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -49,7 +80,7 @@ def _median_ms(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def _peak_extra_mib(fn) -> float:
+def _peak_extra_mib(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -65,30 +96,67 @@ def _floor_ms(n: int, bank_dtype: torch.dtype, products: int) -> float:
     return 1e3 * max(bank_bytes / HBM_BYTES_PER_S, flops / RATE[bank_dtype])
 
 
-def _inputs(n: int, bank_dtype: torch.dtype, classes: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    bank = torch.nn.functional.normalize(torch.randn(n, D, device="cuda", generator=g), dim=1)
-    bank_labels = torch.randint(0, classes, (n,), device="cuda", generator=g)
-    indices = torch.randperm(n, device="cuda", generator=g)[:B]
-    features = torch.nn.functional.normalize(
-        bank[indices] + 0.3 * torch.randn(B, D, device="cuda", generator=g), dim=1
+def _short_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    classes: int
+    features_dtype: torch.dtype
+    bank_dtype: torch.dtype
+
+    @property
+    def autocast(self) -> bool:
+        """16-bit features: what a training step under torch.autocast hands the loss."""
+        return self.features_dtype != torch.float32
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the rows' checks allow for: a bf16 bank with fp32 features is upcast exactly."""
+        return "16-bit" if self.autocast else "fp32"
+
+    @property
+    def tag(self) -> str:
+        text = (
+            f"N={self.n:,} {_short_dtype(self.features_dtype)} features, {_short_dtype(self.bank_dtype)} bank"
+        )
+        return text + (" (autocast)" if self.autocast else "")
+
+
+CASES = [
+    Case(n, classes, features_dtype, bank_dtype)
+    for n, classes in ((1_281_167, 1000), (50_000, 10))
+    for features_dtype, bank_dtype in (
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32),
     )
-    return features.contiguous(), indices, bank.to(bank_dtype).contiguous(), bank_labels
+]
 
 
-def _loss_fns():
-    import snca_ext
-    from snca_ext import reference
+@dataclass
+class Inputs:
+    features: Tensor  # [B, D] unit rows near their own bank rows, as in training
+    indices: Tensor  # [B] distinct bank rows, the queries' own
+    bank: Tensor  # [N, D] unit rows
+    bank_labels: Tensor  # [N]
 
-    def fused(backend):
-        return lambda f, i, m, y: snca_ext.snca_loss(f, i, m, y, T, backend=backend)
 
-    return {
-        "cuda": fused("cuda"),
-        "triton": fused("triton"),
-        "torch original": lambda f, i, m, y: reference.snca_loss_original(f, i, m, y, T),
-        "torch reference": lambda f, i, m, y: reference.snca_loss_reference(f, i, m, y, T),
-    }
+def _inputs(case: Case, seed: int = 0) -> Inputs:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bank = F.normalize(torch.randn(case.n, D, device="cuda", generator=g), dim=1)
+    bank_labels = torch.randint(0, case.classes, (case.n,), device="cuda", generator=g)
+    indices = torch.randperm(case.n, device="cuda", generator=g)[:B]
+    noise = torch.randn(B, D, device="cuda", generator=g) / math.sqrt(D)
+    features = F.normalize(bank[indices] + noise, dim=1)
+    return Inputs(
+        features.to(case.features_dtype).contiguous(),
+        indices,
+        bank.to(case.bank_dtype).contiguous(),
+        bank_labels,
+    )
 
 
 def _short(error: BaseException) -> str:
@@ -97,63 +165,277 @@ def _short(error: BaseException) -> str:
 
 
 class Table:
-    """Rows of the markdown table; stops timing new rows once the time budget is spent."""
+    """Rows of the markdown table, printed and written as they come; stops timing new rows once the
+    time budget is spent."""
 
     header = ("case", "backend", "ms (median)", "peak extra MiB", "floor ms", "of floor", "check")
 
-    def __init__(self, budget_s: float):
+    def __init__(self, budget_s: float, title: str, out: str | None):
         self.deadline = time.monotonic() + budget_s
+        self.title = title
+        self.out = Path(out) if out else None
         self.rows: list[tuple[str, ...]] = []
+        print(self.title + "\n\n" + "\n".join(self._head()), flush=True)
 
-    def add(self, case: str, backend: str, fn, floor: float, check=None, reps: int = 10) -> None:
-        if time.monotonic() > self.deadline:
-            self.rows.append((case, backend, "skipped (time budget)", "", f"{floor:.3f}", "", ""))
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def row(self, *cells: str) -> None:
+        self.rows.append(cells)
+        print("| " + " | ".join(cells) + " |", flush=True)
+        if self.out:
+            self.out.write_text(self.title + "\n\n" + self.markdown() + "\n")
+
+    def add(self, case: str, backend: str, fn: Callable[[], object], floor: float, check=None) -> None:
+        """``check`` (default: one call of ``fn``) runs first and returns a note or raises
+        CheckFailed; only then is ``fn`` timed."""
+        if self.expired():
+            self.row(case, backend, "skipped (time budget)", "", f"{floor:.3f}", "", "")
             return
         try:
-            ms = _median_ms(fn, reps)
-            mib = _peak_extra_mib(fn)
+            start = time.perf_counter()
             note = check() if check else ""
-            self.rows.append(
-                (case, backend, f"{ms:.3f}", f"{mib:.1f}", f"{floor:.3f}", f"{100 * floor / ms:.1f}%", note)
+            if not check:
+                fn()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            if first_s > 2.0:
+                note = f"{note}; first call {first_s:.0f} s".lstrip("; ")
+            ms = _median_ms(fn)
+            mib = _peak_extra_mib(fn)
+            self.row(
+                case, backend, f"{ms:.3f}", f"{mib:.1f}", f"{floor:.3f}", f"{100 * floor / ms:.1f}%", note
             )
+        except CheckFailed as error:
+            self.row(case, backend, f"FAIL check: {error}", "", f"{floor:.3f}", "", "")
         except Exception as error:  # one backend failing must not stop the others
-            self.rows.append((case, backend, _short(error), "", f"{floor:.3f}", "", ""))
+            self.row(case, backend, _short(error), "", f"{floor:.3f}", "", "")
         finally:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
+    def _head(self) -> list[str]:
+        return ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows])
+        return "\n".join(self._head() + ["| " + " | ".join(row) + " |" for row in self.rows])
 
 
-def _bench_loss(table: Table, tag: str, n: int, bank_dtype, features, indices, bank, bank_labels) -> None:
+def _errors(loss: Tensor, grad: Tensor | None, expected: tuple[float, Tensor], precision: str) -> str:
+    """The row's relative errors against float64; CheckFailed beyond TOLERANCE[precision]."""
+    loss_tol, grad_tol = TOLERANCE[precision]
+    gt_loss, gt_grad = expected
+    loss_err = abs(loss.item() - gt_loss) / abs(gt_loss)
+    note = f"loss rel err {loss_err:.1e}"
+    bad = not loss_err <= loss_tol
+    if grad is not None:
+        grad_err = ((grad.double() - gt_grad).abs().max() / gt_grad.abs().max()).item()
+        note += f", grad {grad_err:.1e}"
+        bad = bad or not grad_err <= grad_tol
+    if bad:
+        raise CheckFailed(f"{note} (bounds {loss_tol:.0e}, {grad_tol:.0e})")
+    return note
+
+
+def _float64_loss_and_grad(data: Inputs) -> tuple[float, Tensor]:
+    """The reference on the case's (already rounded) inputs, in float64, with its gradient."""
     from snca_ext import reference
 
-    with torch.no_grad():
-        gt = reference.snca_loss_reference(features.double(), indices, bank.double(), bank_labels, T).item()
-    leaf = features.detach().requires_grad_(True)
-    for name, loss_fn in _loss_fns().items():
+    leaf = data.features.double().requires_grad_()
+    loss = reference.snca_loss_reference(leaf, data.indices, data.bank.double(), data.bank_labels, T)
+    loss.backward()
+    return loss.item(), leaf.grad
 
-        def forward(loss_fn=loss_fn):
+
+def _autocast(fn: Callable[[Tensor], Tensor], case: Case) -> Callable[[Tensor], Tensor]:
+    if not case.autocast:
+        return fn
+
+    def under_autocast(x: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=case.features_dtype):
+            return fn(x)
+
+    return under_autocast
+
+
+def _loss_impls(case: Case, data: Inputs) -> list[tuple[str, Callable[[], Callable[[Tensor], Tensor]]]]:
+    """(row name, factory of features -> loss): a factory sets up outside the timing (block masks)."""
+    import snca_ext
+    from benchmarks import peers
+    from snca_ext import reference
+
+    indices, bank, bank_labels = data.indices, data.bank, data.bank_labels
+
+    def fused(backend: str):
+        return lambda: lambda x: snca_ext.snca_loss(x, indices, bank, bank_labels, T, backend=backend)
+
+    def flex(sort: bool, chunks: int):
+        def factory():
+            prepared = peers.flex_bank(indices, bank, bank_labels, sort_by_class=sort, chunks=chunks)
+            return lambda x: peers.flex_snca_loss(x, prepared, T, compiled=True)
+
+        return factory
+
+    def plain(fn):
+        return lambda: _autocast(lambda x: fn(x, indices, bank, bank_labels, T), case)
+
+    impls = [("cuda", fused("cuda")), ("triton", fused("triton"))]
+    if case.features_dtype == case.bank_dtype:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        impls += [
+            (f"FlexAttention x2, sorted by class, {sms} chunks (compiled)", flex(True, sms)),
+            ("FlexAttention x2, one sequence (compiled)", flex(False, 1)),
+            ("FlexAttention x2, sorted by class, one sequence (compiled)", flex(True, 1)),
+        ]
+    impls += [
+        ("torch original" + (" (autocast)" if case.autocast else ""), plain(reference.snca_loss_original)),
+        (
+            "torch.compile(original)" + (" (autocast)" if case.autocast else ""),
+            plain(torch.compile(reference.snca_loss_original)),
+        ),
+        ("torch reference" + (" (autocast)" if case.autocast else ""), plain(reference.snca_loss_reference)),
+    ]
+    return impls
+
+
+def _bench_loss(table: Table, case: Case, data: Inputs, expected: tuple[float, Tensor]) -> None:
+    leaf = data.features.detach().requires_grad_(True)
+    for name, factory in _loss_impls(case, data):
+        rows = (f"loss fwd, {case.tag}", f"loss fwd+bwd, {case.tag}")
+        floors = (_floor_ms(case.n, case.bank_dtype, 1), _floor_ms(case.n, case.bank_dtype, 3))
+        if table.expired():
+            for row, floor in zip(rows, floors, strict=True):
+                table.add(row, name, lambda: None, floor)
+            continue
+        try:
+            loss_fn = factory()
+        except Exception as error:  # its set-up (block masks) failed: the other rows still run
+            table.row(rows[0], name, _short(error), "", f"{floors[0]:.3f}", "", "")
+            continue
+
+        def forward(loss_fn=loss_fn) -> Tensor:
             with torch.no_grad():
-                return loss_fn(features, indices, bank, bank_labels)
+                return loss_fn(data.features)
 
-        def check(forward=forward):
-            return f"loss rel err {abs(forward().item() - gt) / abs(gt):.1e}"
-
-        def forward_backward(loss_fn=loss_fn):
+        def forward_backward(loss_fn=loss_fn) -> Tensor:
             leaf.grad = None
-            loss_fn(leaf, indices, bank, bank_labels).backward()
+            loss = loss_fn(leaf)
+            loss.backward()
+            return loss.detach()
 
-        table.add(f"loss fwd, {tag}", name, forward, _floor_ms(n, bank_dtype, 1), check)
-        table.add(f"loss fwd+bwd, {tag}", name, forward_backward, _floor_ms(n, bank_dtype, 3))
+        def check_forward(forward=forward) -> str:
+            return _errors(forward(), None, expected, case.precision)
+
+        def check_forward_backward(forward_backward=forward_backward) -> str:
+            loss = forward_backward()
+            return _errors(loss, leaf.grad, expected, case.precision)
+
+        table.add(rows[0], name, forward, floors[0], check_forward)
+        table.add(rows[1], name, forward_backward, floors[1], check_forward_backward)
+        del loss_fn, forward, forward_backward
 
 
-def _bench_topk(table: Table, tag: str, n: int, bank_dtype, features, bank, k: int) -> None:
+def _bench_attention(table: Table, case: Case, data: Inputs) -> None:
+    """One unmasked scaled_dot_product_attention call of the loss's size (queries the batch, keys =
+    values = the bank, scale 1/T): what a FlashAttention-class kernel does with these shapes. As one
+    sequence, and cut into one chunk per SM (zero rows pad the last; the check includes them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks import peers
+
+    backend = (
+        SDPBackend.EFFICIENT_ATTENTION if case.bank_dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
+    )
+    name = f"SDPA {backend.name.lower()}"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for chunks in (1, sms):
+        if table.expired():
+            table.add(
+                f"attention fwd, unmasked (calibration), {chunks} chunk(s), {case.tag}", name, None, 0.0
+            )
+            continue
+        keys = peers.split_bank(data.bank, chunks) if chunks > 1 else data.bank.view(1, 1, case.n, D)
+        query = data.features.to(case.bank_dtype).view(1, 1, B, D).expand(chunks, 1, B, D)
+
+        def attend(keys=keys, query=query) -> Tensor:
+            with torch.no_grad(), sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(query, keys, keys, scale=1.0 / T)
+
+        def check(attend=attend, keys=keys, query=query) -> str:
+            out = attend()[:, 0].double()
+            keys64 = keys[:, 0].double()
+            weights = torch.softmax(query[:, 0].double() @ keys64.transpose(1, 2) / T, dim=2)
+            expected = weights @ keys64
+            del weights
+            err = ((out - expected).abs().max() / expected.abs().max()).item()
+            bound = TOLERANCE[case.precision][1]
+            if not err <= bound:
+                raise CheckFailed(f"out rel err {err:.1e} (bound {bound:.0e})")
+            return f"out rel err {err:.1e}"
+
+        label = (
+            f"attention fwd, unmasked (calibration), {chunks} chunk{'s' if chunks > 1 else ''}, {case.tag}"
+        )
+        table.add(label, name, attend, _floor_ms(case.n, case.bank_dtype, 2), check)
+        del keys, attend, check
+
+
+def _bench_tf32(table: Table, case: Case, data: Inputs, expected: tuple[float, Tensor]) -> None:
+    """The fused backends with torch.backends.cuda.matmul.allow_tf32 on (one TF32 product per multiply)."""
+    import snca_ext
+
+    leaf = data.features.detach().requires_grad_(True)
+    for backend in ("cuda", "triton"):
+
+        def forward_backward(backend=backend) -> Tensor:
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                leaf.grad = None
+                loss = snca_ext.snca_loss(leaf, data.indices, data.bank, data.bank_labels, T, backend=backend)
+                loss.backward()
+                return loss.detach()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+
+        def check(forward_backward=forward_backward) -> str:
+            loss = forward_backward()
+            return _errors(loss, leaf.grad, expected, "tf32")
+
+        table.add(
+            f"loss fwd+bwd TF32 on, {case.tag}",
+            backend,
+            forward_backward,
+            _floor_ms(case.n, case.bank_dtype, 3),
+            check,
+        )
+
+
+def _bench_matmul(table: Table, case: Case, data: Inputs) -> None:
+    """The same-size product F M^T by cuBLAS (TF32 off, and on for an fp32 bank): what this GPU does
+    with these shapes."""
+    lhs = data.features.to(case.bank_dtype)
+    for tf32 in (False, True):
+        if case.bank_dtype != torch.float32 and tf32:
+            continue
+
+        def product(tf32=tf32) -> Tensor:
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                return lhs @ data.bank.T
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+
+        label = f"matmul B x N x D (calibration){', TF32' if tf32 else ''}, {case.tag}"
+        table.add(label, "cuBLAS", product, _floor_ms(case.n, case.bank_dtype, 1))
+
+
+def _bench_topk(table: Table, case: Case, data: Inputs, k: int) -> None:
     import snca_ext
     from snca_ext import reference
 
+    features, bank = data.features, data.bank
     with torch.no_grad():
         ref_rows = reference.bank_topk_reference(features.double(), bank.double(), k)[1]
     fns = {
@@ -163,15 +445,13 @@ def _bench_topk(table: Table, tag: str, n: int, bank_dtype, features, bank, k: i
     }
     for name, fn in fns.items():
 
-        def check(fn=fn):
+        def check(fn=fn) -> str:
             return f"idx agree {(fn()[1] == ref_rows).float().mean().item():.4f}"
 
-        table.add(f"bank_topk k={k}, {tag}", name, fn, _floor_ms(n, bank_dtype, 1), check)
+        table.add(f"bank_topk k={k}, {case.tag}", name, fn, _floor_ms(case.n, case.bank_dtype, 1), check)
 
 
-def _bench_stats_topk(
-    table: Table, tag: str, n: int, bank_dtype, features, indices, bank, bank_labels
-) -> None:
+def _bench_stats_topk(table: Table, case: Case, data: Inputs) -> None:
     """snca_stats with a top-k: the cuda backend runs it inside the lse pass (one pass over the bank)
     where it fits; compare with the loss forward of the same inputs (no top-k) above."""
     import snca_ext
@@ -179,96 +459,72 @@ def _bench_stats_topk(
 
     k = 30
     with torch.no_grad():
-        ref_rows = reference.bank_topk_reference(features.double(), bank.double(), k, exclude=indices)[1]
+        ref_rows = reference.bank_topk_reference(
+            data.features.double(), data.bank.double(), k, exclude=data.indices
+        )[1]
 
     def stats():
         with torch.no_grad():
-            return snca_ext.snca_stats(features, indices, bank, bank_labels, T, topk=k, backend="cuda")
+            return snca_ext.snca_stats(
+                data.features, data.indices, data.bank, data.bank_labels, T, topk=k, backend="cuda"
+            )
 
-    def check():
+    def check() -> str:
         return f"idx agree {(stats()[3] == ref_rows).float().mean().item():.4f}"
 
     table.add(
-        f"snca_stats topk={k}, {tag}",
+        f"snca_stats topk={k}, {case.tag}",
         "cuda (top-k in the lse pass)",
         stats,
-        _floor_ms(n, bank_dtype, 1),
+        _floor_ms(case.n, case.bank_dtype, 1),
         check,
     )
 
 
-def _bench_matmul(table: Table, tag: str, n: int, bank_dtype, features, bank) -> None:
-    """The same-size product F M^T by cuBLAS, TF32 off and on: what this GPU does with these shapes."""
-    lhs = features.to(bank_dtype)
-    for tf32 in (False, True):
-        if bank_dtype != torch.float32 and tf32:
-            continue
-
-        def product(tf32=tf32):
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
-                return lhs @ bank.T
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
-
-        label = f"matmul B x N x D (calibration){', TF32' if tf32 else ''}, {tag}"
-        table.add(label, "cuBLAS", product, _floor_ms(n, bank_dtype, 1))
-
-
-def _bench_tf32(table: Table, tag: str, n: int, bank_dtype, features, indices, bank, bank_labels) -> None:
-    """The fused backends with torch.backends.cuda.matmul.allow_tf32 on (one TF32 product per multiply)."""
-    import snca_ext
-
-    leaf = features.detach().requires_grad_(True)
-    for backend in ("cuda", "triton"):
-
-        def forward_backward(backend=backend):
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                leaf.grad = None
-                snca_ext.snca_loss(leaf, indices, bank, bank_labels, T, backend=backend).backward()
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
-
-        table.add(f"loss fwd+bwd TF32 on, {tag}", backend, forward_backward, _floor_ms(n, bank_dtype, 3))
-
-
 def run_one_launch() -> int:
-    """One forward+backward of the cuda backend at ImageNet size, bf16 bank (for ncu)."""
+    """One forward+backward of the cuda backend at ImageNet size, bf16 features and bank (for ncu)."""
     import snca_ext
 
-    features, indices, bank, bank_labels = _inputs(1_281_167, torch.bfloat16, 1000)
-    leaf = features.detach().requires_grad_(True)
-    snca_ext.snca_loss(leaf, indices, bank, bank_labels, T, backend="cuda").backward()
+    data = _inputs(Case(1_281_167, 1000, torch.bfloat16, torch.bfloat16))
+    leaf = data.features.detach().requires_grad_(True)
+    snca_ext.snca_loss(leaf, data.indices, data.bank, data.bank_labels, T, backend="cuda").backward()
     torch.cuda.synchronize()
     return 0
 
 
-def run_table(budget_s: float, out: str | None) -> int:
-    table = Table(budget_s)
-    for n, classes in ((50_000, 10), (1_281_167, 1000)):
-        for bank_dtype in (torch.float32, torch.bfloat16):
-            tag = f"N={n:,} bank {str(bank_dtype).replace('torch.', '')}"
-            try:
-                features, indices, bank, bank_labels = _inputs(n, bank_dtype, classes)
-                _bench_matmul(table, tag, n, bank_dtype, features, bank)
-                _bench_loss(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
-                _bench_tf32(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
-                for k in (30, 1024):
-                    _bench_topk(table, tag, n, bank_dtype, features, bank, k)
-                _bench_stats_topk(table, tag, n, bank_dtype, features, indices, bank, bank_labels)
-            except Exception as error:  # the inputs or the float64 check itself failed
-                table.rows.append((tag, "(setup)", _short(error), "", "", "", ""))
-            torch.cuda.empty_cache()
-    text = (
+def run_table(budget_s: float, out: str | None, only: str | None) -> int:
+    # One compiled graph per (shape, dtype, block mask): more than dynamo's default of 8 recompiles
+    # of one function; past the limit dynamo would run the peer eagerly (the B x N scores
+    # materialised) and time that: fail instead.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    title = (
         f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}, B={B}, D={D}, T={T}\n\n" + table.markdown()
+        f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}, B={B}, D={D}, T={T}"
     )
-    print(text)
-    if out:
-        Path(out).write_text(text + "\n")
+    table = Table(budget_s, title, out)
+    start = time.monotonic()
+    for case in CASES:
+        if only and only not in case.tag:
+            continue
+        try:
+            data = _inputs(case)
+            expected = _float64_loss_and_grad(data)
+        except Exception as error:  # the inputs or the float64 reference itself failed
+            table.row(case.tag, "(setup)", _short(error), "", "", "", "")
+            continue
+        _bench_matmul(table, case, data)
+        _bench_loss(table, case, data, expected)
+        if case.features_dtype == case.bank_dtype:
+            _bench_attention(table, case, data)
+        if not case.autocast:
+            _bench_tf32(table, case, data, expected)
+            for k in (30, 1024):
+                _bench_topk(table, case, data, k)
+            _bench_stats_topk(table, case, data)
+        del data, expected
+        torch.cuda.empty_cache()
+    print(f"table done in {time.monotonic() - start:.0f} s", flush=True)
     return 0
 
 
@@ -324,13 +580,18 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=200.0, help="seconds after which rows are skipped")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--one-launch", action="store_true", help="one cuda forward+backward (for ncu)")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="only the cases whose label contains this text, e.g. 'N=1,281,167 bf16 features'",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False; nothing to time", file=sys.stderr)
         return 2
     if args.one_launch:
         return run_one_launch()
-    return run_smoke() if args.smoke else run_table(args.budget, args.out)
+    return run_smoke() if args.smoke else run_table(args.budget, args.out, args.cases)
 
 
 if __name__ == "__main__":

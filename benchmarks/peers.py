@@ -60,6 +60,18 @@ class FlexBank:
     batch: int
 
 
+def split_bank(bank: Tensor, chunks: int, block_size: int = FLEX_BLOCK) -> Tensor:
+    """[N, D] -> [chunks, 1, L, D]: the bank cut into ``chunks`` sequences of L rows, L the smallest
+    multiple of ``block_size`` that holds them all; zero rows fill the end."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    n, dim = bank.shape
+    rows = math.ceil(math.ceil(n / chunks) / block_size) * block_size
+    keys = bank.new_zeros(chunks * rows, dim)
+    keys[:n] = bank
+    return keys.view(chunks, 1, rows, dim)
+
+
 def flex_bank(
     indices: Tensor,
     bank: Tensor,
@@ -86,13 +98,13 @@ def flex_bank(
         raise ValueError(
             f"bank must be [N, D] and bank_labels [N], got {tuple(bank.shape)} and {tuple(bank_labels.shape)}"
         )
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    if labels is not None and labels.shape != indices.shape:
+        raise ValueError(f"labels must have B={indices.shape[0]} entries, got shape {tuple(labels.shape)}")
     if labels is None:
         if bool((indices < 0).any()):
             raise ValueError("labels must be given when a query has no bank row (indices == -1)")
         labels = bank_labels[indices]
-    n, dim = bank.shape
+    n = bank.shape[0]
     batch = indices.shape[0]
     own = indices
     if sort_by_class:
@@ -101,9 +113,8 @@ def flex_bank(
         position = torch.empty_like(order)
         position[order] = torch.arange(n, device=order.device)
         own = torch.where(indices >= 0, position[indices.clamp(min=0)], -1)
-    rows = math.ceil(math.ceil(n / chunks) / block_size) * block_size
-    keys = bank.new_zeros(chunks * rows, dim)
-    keys[:n] = bank
+    keys = split_bank(bank, chunks, block_size)
+    rows = keys.shape[2]
     row_labels = bank_labels.new_full((chunks * rows,), -1)
     row_labels[:n] = bank_labels
 
@@ -120,7 +131,7 @@ def flex_bank(
         )
 
     return FlexBank(
-        keys=keys.view(chunks, 1, rows, dim),
+        keys=keys,
         mask_all=block_mask(not_own),
         mask_same=block_mask(same_not_own),
         batch=batch,
