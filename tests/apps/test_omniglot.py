@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from snca_ext import few_shot_accuracy, sample_episodes
-from snca_ext.apps import export, fewshot
+from snca_ext.apps import export, fewshot, neighbors
 from snca_ext.apps.data import DataError
 from snca_ext.apps.data.omniglot import decode, omniglot_data
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, _novel_evaluation, _prepare, build_parser
@@ -275,3 +275,12 @@ def test_fewshot_of_an_omniglot_export_draws_within_alphabets(trained, tmp_path,
         fewshot.run([str(out), "--shots", "1", "--queries", "5", "--episodes", "100", "--across-groups"]) == 0
     )
     assert "group" not in capsys.readouterr().out
+
+
+def test_neighbors_page_of_the_novel_alphabets(trained, tmp_path):
+    page = tmp_path / "novel.html"
+    argv = ["--checkpoint", str(trained), "--classes", "novel", "--queries", "3", "-k", "5", "--no-progress"]
+    assert neighbors.run([*argv, "--out", str(page), "--png", str(tmp_path / "novel.png")]) == 0
+    text = page.read_text()
+    assert any(f"{alphabet}/character" in text for alphabet in NOVEL) and "Greek/" not in text
+    assert (tmp_path / "novel.png").stat().st_size > 0
