@@ -4,7 +4,11 @@ Every implementation gets the same batch and bank; its loss (and, with backward,
 checked once against our op before it is timed, so a wrongly set-up peer fails instead of being
 timed. pytorch-metric-learning's NCALoss cannot leave out a query's own bank row (it only does so
 when the queries *are* the references), so it is checked against our op with no row excluded
-(``indices = -1``); leaving out one of N rows costs nothing measurable either way.
+(``indices = -1``); leaving out one of N rows costs nothing measurable either way. On a GPU, the
+peers a GPU user would write instead (benchmarks/peers.py): SNCA as two compiled FlexAttention
+calls, the bank sorted by class in one chunk per SM, and as one sequence in bank order (torch
+2.14's compiled FlexAttention on the CPU does not return the log-sum-exp; eager, it materialises
+the B x N scores: no peer there).
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ PLAIN_IMPLS = {
     "compile": ("torch.compile(original code)", "peer"),
     "pml-nca": ("pytorch-metric-learning NCALoss", "peer"),
 }
+# Peers with a kernel on the GPU only.
+GPU_PEERS = {
+    "flex": ("two FlexAttention calls, bank sorted by class, one chunk per SM (compiled)", "peer"),
+    "flex-one-sequence": ("two FlexAttention calls, bank as one sequence (compiled)", "peer"),
+}
+COMPILED = ("compile", *GPU_PEERS)
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5
 GRAD_RTOL, GRAD_ATOL_SCALE = 1e-3, 1e-3  # gradient atol is this times the largest |gradient|
 
@@ -36,7 +46,7 @@ def _impls(device: str) -> dict[str, tuple[str, str]]:
         f"snca_ext-{backend}": (f"snca_ext.snca_loss (fused, {backend})", "ours")
         for backend in harness.fused_backends(device)
     }
-    return {**fused, **PLAIN_IMPLS}
+    return {**fused, **PLAIN_IMPLS, **(GPU_PEERS if device == "cuda" else {})}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -80,6 +90,16 @@ def _loss_fn(impl: str, inputs: harness.BankInputs) -> tuple[Callable[[Tensor], 
     if impl == "compile":
         compiled = torch.compile(snca_loss_original)
         return lambda x: compiled(x, indices, bank, bank_labels, temperature), True
+    if impl in GPU_PEERS:
+        from benchmarks import peers
+
+        key = ("flex_bank", impl)
+        if key not in inputs.memo:  # one layout and one compiled graph per size, for both modes
+            sort = impl == "flex"
+            chunks = torch.cuda.get_device_properties(inputs.device).multi_processor_count if sort else 1
+            inputs.memo[key] = peers.flex_bank(indices, bank, bank_labels, sort_by_class=sort, chunks=chunks)
+        prepared = inputs.memo[key]
+        return lambda x: peers.flex_snca_loss(x, prepared, temperature, compiled=True), True
     if impl == "pml-nca":
         losses = harness.import_peer("pytorch_metric_learning.losses", "pytorch-metric-learning")
         # Its default distance is the squared L2 distance of the L2-normalised embeddings:
@@ -117,8 +137,8 @@ def test_snca_loss(benchmark, profile, inputs, size, device, impl, mode):
     features = inputs.features.clone().requires_grad_(mode != "forward")
     step = _step(loss_fn, features, mode)
 
-    if impl == "compile":
-        try:  # the first call compiles: a missing or broken C++ toolchain is a setup problem, not ours
+    if impl in COMPILED:
+        try:  # the first call compiles: a missing or broken toolchain is a setup problem, not ours
             loss = step()
         except Exception as error:
             pytest.skip(f"torch.compile failed here: {type(error).__name__}: {str(error)[:300]}")
