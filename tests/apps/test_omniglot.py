@@ -103,6 +103,23 @@ def test_training_on_small1_leaves_small2s_other_alphabets_novel(both):
     assert len(data.novel_classes) == 106 + korean
 
 
+def test_the_full_sets_layout_is_read_beside_the_minimal_ones(tmp_path):
+    # An images_evaluation/ folder of one made-up alphabet (two characters of 20 drawers).
+    for character, source in (("character01", "character01"), ("character02", "character05")):
+        folder = tmp_path / "images_evaluation" / "Made_up" / character
+        folder.mkdir(parents=True)
+        for drawer in range(1, 21):
+            (folder / f"0900_{drawer:02d}.png").write_bytes(_png("Korean", source, drawer))
+    (tmp_path / "images_background_small1.zip").symlink_to(SMALL1)
+    data = omniglot_data(tmp_path, train_splits="small1", augment=False)
+    assert data.num_classes == 138 and data.coarse_classes[-1] == "Made_up"
+    assert [data.classes[c] for c in data.novel_classes] == ["Made_up/character01", "Made_up/character02"]
+    with pytest.raises(
+        DataError, match=r"--omniglot-train small2: small2 not in --data .*found: small1, evaluation"
+    ):
+        omniglot_data(tmp_path, train_splits="small2")
+
+
 def _zip(path: Path, entries: dict[str, bytes]) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in entries.items():
