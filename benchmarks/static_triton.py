@@ -1,10 +1,13 @@
 """Static report of the Triton kernel, without a GPU: every configuration the launcher can choose
 (snca_ext.triton.configs.launch_configs), compiled ahead of time for sm_80, sm_86, sm_89 and
 sm_90, with its registers, spills and shared memory (from the cubin) and the warp-instructions
-and tensor-core MMAs of one bank tile (from the SASS of the main loop).
+and tensor-core MMAs of one bank tile (from the SASS of the main loop): which MMA instructions,
+and how many multiply-adds they issue per product the tile needs (1 when every product is one
+MMA product: tf32, 16-bit, fp64; 3 or 2 for split fp32; 0 would mean FMAs).
 
-    python -m benchmarks.static_triton            # the markdown table (all configurations)
-    python -m benchmarks.static_triton --default  # only the D = 128 configurations
+    python -m benchmarks.static_triton                    # the markdown table (all configurations)
+    python -m benchmarks.static_triton --default          # only the D = 128 configurations
+    python -m benchmarks.static_triton --precision 16bit  # only the bf16/fp16-feature ones
 
 Compiling every configuration for four targets takes a few minutes; Triton's cache makes a second
 run fast. ``triton_static_rows()`` returns the rows for other reports.
@@ -27,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from snca_ext.triton import configs
+from snca_ext.triton import configs as triton_configs
 from snca_ext.triton import kernel as triton_kernel
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) of each target.
@@ -41,6 +44,8 @@ ROW_KEYS = (
     "shared_bytes",
     "warp_instructions_per_tile",
     "mma_per_tile",
+    "mma_kinds",
+    "mma_macs_per_product",
 )
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 _POINTER_TYPES = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*fp16"}
@@ -48,9 +53,11 @@ _POINTER_TYPES = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*f
 _MMA = re.compile(r"\b(HMMA|HGMMA|DMMA)\b")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+# An MMA opcode and its shape: HMMA.16816 (m16n8k16), HMMA.1688, DMMA.884, HGMMA.64x32x16.
+_MMA_SHAPE = re.compile(r"\b(HMMA|DMMA)\.(16|8)(8)(16|8|4)\b|\bHGMMA\.(\d+)x(\d+)x(\d+)\b")
 
 
-def _signature(config: configs.KernelConfig) -> tuple[dict, dict, dict]:
+def _signature(config: triton_configs.KernelConfig) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of the kernel as the launcher calls it on contiguous
     tensors: unit inner strides (Triton specialises 1) and 16-aligned pointers and row strides."""
     kernel = triton_kernel._snca_partials_kernel
@@ -85,7 +92,7 @@ def _signature(config: configs.KernelConfig) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def compile_config(config: configs.KernelConfig, arch: int):
+def compile_config(config: triton_configs.KernelConfig, arch: int):
     """The kernel compiled ahead of time for sm_<arch> (no device needed)."""
     signature, constexprs, attrs = _signature(config)
     source = triton.compiler.ASTSource(
@@ -112,9 +119,9 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(usage.group(1)), int(usage.group(2))
 
 
-def main_loop_counts(sass: str) -> tuple[int, int]:
-    """(instructions, MMAs) of one warp in one pass of the main loop: the outermost backward
-    branch whose body holds tensor-core MMAs (an inner loop, the top-k insertion, counts once)."""
+def main_loop(sass: str) -> list[str]:
+    """The instructions of one warp in one pass of the main loop: the outermost backward branch
+    whose body holds tensor-core MMAs (an inner loop, the top-k insertion, counts once)."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
     loops = []
     for address, text in instructions:
@@ -122,18 +129,49 @@ def main_loop_counts(sass: str) -> tuple[int, int]:
         if branch and int(branch.group(1), 16) <= address:
             begin = int(branch.group(1), 16)
             body = [op for at, op in instructions if begin <= at <= address]
-            mmas = sum(1 for op in body if _MMA.search(op))
-            if mmas:
-                loops.append((len(body), mmas))
-    if not loops:
-        return 0, 0
-    return max(loops)
+            if any(_MMA.search(op) for op in body):
+                loops.append(body)
+    return max(loops, key=len, default=[])
 
 
-def static_row(config: configs.KernelConfig, arch: int) -> dict:
+def main_loop_counts(sass: str) -> tuple[int, int]:
+    """(instructions, MMAs) of one warp in one pass of the main loop."""
+    body = main_loop(sass)
+    return len(body), sum(1 for op in body if _MMA.search(op))
+
+
+def mma_macs(body: list[str], num_warps: int) -> int:
+    """Multiply-adds the MMAs of a loop body issue per pass of the whole program: an HMMA or DMMA
+    is one warp's (m x n x k), an HGMMA one warpgroup's (4 warps issue it together)."""
+    macs = 0
+    for op in body:
+        shape = _MMA_SHAPE.search(op)
+        if shape is None:
+            continue
+        if shape.group(1):
+            m, n, k = (int(shape.group(i)) for i in (2, 3, 4))
+            macs += m * n * k * num_warps
+        else:
+            m, n, k = (int(shape.group(i)) for i in (5, 6, 7))
+            macs += m * n * k * num_warps // 4
+    return macs
+
+
+def tile_products(config: triton_configs.KernelConfig) -> int:
+    """Products one tile needs: the [BLOCK_B, BLOCK_N] scores over the padded D, and with the
+    gradient the two weighted sums over this program's columns."""
+    scores = config.block_b * config.block_n * config.block_d
+    if not config.with_grad:
+        return scores
+    return scores + 2 * config.block_b * config.block_n * (config.grad_d or config.block_d)
+
+
+def static_row(config: triton_configs.KernelConfig, arch: int) -> dict:
     compiled = compile_config(config, arch)
     registers, spills = resource_usage(compiled.asm["cubin"])
-    instructions, mmas = main_loop_counts(_cuobjdump(compiled.asm["cubin"], "-sass"))
+    body = main_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
+    instructions = len(body)
+    mmas = [op.split()[0] for op in body if _MMA.search(op)]
     return {
         "kernel": "_snca_partials_kernel",
         "config": config.name,
@@ -143,22 +181,24 @@ def static_row(config: configs.KernelConfig, arch: int) -> dict:
         "shared_bytes": compiled.metadata.shared,
         # Every warp of the program runs the loop body once per tile.
         "warp_instructions_per_tile": instructions * config.num_warps if instructions else None,
-        "mma_per_tile": mmas * config.num_warps if mmas else None,
+        "mma_per_tile": len(mmas) * config.num_warps if mmas else None,
+        "mma_kinds": " ".join(sorted(set(mmas))) or None,
+        "mma_macs_per_product": round(mma_macs(body, config.num_warps) / tile_products(config), 3),
     }
 
 
-def _static_row(job: tuple[configs.KernelConfig, int]) -> dict:
+def _static_row(job: tuple[triton_configs.KernelConfig, int]) -> dict:
     return static_row(*job)
 
 
 def triton_static_rows(
-    configs: Iterable[configs.KernelConfig] | None = None,
+    configs: Iterable[triton_configs.KernelConfig] | None = None,
     archs: Iterable[int] = tuple(SHARED_LIMITS),
     jobs: int = 1,
 ) -> list[dict]:
     """One row per (configuration, target); by default every configuration the launcher can
     choose, for sm_80, sm_86, sm_89 and sm_90. ``jobs`` > 1 compiles in that many processes."""
-    configs = configs.launch_configs() if configs is None else list(configs)
+    configs = triton_configs.launch_configs() if configs is None else list(configs)
     archs = list(archs)
     if not isinstance(triton_kernel._snca_partials_kernel, JITFunction):
         return _rows_in_subprocess(configs, archs, jobs)
@@ -169,7 +209,9 @@ def triton_static_rows(
         return list(pool.map(_static_row, work))
 
 
-def _rows_in_subprocess(configs: list[configs.KernelConfig], archs: list[int], jobs: int) -> list[dict]:
+def _rows_in_subprocess(
+    configs: list[triton_configs.KernelConfig], archs: list[int], jobs: int
+) -> list[dict]:
     """Under TRITON_INTERPRET=1 (set before triton was imported, as the CPU test suite does) the
     kernels are interpreted functions, which do not compile: a fresh process without it does."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,18 +268,26 @@ def summary(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--default", action="store_true", help="only the D = 128 configurations")
+    parser.add_argument(
+        "--precision",
+        choices=("split", "tf32", "16bit", "ieee"),
+        help="only the configurations of this precision",
+    )
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMITS), help="repeatable")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # stdin -> stdout rows
     args = parser.parse_args()
     if args.json:
         request = json.loads(sys.stdin.read())
-        configs = [configs.KernelConfig(**config) for config in request["configs"]]
+        configs = [triton_configs.KernelConfig(**config) for config in request["configs"]]
         print(json.dumps(triton_static_rows(configs, request["archs"], request["jobs"])))
         return
-    configs = configs.launch_configs()
+    configs = triton_configs.launch_configs()
     if args.default:
         configs = [config for config in configs if config.block_d == 128]
-    rows = triton_static_rows(configs, jobs=args.jobs)
+    if args.precision:
+        configs = [config for config in configs if config.precision == args.precision]
+    rows = triton_static_rows(configs, args.arch or tuple(SHARED_LIMITS), jobs=args.jobs)
     print(summary(rows) + "\n")
     print(markdown(rows))
     bad = [row for row in rows if not fits(row)]

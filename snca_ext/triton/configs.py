@@ -132,13 +132,19 @@ def _config_16bit(
     block_d: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int
 ) -> KernelConfig:
     """The tile shape for bf16/fp16 features: one 16-bit MMA a product, so no split parts in
-    registers and half the bytes per operand. Without a top-k a program takes 64 queries, the
-    M of one Hopper warpgroup MMA (wgmma m64nNk16), so that each bank tile read from L2 serves
-    four times the queries of the fp32 kernel; with the gradient 8 warps (two warpgroups) share
-    the two [64, D] fp32 accumulators. A running top-k keeps [BLOCK_B, TOPK] keys and rows in
-    registers beside the scores: those configurations keep the fp32 kernel's 16 queries."""
+    registers and half the bytes per operand, which buys more queries a program (each bank tile
+    read from L2 serves them all). The limits are sm_80/86's (mma.sync, 255 registers a thread
+    at 8 warps, 99 KB of shared memory on sm_86/89); sm_90 runs the same tiles. With the
+    gradient, the two [BLOCK_B, D] fp32 accumulators beside the scores spilled at 64 queries by
+    64 or 32 rows and at 128 by 32 (sm_80 and sm_86): 32 queries by 64 rows keep every value.
+    A running top-k keeps [BLOCK_B, TOPK] keys and rows beside the scores: 16 queries, as fp32."""
     wide_rows = block_d > 128
-    block_b = 16 if topk else 64
+    if topk:
+        block_b = 16
+    elif with_grad:
+        block_b = 32
+    else:
+        block_b = 64
     # The bank tile as loaded (4 bytes a value for an fp32 bank, rounded after the load) in each
     # pipeline stage: at D = 256 a 64-row fp32 tile (64 KB) would leave no room for two stages
     # within the 99 KB of sm_86/89.
