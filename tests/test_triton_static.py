@@ -1,7 +1,8 @@
 """The Triton kernel compiled ahead of time for sm_90, without a GPU (benchmarks/static_triton.py):
-the default training configuration (fp32 features and bank, D = 128, forward with gradient) keeps
-every value in registers, fits the opt-in shared memory and runs its products on tensor cores.
-``python -m benchmarks.static_triton`` checks every configuration on every target."""
+the default training configurations (fp32 features and bank, and autocast's bf16/fp16 features,
+D = 128, forward with gradient) keep every value in registers, fit the opt-in shared memory and
+run their products on tensor cores. ``python -m benchmarks.static_triton`` checks every
+configuration on every target."""
 
 from __future__ import annotations
 
@@ -14,9 +15,27 @@ from snca_ext.triton import configs as triton_configs
 
 
 def test_default_configurations_compile_for_sm90_without_spills():
-    configs = [triton_configs.kernel_config(128, "fp32", bank, True, True, 0, "split") for bank in ("fp32", "bf16")]
+    configs = [
+        triton_configs.kernel_config(128, "fp32", bank, True, True, 0, "split") for bank in ("fp32", "bf16")
+    ]
     for config, row in zip(configs, static_triton.triton_static_rows(configs, [90], jobs=2), strict=True):
         check_row(config, row)
+
+
+def test_sixteen_bit_features_run_every_product_on_16_bit_tensor_cores():
+    """Autocast's features (bf16 with a bf16 bank, fp16 with an fp32 bank, rounded at the load): the
+    sm_90 main loop multiplies on 16-bit MMAs (HMMA.16816 or Hopper's HGMMA), whose multiply-adds
+    cover every product of the tile once (scores and both weighted sums), no FMA fallback."""
+    configs = [
+        triton_configs.kernel_config(128, features, bank, True, True, 0, "16bit")
+        for features, bank in (("bf16", "bf16"), ("fp16", "fp32"))
+    ]
+    for config, row in zip(configs, static_triton.triton_static_rows(configs, [90], jobs=2), strict=True):
+        check_row(config, row)
+        kinds = row["mma_kinds"].split()
+        assert all(kind.startswith(("HMMA.16816.", "HGMMA.")) for kind in kinds), row
+        assert all("TF32" not in kind for kind in kinds), row
+        assert row["mma_macs_per_product"] >= 1.0, row
 
 
 def test_wide_rows_with_gradient_compile_without_spills():
@@ -54,6 +73,18 @@ def test_main_loop_counts_read_the_loop_with_mmas():
     """
     # The loop 0x10..0x70 (7 instructions, 2 MMAs) holds the inner loop 0x40..0x50.
     assert static_triton.main_loop_counts(sass) == (7, 2)
+    # Two m16n8k8 MMAs in each of 8 warps.
+    assert static_triton.mma_macs(static_triton.main_loop(sass), 8) == 2 * 16 * 8 * 8 * 8
+
+
+def test_mma_macs_reads_each_shape():
+    body = [
+        "HMMA.16816.F32.BF16 R4, R8, R12, R4",  # m16n8k16, one warp's
+        "HGMMA.64x32x16.F32.BF16 R104, gdesc[UR12], RZ, !UPT",  # one warpgroup's (4 warps)
+        "DMMA.884 R4, R8, R12, R4",
+        "FFMA R5, R5, R6, R7",
+    ]
+    assert static_triton.mma_macs(body, 8) == 8 * 16 * 8 * 16 + 2 * 64 * 32 * 16 + 8 * 8 * 8 * 4
 
 
 _LAUNCH_CHECK = """
