@@ -34,6 +34,7 @@ import io
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +77,13 @@ def decode(data: bytes, where: str) -> Tensor:
     """``ink_image`` of the PNG bytes ``data``; DataError naming ``where`` if they are not one."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format != "PNG":
-                raise DataError(f"{where}: not a PNG file (a {image.format} image); {_EXPECTED}")
-            return ink_image(image)
+            kind = image.format
+            ink = ink_image(image) if kind == "PNG" else None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        if isinstance(error, DataError):
-            raise
         raise DataError(f"{where}: not a readable PNG image ({error})") from error
+    if ink is None:
+        raise DataError(f"{where}: not a PNG file (a {kind} image); {_EXPECTED}")
+    return ink
 
 
 @dataclass
@@ -91,13 +92,15 @@ class _Character:
     images: dict[str, tuple[int, Callable[[], bytes], str]] = field(default_factory=dict)
 
 
-def _entries(split: str, source: Path) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes] | None, str]]:
+def _entries(
+    split: str, source: Path, files: ExitStack
+) -> Iterator[tuple[tuple[str, ...], Callable[[], bytes] | None, str]]:
     """``(parts below the split folder, reader of the file's bytes or None for a folder, where)``
-    of every entry of a split's zip or folder."""
+    of every entry of a split's zip (kept open by ``files``) or folder."""
     root = SPLITS[split]
     if source.suffix == ".zip":
         try:
-            archive = zipfile.ZipFile(source)
+            archive = files.enter_context(zipfile.ZipFile(source))
         except (OSError, zipfile.BadZipFile) as error:
             raise DataError(f"--data: {source} is not a readable zip file ({error})") from error
         for name in archive.namelist():
@@ -112,10 +115,14 @@ def _entries(split: str, source: Path) -> Iterator[tuple[tuple[str, ...], Callab
         yield parts, None if path.is_dir() else path.read_bytes, str(path)
 
 
-def _read_split(split: str, source: Path, characters: dict[tuple[str, str], _Character]) -> None:
+def _read_split(
+    split: str, source: Path, characters: dict[tuple[str, str], _Character], files: ExitStack
+) -> None:
+    """Adds the characters of a split to ``characters`` (their images' readers, not yet read: a
+    character another split already gave keeps those images), checking the layout."""
     folders: set[tuple[str, str]] = set()
     filled: set[tuple[str, str]] = set()
-    for parts, reader, where in _entries(split, source):
+    for parts, reader, where in _entries(split, source, files):
         if reader is None:
             if len(parts) == 2:
                 folders.add(parts)
@@ -190,24 +197,25 @@ def omniglot_data(
             f"(found: {', '.join(sources)}; known split names: {', '.join(SPLITS)})"
         )
     characters: dict[tuple[str, str], _Character] = {}
-    for split, source in sources.items():
-        _read_split(split, source, characters)
-    keys = sorted(characters)
-    alphabets = sorted({alphabet for alphabet, _ in keys})
-    held = parse_names(holdout_alphabets)
-    unknown = [name for name in held if name not in alphabets]
-    if unknown:
-        raise DataError(
-            f"--holdout-alphabets: no alphabet {', '.join(unknown)} in --data {path} "
-            f"(found: {', '.join(alphabets)})"
-        )
     images, labels, drawers = [], [], []
-    for label, key in enumerate(keys):
-        for name in sorted(characters[key].images):
-            drawer, reader, where = characters[key].images[name]
-            images.append(decode(reader(), where))
-            labels.append(label)
-            drawers.append(drawer)
+    with ExitStack() as files:
+        for split, source in sources.items():
+            _read_split(split, source, characters, files)
+        keys = sorted(characters)
+        alphabets = sorted({alphabet for alphabet, _ in keys})
+        held = parse_names(holdout_alphabets)
+        unknown = [name for name in held if name not in alphabets]
+        if unknown:
+            raise DataError(
+                f"--holdout-alphabets: no alphabet {', '.join(unknown)} in --data {path} "
+                f"(found: {', '.join(alphabets)})"
+            )
+        for label, key in enumerate(keys):
+            for name in sorted(characters[key].images):
+                drawer, reader, where = characters[key].images[name]
+                images.append(decode(reader(), where))
+                labels.append(label)
+                drawers.append(drawer)
     novel = tuple(
         label
         for label, key in enumerate(keys)
