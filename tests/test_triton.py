@@ -440,7 +440,13 @@ def test_launch_runs_on_the_tensors_device(monkeypatch):
 
 @pytest.mark.parametrize(
     ("dtype", "bank_dtype"),
-    [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),  # the 16-bit path: IEEE MMA products, no recompute
+        (torch.float16, torch.float16),
+    ],
 )
 def test_non_finite_scores_follow_the_contract(dtype, bank_dtype):
     """Each group's lse is the IEEE log-sum-exp of its scores: NaN if any is NaN, else +inf if any
@@ -485,6 +491,31 @@ def test_non_finite_scores_follow_the_contract(dtype, bank_dtype):
     # The NaN query: every score NaN, so its top-k is its first eligible rows.
     assert torch.isnan(ours[2][5]).all()
     assert ours[3][5].tolist() == [r for r in range(4) if r != indices[5]][:3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_sixteen_bit_gradient_with_an_infinite_bank_value(dtype):
+    """A +inf bank value in the 16-bit path: the loss and the NaN pattern of the gradient are the
+    reference's (+inf or NaN scores), and the other queries' gradients stay finite: the value
+    enters the weighted sums as 0, where a 0 weight times inf would make every mean NaN."""
+    features, indices, bank, bank_labels = make_problem(5, 150, 16, dtype=torch.float32, seed=3)
+    row = 70
+    bank[row] = 0.0
+    bank[row, 0] = float("inf")
+    features[:, 0] = torch.tensor([0.5, -0.5, 0.0, -0.25, -0.1], device=DEVICE)
+    indices[indices == row] = 0
+    features, bank = features.to(dtype), bank.to(dtype)
+    x = features.clone().requires_grad_()
+    loss = snca_ext.snca_loss(x, indices, bank, bank_labels, 0.05, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    x64 = features.double().requires_grad_()
+    want = reference.snca_loss_reference(x64, indices, bank.double(), bank_labels, 0.05, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), x64)
+    torch.testing.assert_close(loss.double(), want, rtol=0, atol=4 * EPS32 / 0.05, equal_nan=True)
+    nan_rows = torch.isnan(want_grad).any(dim=1)
+    assert nan_rows.any() and not nan_rows.all()
+    assert torch.equal(torch.isnan(grad).any(dim=1), nan_rows)
+    assert torch.isfinite(grad[~nan_rows]).all()
 
 
 # ----------------------------------------------------------------------------- launch path
@@ -571,6 +602,8 @@ def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
         (130, torch.float32, torch.float32),
         (130, torch.float32, torch.bfloat16),
         (100, torch.float64, torch.float64),
+        (130, torch.bfloat16, torch.float32),
+        (16, torch.float16, torch.bfloat16),
     ]:
         features, indices, bank, bank_labels = make_problem(2, 40, dim, dtype=dtype, seed=18)
         bank = bank.to(bank_dtype)
@@ -579,7 +612,8 @@ def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
                 x = features.clone().requires_grad_(with_grad)
                 snca_ext.snca_stats(x, indices, bank, bank_labels, 0.05, topk=k, backend="triton")
         snca_ext.bank_topk(features, bank, 5, backend="triton")
-    assert len(spy.launches) >= 4 * 7
+    assert len(spy.launches) >= 6 * 7
+    assert {options["PRECISION"] for _, _, options in spy.launches} == {"split", "ieee", "16bit"}
     planned = {
         (tuple(sorted(c.constexprs().items())), c.num_warps, c.num_stages) for c in configs.launch_configs()
     }
