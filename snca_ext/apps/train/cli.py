@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--train-labels",
         choices=("fine", "coarse"),
-        help="coarse: train on the coarse classes (cifar100's 20 superclasses, fashion-mnist's 4 groups) "
+        help="coarse: train on the coarse classes (cifar100's 20 superclasses, fashion-mnist's 4 groups, "
+        "omniglot's alphabets) "
         "and also evaluate kNN with the fine ones (sub-category discovery) (fine)",
     )
     data.add_argument(
