@@ -10,8 +10,8 @@
 //                   (zero rows for an empty group; d lse / d f_i = wmean / T, README "How it works")
 //   topk_values   = the k largest <f_i, m_j> (j != idx_i), descending, ties to the lower j
 //   topk_indices  = their bank rows; -1 (value -inf) where fewer than k rows are eligible
-// Accumulation is in the features' dtype (fp32 or fp64); the bank may be fp32, fp64 (with fp64
-// features), bf16 or fp16 (with fp32 features).
+// Accumulation is in fp32 (fp64 for fp64 features); the bank may be fp32, fp64 (with fp64
+// features), bf16 or fp16 (with fp32, bf16 or fp16 features).
 #include <torch/library.h>
 
 #include <string>
@@ -35,13 +35,20 @@ std::string cuda_archs() { return SNCA_CUDA_ARCH_STRING; }
 
 // The tile configuration the CUDA kernels pick for features of dimension `dim` and dtype
 // `features_dtype` on a device with `smem_optin` bytes of opt-in shared memory per block:
-// [tensor_cores, padded D, queries_in_smem, lse kernel bytes, top-k kernel bytes, fits].
+// [tensor_cores, padded D, queries_in_smem, lse kernel bytes, top-k kernel bytes, fits, stages]
+// (stages: the 16-bit engine's bank tiles in flight, 0 for the other engines).
 std::vector<int64_t> cuda_tile_config(int64_t dim, c10::ScalarType features_dtype, int64_t smem_optin) {
+  using snca_ext::tile::Features;
   TORCH_CHECK(dim > 0, "dim must be > 0, got ", dim);
-  TORCH_CHECK(features_dtype == c10::kFloat || features_dtype == c10::kDouble,
-              "features_dtype must be float32 or float64, got ", features_dtype);
-  const auto c = snca_ext::tile::choose_config(dim, features_dtype == c10::kDouble, smem_optin);
-  return {c.tensor_cores, c.dp, c.queries_in_smem, int64_t(c.lse_smem), int64_t(c.topk_smem), c.fits};
+  TORCH_CHECK(features_dtype == c10::kFloat || features_dtype == c10::kDouble ||
+                  features_dtype == c10::kBFloat16 || features_dtype == c10::kHalf,
+              "features_dtype must be float32, float64, bfloat16 or float16, got ", features_dtype);
+  const Features kind = features_dtype == c10::kDouble  ? Features::kFloat64
+                        : features_dtype == c10::kFloat ? Features::kFloat32
+                                                        : Features::k16Bit;
+  const auto c = snca_ext::tile::choose_config(dim, kind, smem_optin);
+  return {c.tensor_cores, c.dp,   c.queries_in_smem, int64_t(c.lse_smem), int64_t(c.topk_smem),
+          c.fits,         c.stages};
 }
 
 }  // namespace

@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "bank_topk.h"
-#include "stream_tile.cuh"
+#include "stream_launch.cuh"
 #include "topk_tile.cuh"
 
 namespace snca_ext {
@@ -49,7 +49,7 @@ void launch_topk(const at::Tensor& queries, const at::Tensor& bank, const at::Te
   const at::Tensor queries_padded = pad_queries<E>(queries, a);
   a.k = static_cast<int>(k);
   const int64_t query_blocks = a.Bpad / kRows;
-  const size_t smem = topk_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  const size_t smem = topk_common_bytes<acc_t>() + E::smem_bytes(a.D, a.stages);
   auto kernel = topk_partial_kernel<E>;
   a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
                            TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)));

@@ -7,7 +7,7 @@
 namespace snca_ext {
 
 // values/indices [B, k] preallocated; queries, bank, exclude contiguous, on the current device and
-// checked (check_common in stream_tile.cuh).
+// checked (check_common in stream_launch.cuh).
 void run_topk_cuda(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& exclude,
                    int64_t k, at::Tensor& values, at::Tensor& indices);
 

@@ -1,6 +1,6 @@
 // CUDA kernels of snca_forward: the twin of csrc/cpu's, same contract (csrc/ops.cpp). The tile
-// loop, the engines and the split-KV design are described in stream_tile.cuh. With k > 0 the top-k
-// (topk_tile.cuh) runs inside the lse pass where its state fits (lse_topk_partial_kernel), else as
+// loop and the split-KV design are described in stream_common.cuh, the engines in engine_*.cuh. With
+// k > 0 the top-k (topk_tile.cuh) runs inside the lse pass where its state fits (lse_topk_partial_kernel), else as
 // a second pass over the bank (bank_topk.cu).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,7 +8,7 @@
 #include <optional>
 
 #include "bank_topk.h"
-#include "stream_tile.cuh"
+#include "stream_launch.cuh"
 #include "topk_tile.cuh"
 
 namespace snca_ext {
@@ -144,6 +144,145 @@ __device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
   if (a.with_grad) eng.store(a, split_id, row0);
 }
 
+// The row phase of the 16-bit engine (E::kFastRows), in two parts around the exchange of the
+// maxima: the arithmetic of the generic row phase below, in fewer instructions per score.
+// - Eligibility (in the bank, not the query's own row) as one bit test per score: per row a mask
+//   of the tile's eligible columns, shifted to this lane's columns (bit 8 u + q: column
+//   32 h + 8 u + 2 t + q).
+// - The maxima are taken on the raw inner products c (s = c / T is monotone in c, and so is its
+//   rounding): the lane's tile maxima are scaled once. The exponent c / T - ref is one FFMA.
+// - Non-finite scores leave the common path: one max per score (the largest |c|, NaN-propagating)
+//   tells a lane whether it holds one; such a lane flags them and replaces them by -inf in a loop
+//   of its own (rare: a NaN/inf input or an fp32 overflow of the scores).
+// - exp(s - ref) = 2^((s - ref) log2 e) on the MUFU unit (ex2.approx.ftz: about 2 ulp, results
+//   below 2^-126 flushed to 0, which a sum with a term >= e^-8 cannot see): the weights are
+//   rounded to 8 (bf16) or 11 (fp16) bits for the weighted sums anyway, and s - ref is formed
+//   first (exactly, for the terms near the maximum), so the exponent's error stays at the level
+//   of the fp32 score's own rounding. A reference still at -inf (no member yet) counts as 0.
+// tests/test_cuda_emulation.py replays this arithmetic (the MUFU's own rounding aside).
+__device__ __forceinline__ float max_nan(float x, float y) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(x), "f"(y));
+  return r;
+}
+
+template <int kNt, class Args>
+__device__ __forceinline__ void rows_fast(const Args& a, float (&c)[kNt][4], const int64_t* lab,
+                                          const int64_t (&label)[2], const bool (&valid)[2],
+                                          const int64_t (&self)[2], int64_t start, int n, int h, int t,
+                                          int (&flags)[2], unsigned& same_bits, float (&tmax)[2][2]) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // In 32-bit arithmetic on the lane's window of columns w0 = 32 h + 2 t.. (bit b: column w0 + b).
+  const int w0 = h * 32 + 2 * t;
+  uint32_t elig[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int lim = (valid[i] ? n : 0) - w0;
+    uint32_t cols = lim >= 32 ? ~0u : lim <= 0 ? 0u : (1u << lim) - 1;
+    const int64_t own = self[i] - start - w0;
+    if (own >= 0 && own < 32) cols &= ~(1u << static_cast<int>(own));
+    elig[i] = cols;
+  }
+  // The largest |c|, NaN if a c is NaN: times 1/T it is not finite exactly when a score is not.
+  float probe = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kNt; ++u) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) probe = max_nan(probe, fabsf(c[u][e]));
+  }
+  const int64_t* lab_t = lab + h * 32 + 2 * t;
+  if (!isfinite(probe * a.inv_t)) {
+    // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the rest)
+    // and kept out of the sums, which would turn them into NaN for the whole group.
+#pragma unroll 1
+    for (int e = 0; e < kNt * 4; ++e) {
+      float s = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kNt * 4; ++v) {  // s = c[e / 4][e % 4] / T, without a dynamic index
+        if (v == e) s = c[v / 4][v % 4] * a.inv_t;
+      }
+      // Row i = (e % 4) / 2 by selects: a dynamic index would put these arrays in local memory.
+      const bool second = (e % 4) >= 2;
+      const int q = e % 2, u = e / 4;
+      const bool in = ((second ? elig[1] : elig[0]) >> (8 * u + q)) & 1u;
+      const bool same = lab_t[8 * u + q] == (second ? label[1] : label[0]);
+      int f = 0;
+      if (in && s != s) f = same ? kNanSame : kNanOther;
+      if (in && s == kInf) f = same ? kInfSame : kInfOther;
+      flags[0] |= second ? 0 : f;
+      flags[1] |= second ? f : 0;
+      if (s == s && s != kInf) continue;
+#pragma unroll
+      for (int v = 0; v < kNt * 4; ++v) {
+        if (v == e) c[v / 4][v % 4] = -kInf;
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kNt; ++u) {
+    const longlong2 pair = *reinterpret_cast<const longlong2*>(lab_t + 8 * u);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e / 2, q = e % 2;
+      const bool same = (q ? pair.y : pair.x) == label[i];
+      const bool in = (elig[i] >> (8 * u + q)) & 1u;
+      const float v = in ? c[u][e] : -kInf;
+      c[u][e] = v;
+      same_bits |= same ? 1u << (4 * u + e) : 0u;
+      tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
+      tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
+    }
+  }
+#pragma unroll
+  for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) tmax[grp][i] *= a.inv_t;
+  }
+}
+
+__device__ __forceinline__ float exp_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
+// The weights exp(c / T - ref) of the inner products rows_fast() left in c (-inf: none), summed per group into part and,
+// with the gradient, handed to the weighted sums (E::store_weights); returns whether this lane
+// has a same-class weight that is not 0 (the weighted sums skip the group when no lane has).
+template <class E, int kNt>
+__device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, const float (&c)[kNt][4], unsigned same_bits,
+                                                 const float (&ref)[2][2], float* ps, float* po,
+                                                 const int (&rows)[2], int h, int t, float (&part)[2][2]) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float base[2][2];
+#pragma unroll
+  for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) base[grp][i] = ref[grp][i] == -kInf ? 0.0f : ref[grp][i];
+  }
+#pragma unroll
+  for (int u = 0; u < kNt; ++u) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float w_same[2], w_other[2];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const bool same = (same_bits >> (4 * u + 2 * i + q)) & 1u;
+        const float p = exp_fast(fmaf(c[u][2 * i + q], inv_t, -(same ? base[0][i] : base[1][i])));
+        w_same[q] = same ? p : 0.0f;
+        w_other[q] = same ? 0.0f : p;
+        if (same) {
+          part[0][i] += p;
+        } else {
+          part[1][i] += p;
+        }
+      }
+      if (with_grad) E::store_weights(ps, po, rows[i], h * 32 + u * 8 + 2 * t, w_same, w_other);
+    }
+  }
+  return part[0][0] + part[0][1] > 0.0f ? 1u : 0u;
+}
+
 // The lse kernel's tile loop for the tensor-core engine: the softmax on the scores where the MMAs
 // leave them, in registers (TensorCoreEngine::scores_frag): lane 4 g + t of warp w holds rows
 // R_i = 16 (w / 2) + g + 8 i (i = 0, 1) and 8 columns of the tile's half w % 2. Each lane keeps the
@@ -202,9 +341,11 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     const int64_t start = int64_t(tile) * kCols;
     const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
     __syncthreads();  // the previous tile is done with ms, ps, po, xchg
-    if (tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
+    if (!E::kStagesLabels && tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
     if (tid < kRows / 16) same_chunks[tid] = 0;
     const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
+    const int64_t* lab = labs;  // this tile's bank labels
+    if constexpr (E::kStagesLabels) lab = eng.tile_labels();
     float c[kNt][4];
     eng.scores_frag(a, start, n, fix, c);
     if constexpr (kTopk) {
@@ -222,23 +363,27 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     // Scores, eligibility, group, non-finite flags, this lane's maxima.
     unsigned same_bits = 0;  // bit 4 u + e: value c[u][e] is in the same class as its row
     float tmax[2][2] = {{-kInf, -kInf}, {-kInf, -kInf}};
-#pragma unroll
-    for (int u = 0; u < kNt; ++u) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2, col = h * 32 + u * 8 + 2 * t + (e % 2);
-        const float s = c[u][e] * a.inv_t;
-        const bool in = valid[i] && col < n && start + col != self[i];
-        const bool same = labs[col] == label[i];
-        // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the
-        // rest) and kept out of the sums, which would turn them into NaN for the whole group.
-        if (in && s != s) flags[i] |= same ? kNanSame : kNanOther;
-        if (in && s == kInf) flags[i] |= same ? kInfSame : kInfOther;
-        const float v = (in && s == s && s != kInf) ? s : -kInf;
-        c[u][e] = v;
-        same_bits |= same ? 1u << (4 * u + e) : 0u;
-        tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
-        tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
+    if constexpr (E::kFastRows) {
+      rows_fast<kNt>(a, c, lab, label, valid, self, start, n, h, t, flags, same_bits, tmax);
+    } else {
+  #pragma unroll
+      for (int u = 0; u < kNt; ++u) {
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e / 2, col = h * 32 + u * 8 + 2 * t + (e % 2);
+          const float s = c[u][e] * a.inv_t;
+          const bool in = valid[i] && col < n && start + col != self[i];
+          const bool same = lab[col] == label[i];
+          // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the
+          // rest) and kept out of the sums, which would turn them into NaN for the whole group.
+          if (in && s != s) flags[i] |= same ? kNanSame : kNanOther;
+          if (in && s == kInf) flags[i] |= same ? kInfSame : kInfOther;
+          const float v = (in && s == s && s != kInf) ? s : -kInf;
+          c[u][e] = v;
+          same_bits |= same ? 1u << (4 * u + e) : 0u;
+          tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
+          tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
+        }
       }
     }
 #pragma unroll
@@ -262,7 +407,11 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
         const float tile_max = fmaxf(xchg[grp * kRows + rows[i]], xchg[(2 + grp) * kRows + rows[i]]);
         fac[grp][i] = 1.0f;
         if (tile_max > ref[grp][i] + kLazyRescale) {
-          fac[grp][i] = rescale_factor(ref[grp][i], tile_max);
+          if constexpr (E::kFastRows) {
+            fac[grp][i] = ref[grp][i] == -kInf ? 0.0f : exp_fast(ref[grp][i] - tile_max);
+          } else {
+            fac[grp][i] = rescale_factor(ref[grp][i], tile_max);
+          }
           ref[grp][i] = tile_max;
         }
       }
@@ -270,18 +419,22 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     // One exp per score: a score is in one group only.
     float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     unsigned chunks = 0;  // bit 4 h + u: a same-class weight in bank rows 32 h + 8 u..
-#pragma unroll
-    for (int u = 0; u < kNt; ++u) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2;
-        const bool same = (same_bits >> (4 * u + e)) & 1u;
-        const float v = c[u][e];
-        const float p = v == -kInf ? 0.0f : exp_acc(v - (same ? ref[0][i] : ref[1][i]));
-        c[u][e] = p;
-        part[0][i] += same ? p : 0.0f;
-        part[1][i] += same ? 0.0f : p;
-        chunks |= (same && p != 0.0f) ? 1u << (4 * h + u) : 0u;
+    if constexpr (E::kFastRows) {
+      chunks = weights_fast<E>(a.with_grad, a.inv_t, c, same_bits, ref, ps, po, rows, h, t, part);
+    } else {
+  #pragma unroll
+      for (int u = 0; u < kNt; ++u) {
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e / 2;
+          const bool same = (same_bits >> (4 * u + e)) & 1u;
+          const float v = c[u][e];
+          const float p = v == -kInf ? 0.0f : exp_acc(v - (same ? ref[0][i] : ref[1][i]));
+          c[u][e] = p;
+          part[0][i] += same ? p : 0.0f;
+          part[1][i] += same ? 0.0f : p;
+          chunks |= (same && p != 0.0f) ? 1u << (4 * h + u) : 0u;
+        }
       }
     }
 #pragma unroll
@@ -295,15 +448,14 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
       }
     }
     if (a.with_grad) {
+      if constexpr (!E::kFastRows) {
 #pragma unroll
-      for (int u = 0; u < kNt; ++u) {
+        for (int u = 0; u < kNt; ++u) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int at = rows[i] * kLdS + h * 32 + u * 8 + 2 * t;
-          const bool s0 = (same_bits >> (4 * u + 2 * i)) & 1u, s1 = (same_bits >> (4 * u + 2 * i + 1)) & 1u;
-          const float p0 = c[u][2 * i], p1 = c[u][2 * i + 1];
-          *reinterpret_cast<float2*>(ps + at) = make_float2(s0 ? p0 : 0.0f, s1 ? p1 : 0.0f);
-          *reinterpret_cast<float2*>(po + at) = make_float2(s0 ? 0.0f : p0, s1 ? 0.0f : p1);
+          for (int i = 0; i < 2; ++i) {
+            const bool s0 = (same_bits >> (4 * u + 2 * i)) & 1u, s1 = (same_bits >> (4 * u + 2 * i + 1)) & 1u;
+            E::put_weights(ps, po, rows[i], h * 32 + u * 8 + 2 * t, c[u][2 * i], c[u][2 * i + 1], s0, s1);
+          }
         }
       }
       chunks = __reduce_or_sync(kFullMask, chunks);
@@ -425,15 +577,16 @@ bool launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
                 const at::Tensor& bank, const at::Tensor& bank_labels, double temperature,
                 bool with_grad, at::Tensor& lse_same, at::Tensor& lse_other,
                 at::Tensor& wmean_same, at::Tensor& wmean_other, int64_t k, at::Tensor& topk_values,
-                at::Tensor& topk_indices) {
+                at::Tensor& topk_indices, int stages) {
   using acc_t = typename E::acc_t;
   auto a = make_args<E>(features, bank, indices, temperature);
+  a.stages = stages;
   const at::Tensor queries_padded = pad_queries<E>(features, a);
   a.labels = labels.data_ptr<int64_t>();
   a.bank_labels = bank_labels.data_ptr<int64_t>();
   a.with_grad = with_grad;
   const int64_t query_blocks = a.Bpad / kRows;
-  size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D);
+  size_t smem = lse_common_bytes<acc_t>() + E::smem_bytes(a.D, a.stages);
   const bool fused = E::kFragmentSoftmax && k > 0 && k <= kMaxFastK &&
                      smem + tile::lse_topk_extra_bytes() <= size_t(device_smem_optin());
   auto kernel = lse_partial_kernel<E>;
@@ -444,10 +597,12 @@ bool launch_lse(const at::Tensor& features, const at::Tensor& labels, const at::
   a.splits = choose_splits(kernel, smem, query_blocks, a.num_tiles,
                            fused ? TopkWorkspace::cap(a.Bpad, k, sizeof(acc_t)) : kMaxSplits);
   std::optional<TopkWorkspace> workspace;
-  if (fused) workspace.emplace(a, k, features.options());
+  // Workspaces in the accumulation dtype (fp32 for 16-bit features).
+  const at::TensorOptions acc_options = features.options().dtype(lse_same.scalar_type());
+  if (fused) workspace.emplace(a, k, acc_options);
   const int64_t acc_cols = E::acc_cols(a.D);
-  at::Tensor stats = at::empty({5, a.splits, a.Bpad}, features.options());
-  at::Tensor osum = at::empty({with_grad ? 2 : 0, a.splits, a.Bpad, acc_cols}, features.options());
+  at::Tensor stats = at::empty({5, a.splits, a.Bpad}, acc_options);
+  at::Tensor osum = at::empty({with_grad ? 2 : 0, a.splits, a.Bpad, acc_cols}, acc_options);
   a.stats = stats.data_ptr<acc_t>();
   a.osum = with_grad ? osum.data_ptr<acc_t>() : nullptr;
 
@@ -472,7 +627,12 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   const c10::cuda::CUDAGuard guard(features_in.device());
   check_common(features_in, bank_in, indices_in, k, "features", "indices");
   check_label_inputs(features_in, labels_in, bank_in, bank_labels_in, temperature);
-  const at::Tensor features = features_in.to(accumulation_dtype(features_in.scalar_type())).contiguous();
+  // bf16/fp16 features with D <= 128 go to the 16-bit engine as they are; with D > 128 they are
+  // upcast to fp32 here and take the generic engine (exact fp32 arithmetic on the rounded values).
+  const bool low = features_in.scalar_type() == at::kBFloat16 || features_in.scalar_type() == at::kHalf;
+  const at::Tensor features =
+      (low && features_in.size(1) <= 128 ? features_in : features_in.to(accumulation_dtype(features_in.scalar_type())))
+          .contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor bank = bank_in.contiguous();
@@ -484,13 +644,17 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
       empty_forward_outputs(features, with_grad, k);
   if (features.size(0) > 0) {
     bool topk_done = false;
-    with_engine(features, bank, device_config(features), [&](auto tag) {
+    const tile::Config config = device_config(features);
+    with_engine<true>(features, bank, config, [&](auto tag) {
       topk_done = launch_lse<typename decltype(tag)::type>(features, labels, indices, bank, bank_labels,
                                                            temperature, with_grad, lse_same, lse_other,
                                                            wmean_same, wmean_other, k, topk_values,
-                                                           topk_indices);
+                                                           topk_indices, config.stages);
     });
-    if (!topk_done) run_topk_cuda(features, bank, indices, k, topk_values, topk_indices);
+    // The top-k as a pass of its own runs the fp32 engines: 16-bit queries upcast (B x D), exact.
+    if (!topk_done) {
+      run_topk_cuda(features.to(lse_same.scalar_type()), bank, indices, k, topk_values, topk_indices);
+    }
   }
   return {lse_same, lse_other, wmean_same, wmean_other, topk_values, topk_indices};
 }

@@ -6,7 +6,9 @@
 // sm_86/sm_89/sm_120 101,376, sm_90/sm_100 232,448. The fp32 tensor-core engine at D = 65..128
 // keeps the queries (split once into hi and lo) in shared memory when that fits (138,624 bytes:
 // sm_80, sm_90) and otherwise reads them through L1/L2 from a zero-padded copy prepared the same
-// way (71,040 bytes: sm_86/89/120).
+// way (71,040 bytes: sm_86/89/120). The 16-bit engine (bf16/fp16 features, D <= 128) streams the
+// bank through 3 shared-memory stages where they fit (108,416 bytes at D = 128: sm_80, sm_90) and
+// 2 elsewhere (90,496 bytes: sm_86/89/120).
 #pragma once
 
 #include <cstddef>
@@ -55,18 +57,43 @@ constexpr size_t tensor_core_bytes(int dp, bool queries_in_smem) {
   return 4 * size_t((queries_in_smem ? 2 * kRows : 0) + kCols) * (dp + 4);
 }
 
+// The 16-bit engine (engine_mma16.cuh): the queries [kRows][Dp + 8] and, per pipeline stage, a
+// bank tile [kCols][Dp + 8] in the features' dtype and its labels [kCols] (int64). Rows padded by
+// 16 bytes: the 8 rows an ldmatrix reads then start in 8 different 16-byte bank groups.
+constexpr int kPad16 = 8;
+constexpr size_t mma16_bytes(int dp, int stages) {
+  return 2 * size_t(kRows) * (dp + kPad16) + size_t(stages) * (2 * size_t(kCols) * (dp + kPad16) + 8 * kCols);
+}
+
+enum class Features { kFloat32, kFloat64, k16Bit };  // bf16 and fp16 features share a layout
+
 struct Config {
   bool tensor_cores;     // false: the generic FMA engine (fp64, or D > 128)
   int dp;                // the tensor-core engine's padded D (64 or 128), else 0
-  bool queries_in_smem;  // tensor-core engine: queries staged in shared memory
+  bool queries_in_smem;  // tensor-core engines: queries staged in shared memory
   size_t lse_smem;       // dynamic shared memory of the lse kernel, bytes
-  size_t topk_smem;      // dynamic shared memory of the top-k kernel, bytes
+  size_t topk_smem;      // dynamic shared memory of the top-k kernel, bytes (16-bit features: the
+                         // fp32 engine's, which runs their top-k when it is not in the lse pass)
   bool fits;             // both fit smem_optin
+  int stages;            // 16-bit engine: bank tiles in flight (cp.async pipeline), else 0
 };
 
-// The configuration for features of dimension D (fp64 features when fp64) on a device whose opt-in
-// shared memory per block is smem_optin bytes: the fastest one that fits.
-inline Config choose_config(int64_t D, bool fp64, int64_t smem_optin) {
+// The configuration for features of dimension D and kind `features` on a device whose opt-in
+// shared memory per block is smem_optin bytes: the fastest one that fits. 16-bit features with
+// D > 128 are upcast to fp32 by the op and get the fp32 configuration (the generic engine).
+inline Config choose_config(int64_t D, Features features, int64_t smem_optin) {
+  if (features == Features::k16Bit && D <= 128) {
+    Config c = choose_config(D, Features::kFloat32, smem_optin);
+    c.queries_in_smem = true;
+    for (int stages : {3, 2}) {
+      c.stages = stages;
+      c.lse_smem = lse_common_bytes(4) + mma16_bytes(c.dp, stages);
+      if (c.lse_smem <= size_t(smem_optin)) break;
+    }
+    c.fits = c.lse_smem <= size_t(smem_optin) && c.topk_smem <= size_t(smem_optin);
+    return c;
+  }
+  const bool fp64 = features == Features::kFloat64;
   Config c{};
   const size_t acc = fp64 ? 8 : 4;
   c.tensor_cores = !fp64 && D <= 128;

@@ -18,7 +18,7 @@
 // query's own row is never a candidate; fewer than k candidates pad the tail with -inf / -1.
 #pragma once
 
-#include "stream_tile.cuh"
+#include "stream_common.cuh"
 
 namespace snca_ext {
 namespace {
