@@ -202,7 +202,8 @@ def triton_static_rows(
     archs = list(archs)
     if not isinstance(triton_kernel._snca_partials_kernel, JITFunction):
         return _rows_in_subprocess(configs, archs, jobs)
-    work = [(config, arch) for config in configs for arch in archs]
+    # A configuration for one target only (Hopper's warpgroup-MMA tiles) is compiled for it alone.
+    work = [(config, arch) for config in configs for arch in archs if config.arch in (0, arch)]
     if jobs <= 1:
         return [static_row(*job) for job in work]
     with ProcessPoolExecutor(jobs) as pool:

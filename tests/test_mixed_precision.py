@@ -111,6 +111,29 @@ def test_sixteen_bit_path_at_least_as_accurate_as_autocast(
 ):
     """lse, loss and gradient against float64 on the 16-bit-rounded inputs: no worse than plain
     PyTorch under autocast (``autocast_reference``) plus float32 noise."""
+    check_sixteen_bit_contract(backend, device, features_dtype, bank_dtype, temperature)
+
+
+@pytest.mark.skipif(
+    SIXTEEN_BIT_CASES != [("triton", "cpu")], reason="the interpreter stands in for an sm_90 device"
+)
+@pytest.mark.parametrize("temperature", [0.05, 0.005])
+@pytest.mark.parametrize(
+    ("features_dtype", "bank_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ids=str,
+)
+def test_sixteen_bit_path_sm90_tiles(monkeypatch, features_dtype, bank_dtype, temperature):
+    """The gradient's tile on sm_90 (128 queries x 32 rows, for warpgroup MMAs) holds the same
+    contract: the interpreter runs it with the device reported as sm_90."""
+    from snca_ext.triton import configs, launch
+
+    assert configs.kernel_config(40, "bf16", "bf16", True, True, 0, "16bit", 90).block_b == 128
+    monkeypatch.setattr(launch, "device_arch", lambda device: 90)
+    check_sixteen_bit_contract("triton", "cpu", features_dtype, bank_dtype, temperature)
+
+
+def check_sixteen_bit_contract(backend, device, features_dtype, bank_dtype, temperature):
     features, indices, bank, bank_labels, labels = _sixteen_bit_problem(features_dtype, bank_dtype, device)
     x = features.clone().requires_grad_()
     loss = snca_ext.snca_loss(x, indices, bank, bank_labels, temperature, labels=labels, backend=backend)

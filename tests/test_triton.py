@@ -559,7 +559,8 @@ def test_results_come_from_the_split_kernel(monkeypatch):
         assert grid == plan.grid
         assert options["PRECISION"] == "split"
     assert spy.launches[0][2]["WITH_LSE"] and not spy.launches[1][2]["WITH_LSE"]
-    # No device branches besides the program count: the plan and launch code never mention one.
+    # No device branches besides the program count and the architecture (device_programs,
+    # device_arch): the plan and launch code never mention one.
     for fn in (
         launch_module.launch,
         launch_module.Plan,
@@ -612,6 +613,16 @@ def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
                 x = features.clone().requires_grad_(with_grad)
                 snca_ext.snca_stats(x, indices, bank, bank_labels, 0.05, topk=k, backend="triton")
         snca_ext.bank_topk(features, bank, 5, backend="triton")
+    # sm_90's tiles for the 16-bit gradient, launched here in the interpreter.
+    monkeypatch.setattr(launch_module, "device_arch", lambda device: 90)
+    features, indices, bank, bank_labels = make_problem(2, 40, 130, dtype=torch.bfloat16, seed=18)
+    x = features.clone().requires_grad_()
+    snca_ext.snca_stats(x, indices, bank, bank_labels, 0.05, backend="triton")
+    assert spy.launches[-1][2]["BLOCK_B"] == 32  # D > 128: the tiles of every target
+    features = features[:, :100]
+    x = features.clone().requires_grad_()
+    snca_ext.snca_stats(x, indices, bank[:, :100], bank_labels, 0.05, backend="triton")
+    assert spy.launches[-1][2]["BLOCK_B"] == 128
     assert len(spy.launches) >= 6 * 7
     assert {options["PRECISION"] for _, _, options in spy.launches} == {"split", "ieee", "16bit"}
     planned = {

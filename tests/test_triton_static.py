@@ -23,17 +23,26 @@ def test_default_configurations_compile_for_sm90_without_spills():
 
 
 def test_sixteen_bit_features_run_every_product_on_16_bit_tensor_cores():
-    """Autocast's features (bf16 with a bf16 bank, fp16 with an fp32 bank, rounded at the load): the
-    sm_90 main loop multiplies on 16-bit MMAs (HMMA.16816 or Hopper's HGMMA), whose multiply-adds
-    cover every product of the tile once (scores and both weighted sums), no FMA fallback."""
+    """Autocast's features (bf16 with a bf16 bank, fp16 with an fp32 bank, rounded at the load),
+    D = 128 with the gradient: sm_90 multiplies on Hopper's warpgroup MMAs (HGMMA), sm_80 on
+    HMMA.16816, and their multiply-adds cover every product of the tile once (scores and both
+    weighted sums; the fp32 split takes 2 or 3), no FMA fallback, no spill."""
     configs = [
-        triton_configs.kernel_config(128, features, bank, True, True, 0, "16bit")
-        for features, bank in (("bf16", "bf16"), ("fp16", "fp32"))
+        triton_configs.kernel_config(128, features, bank, True, True, 0, "16bit", arch)
+        for features, bank, arch in (("bf16", "bf16", 90), ("fp16", "fp32", 90), ("bf16", "bf16", 0))
     ]
-    for config, row in zip(configs, static_triton.triton_static_rows(configs, [90], jobs=2), strict=True):
-        check_row(config, row)
+    rows = static_triton.triton_static_rows(configs, [80, 90], jobs=2)
+    # sm_90's tiles on sm_90 alone, the others on both.
+    assert [(row["config"], row["target"]) for row in rows] == [
+        (configs[0].name, "sm_90"),
+        (configs[1].name, "sm_90"),
+        (configs[2].name, "sm_80"),
+        (configs[2].name, "sm_90"),
+    ]
+    for config, row in zip([configs[0], configs[1], configs[2], configs[2]], rows, strict=True):
+        assert static_triton.fits(row), row
         kinds = row["mma_kinds"].split()
-        assert all(kind.startswith(("HMMA.16816.", "HGMMA.")) for kind in kinds), row
+        assert all(kind.startswith("HGMMA." if config.arch == 90 else "HMMA.16816.") for kind in kinds), row
         assert all("TF32" not in kind for kind in kinds), row
         assert row["mma_macs_per_product"] >= 1.0, row
 

@@ -33,6 +33,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     grad_d: int = 0  # columns of the weighted sums per program; 0: all of block_d
+    arch: int = 0  # the one target it is for (90: warpgroup-MMA tiles), 0 for every target
 
     @property
     def name(self) -> str:
@@ -40,9 +41,11 @@ class KernelConfig:
         if self.with_lse and self.topk:
             mode += "+topk"
         grad_columns = f" g{self.grad_d}" if self.grad_d else ""
+        target = f" sm_{self.arch} only" if self.arch else ""
         return (
             f"{self.features}/{self.bank} {mode} k{self.topk} {self.precision} "
             f"{self.block_b}x{self.block_n}x{self.block_d}{grad_columns} w{self.num_warps} s{self.num_stages}"
+            f"{target}"
         )
 
     @property
@@ -76,16 +79,24 @@ def topk_width(k: int) -> int:
 
 
 def kernel_config(
-    dim: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int, precision: str
+    dim: int,
+    features: str,
+    bank: str,
+    with_lse: bool,
+    with_grad: bool,
+    topk: int,
+    precision: str,
+    arch: int = 0,
 ) -> KernelConfig:
-    """The tile shape of one launch. It depends on no device: every configuration fits the opt-in
-    shared memory of sm_80/86/89/90 without spills (checked ahead of time for each of them by
-    benchmarks/static_triton.py and tests/test_triton_static.py)."""
+    """The tile shape of one launch. Every configuration fits the opt-in shared memory of the
+    targets it is for without spills (checked ahead of time for each of sm_80/86/89/90 by
+    benchmarks/static_triton.py and tests/test_triton_static.py). The device enters only through
+    ``arch`` (its SM version; 0 for the interpreter), and only for the 16-bit gradient tiles."""
     # tl.dot needs every side >= 16; narrow rows are padded to 64 columns, a few wasted MMAs
     # against one compiled kernel fewer per width.
     block_d = max(64, triton.next_power_of_2(dim))
     if precision == "16bit":
-        return _config_16bit(block_d, features, bank, with_lse, with_grad, topk)
+        return _config_16bit(block_d, features, bank, with_lse, with_grad, topk, arch)
     wide_bank = bank in ("fp32", "fp64")  # 4 or 8 bytes a value, and split into two parts (fp32)
     # Register budget (255 a thread at 8 warps): the split queries, two [BLOCK_B, D] gradient
     # accumulators or the log-sum-exp state beside a running top-k, and the bank tile's split
@@ -129,7 +140,7 @@ def kernel_config(
 
 
 def _config_16bit(
-    block_d: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int
+    block_d: int, features: str, bank: str, with_lse: bool, with_grad: bool, topk: int, arch: int
 ) -> KernelConfig:
     """The tile shape for bf16/fp16 features: one 16-bit MMA a product, so no split parts in
     registers and half the bytes per operand, which buys more queries a program (each bank tile
@@ -137,10 +148,20 @@ def _config_16bit(
     at 8 warps, 99 KB of shared memory on sm_86/89); sm_90 runs the same tiles. With the
     gradient, the two [BLOCK_B, D] fp32 accumulators beside the scores spilled at 64 queries by
     64 or 32 rows and at 128 by 32 (sm_80 and sm_86): 32 queries by 64 rows keep every value.
-    A running top-k keeps [BLOCK_B, TOPK] keys and rows beside the scores: 16 queries, as fp32."""
+    A running top-k keeps [BLOCK_B, TOPK] keys and rows beside the scores: 16 queries, as fp32.
+
+    sm_90 runs those tiles on mma.sync; its warpgroup MMA (wgmma) needs 64 queries per warpgroup,
+    and Triton gives the scores that feed the weighted sums all the warps along the queries. So
+    the gradient at D <= 128 on sm_90 takes 128 queries by 32 rows at 8 warps (two warpgroups):
+    no spill there (its accumulators live in the wgmma layout), half the warp-instructions per
+    score of the 32 x 64 tile (2.4 against 5.0 at D = 128); on sm_80/86 the same tile spilled."""
     wide_rows = block_d > 128
+    # sm_90 exactly: sm_100 and sm_120 have other MMAs and budgets, which nothing here checked.
+    hopper_grad = arch == 90 and with_grad and not topk and not wide_rows
     if topk:
         block_b = 16
+    elif hopper_grad:
+        block_b = 128
     elif with_grad:
         block_b = 32
     else:
@@ -148,7 +169,7 @@ def _config_16bit(
     # The bank tile as loaded (4 bytes a value for an fp32 bank, rounded after the load) in each
     # pipeline stage: at D = 256 a 64-row fp32 tile (64 KB) would leave no room for two stages
     # within the 99 KB of sm_86/89.
-    block_n = 32 if wide_rows and bank == "fp32" else 64
+    block_n = 32 if (wide_rows and bank == "fp32") or hopper_grad else 64
     grad_d = 128 if with_grad and wide_rows else 0
     num_warps = 8 if with_grad or block_d >= 128 else 4
     num_stages = 2 if wide_rows else 3
@@ -165,6 +186,7 @@ def _config_16bit(
         num_warps,
         num_stages,
         grad_d,
+        90 if hopper_grad else 0,
     )
 
 
@@ -176,7 +198,7 @@ def fuses_topk(dim: int, features: str, with_grad: bool, k: int) -> bool:
 
 
 def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
-    """Every configuration the launcher can choose for D <= max_dim."""
+    """Every configuration the launcher can choose for D <= max_dim, on any target."""
     configs = []
     dims = [64 << i for i in range(max(0, (max_dim // 64).bit_length()))]
     banks = ("fp32", "bf16", "fp16")
@@ -188,7 +210,10 @@ def launch_configs(max_dim: int = 256) -> list[KernelConfig]:
             for with_grad in (False, True):
                 for topk in (0, *TOPK_WIDTHS):
                     if topk == 0 or fuses_topk(dim, features, with_grad, topk):
-                        configs.append(kernel_config(dim, features, bank, True, with_grad, topk, precision))
+                        for arch in (0, 90):
+                            configs.append(
+                                kernel_config(dim, features, bank, True, with_grad, topk, precision, arch)
+                            )
             for topk in TOPK_WIDTHS:
                 configs.append(kernel_config(dim, features, bank, False, False, topk, precision))
     return list(dict.fromkeys(configs))

@@ -55,6 +55,15 @@ def device_programs(device: torch.device) -> int:
     return 4
 
 
+def device_arch(device: torch.device) -> int:
+    """The device's SM version (90 for sm_90), which picks the 16-bit gradient tiles; 0 for the
+    interpreter's CPU tensors."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
+
+
 def device_guard(device: torch.device):
     """Launch on the tensors' device (cuda:1 as well), not on the current one."""
     if device.type == "cuda":
@@ -100,6 +109,7 @@ def launch(features, labels, own_rows, bank, bank_labels, temperature, with_lse,
         with_grad,
         width,
         precision(features),
+        device_arch(features.device),
     )
     plan = Plan(config, batch, bank_rows, features.device)
     acc_dtype = _autograd.accumulation_dtype(features.dtype)
