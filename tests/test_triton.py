@@ -678,6 +678,18 @@ def test_opcheck(op_name):
     torch.library.opcheck(getattr(torch.ops.snca_ext, op_name).default, args, test_utils=tests)
 
 
+@pytest.mark.parametrize("op", ["snca_forward", "bank_topk"])
+def test_schemas_are_the_compiled_librarys(op):
+    """The Triton ops carry csrc/ops.cpp's schemas (read from the compiled library when it is
+    loaded), and the copy kept for a package without the library is the same text."""
+    schema = str(getattr(torch.ops.snca_ext, f"{op}_triton").default._schema)
+    assert schema.removeprefix(f"snca_ext::{op}_triton") == registration._SCHEMAS[op]
+    if "cpu" not in snca_ext.available_backends("cpu"):
+        pytest.skip("the compiled library is not loaded")
+    compiled = str(getattr(torch.ops.snca_ext, op).default._schema)
+    assert compiled.removeprefix(f"snca_ext::{op}") == registration._SCHEMAS[op]
+
+
 def test_torch_compile_fullgraph():
     features, indices, bank, bank_labels = make_problem(4, 100, 16, dtype=torch.float32, seed=18)
 
