@@ -678,6 +678,20 @@ def test_opcheck(op_name):
     torch.library.opcheck(getattr(torch.ops.snca_ext, op_name).default, args, test_utils=tests)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_opcheck_sixteen_bit_features(dtype):
+    """16-bit features: every output in float32 (the fake kernel's accumulation dtype), the
+    gradient through the shared formula; 16-bit queries to bank_topk are refused, as by the CPU op
+    (snca_ext.bank_topk ranks them in float32)."""
+    features, indices, bank, bank_labels = make_problem(3, 50, 8, dtype=torch.float32, seed=17)
+    features = features.to(dtype).requires_grad_()
+    args = (features, bank_labels[indices], indices, bank, bank_labels, 0.1, True, 3)
+    tests = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    torch.library.opcheck(torch.ops.snca_ext.snca_forward_triton.default, args, test_utils=tests)
+    with pytest.raises(TypeError, match="queries must be float32 or float64"):
+        torch.ops.snca_ext.bank_topk_triton(features.detach(), bank, 3, indices)
+
+
 @pytest.mark.parametrize("op", ["snca_forward", "bank_topk"])
 def test_schemas_are_the_compiled_librarys(op):
     """The Triton ops carry csrc/ops.cpp's schemas (read from the compiled library when it is
