@@ -6,10 +6,16 @@
 // dtype: a bank of that dtype as it is, an fp32 bank or one of the other 16-bit dtype rounded to
 // it at the tile load (round to nearest even, as bank.to(dtype) would). A score is one 16-bit
 // MMA per product: the products of two 16-bit values are exact and the MMA adds them in fp32.
-// The softmax state (reference maxima, sums) is fp32; the softmax weights P, exp(s - ref) <=
-// e^kLazyRescale, are rounded to the features' dtype for the two weighted sums (as FlashAttention
-// and an autocast matmul P.to(dtype) @ M.to(dtype) do; exp(s - ref) >= the normalised weight, so
-// fp16 underflows no more often than autocast's), accumulated in fp32.
+// The softmax state (reference maxima, sums) is fp32; the softmax weights P = exp(s - ref) <= 1
+// are rounded to the features' dtype for the two weighted sums (as FlashAttention and an autocast
+// matmul P.to(dtype) @ M.to(dtype) do; exp(s - ref) >= the normalised weight, so fp16 underflows
+// no more often than autocast's), accumulated in fp32. The reference is the running maximum
+// itself, not the fp32 engine's lazy one (kLazyRescale): the largest weight is then exactly 1,
+// as autocast's dominant normalised weight is nearly, where a lazy reference leaves it anywhere
+// in [1, e^8] with a mantissa that bf16 rounds by up to 2^-8. In the emulation at T = 0.005 that
+// made the gradient's error twice autocast's; with the running maximum it is a sixth of it. The
+// extra rescales cost nothing on the common path: the weighted sums fold each tile in with an
+// FFMA by the factor (accumulate_group) and the sums take it in their FFMA.
 //
 // Tensor-core rounding (stream_common.cuh). The scores start from zero in every tile and carry
 // their accumulator through D only (8 k-steps at D = 128, 4 at D <= 64): a biased rounding of the

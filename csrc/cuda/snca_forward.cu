@@ -399,6 +399,9 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     __syncthreads();
 
     // The lazy move of the reference maxima (the same decision in every lane holding the row).
+    // The 16-bit engine keeps the running maximum itself (engine_mma16.cuh: its rescales ride on
+    // FFMAs it does anyway, and the largest weight is then exactly 1 before its 16-bit rounding).
+    constexpr float kMargin = E::kFastRows ? 0.0f : kLazyRescale;
     float fac[2][2];
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
@@ -406,7 +409,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
       for (int i = 0; i < 2; ++i) {
         const float tile_max = fmaxf(xchg[grp * kRows + rows[i]], xchg[(2 + grp) * kRows + rows[i]]);
         fac[grp][i] = 1.0f;
-        if (tile_max > ref[grp][i] + kLazyRescale) {
+        if (tile_max > ref[grp][i] + kMargin) {
           if constexpr (E::kFastRows) {
             fac[grp][i] = ref[grp][i] == -kInf ? 0.0f : exp_fast(ref[grp][i] - tile_max);
           } else {
