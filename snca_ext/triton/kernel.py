@@ -91,8 +91,8 @@ def _bf16_round(x):
 @triton.jit
 def _to_operand(x, DTYPE: tl.constexpr):
     """x (any float dtype) as a 16-bit MMA operand of DTYPE, rounded to nearest even as torch's
-    .to() rounds it. Through fp32, which holds every bf16 and fp16 value exactly: the interpreter
-    casts one 16-bit dtype to the other as if its bits were an integer."""
+    .to() rounds it (Triton's default for a narrowing cast). Through fp32, which holds every bf16
+    and fp16 value exactly, so that one rounding, the interpreter's below included, applies."""
     out = x
     if x.dtype != DTYPE:
         wide = x.to(tl.float32)
