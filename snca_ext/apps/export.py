@@ -481,12 +481,12 @@ def export_images(
     """Writes the features of the image files under ``folder`` (``image_files``), through the
     test-time transform of the checkpoint's data set, to ``out`` with their paths relative to
     ``folder`` in row order; returns the metadata written."""
+    paths = image_files(folder, skip_bad)
     device = torch.device(device)
     model, run_args = load_trained_model(checkpoint, device, trust=trust, arch=arch, dataset=dataset)
     if run_args.get("dataset") is None:
         raise ExportError(f"the checkpoint does not say its data set: pass --dataset (one of {DATASETS})")
     transform = image_file_transform(run_args["dataset"])
-    paths = image_files(folder, skip_bad)
     files = ImageFiles([str(path) for path in paths], transform)
     metadata = _run_metadata(run_args, split="images", images=str(folder))
     batches = (

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from app_helpers import forward_all
+from PIL import Image
 
 from snca_ext.apps.checkpoints import load_checkpoint, save_checkpoint
-from snca_ext.apps.data import build_data
+from snca_ext.apps.data import build_data, image_file_transform
 from snca_ext.apps.export import (
     EXPORT_FORMAT,
     ExportError,
@@ -139,3 +140,25 @@ def test_an_unwritable_out_fails_up_front(holdout_run, tmp_path, capsys):
     assert _export(holdout_run, blocker / "train.safetensors") == 2
     error = capsys.readouterr().err
     assert f"--out: {blocker} cannot be written" in error
+
+
+def test_images_need_a_network_that_takes_pictures(holdout_run, tmp_path, capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
+    assert _export(holdout_run, tmp_path / "x.pt", "--images", str(folder)) == 2
+    assert "the digits network takes no image files" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+    assert _export(holdout_run, tmp_path / "x.pt", "--images", str(tmp_path / "missing")) == 2
+    assert "does not exist or is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "dataset,shape",
+    [("fashion-mnist", (1, 28, 28)), ("cifar10", (3, 32, 32)), ("imagefolder", (3, 224, 224))],
+)
+def test_image_files_get_the_data_sets_test_shape(dataset, shape):
+    picture = Image.new("RGB", (50, 37), (255, 255, 255))
+    image = image_file_transform(dataset)(picture)
+    assert image.shape == shape and image.dtype == torch.float32
+    assert len(torch.unique(image)) == image.shape[0]  # a white picture: one value per channel
