@@ -22,6 +22,25 @@ read from the loop's source line (nvdisasm -g, the code is built with -lineinfo)
 rescale of the accumulators, a top-k merge) and is left out; the rare straight-line code that
 forward branches skip is counted, so the figure is an upper bound of the common path.
 
+For bf16/fp16 features the lse kernels run the 16-bit engine (engine_mma16.cuh, D <= 128); their
+top-k, when it is not inside the lse pass, runs the fp32 engine's top-k kernel on upcast queries
+(its rows are the fp32 ones). The 16-bit engine's converting load (a bank of another dtype) is a
+loop without a trip count, so those rows leave it out: their figure is the common path of a bank
+in the features' dtype plus the MMAs.
+
+Estimate (sm_90 rows at D = 128, lse kernel with the gradient): projected milliseconds of
+forward+backward at ImageNet size (B = 256, D = 128, N = 1,281,167: 4 query blocks x 20,019 tiles;
+the backward only scales the stored gradient) on an H100 SXM and an H200, the largest of
+  issue-bound   warp-instructions per tile x 8 warps x tiles x query blocks / (SMs x 4 schedulers x clock)
+  bandwidth     bank bytes / HBM bandwidth (the bank read from HBM once: the query blocks of a split
+                run side by side and share its tiles through L2)
+  tensor-bound  MMAs per tile x 8 warps x tiles x query blocks x flops per MMA / dense peak
+                (m16n8k16: 4,096 flops at the bf16/fp16 rate; m16n8k8 TF32: 2,048 at the TF32 rate)
+beside the floor of benchmarks/gpu_table.py on the same device: max(bank bytes / bandwidth,
+3 x 2 B N D / dense 16-bit peak). An estimate, not a measurement: the counts are upper bounds of the
+common path (rare branches and the skipped same-class products included), and mma.sync is not
+Hopper's fastest MMA (wgmma is). A GPU run replaces it (benchmarks/gpu_table.py).
+
 The Triton kernels' rows come from benchmarks/static_triton.py (triton_static_rows()) when present.
 """
 
@@ -41,7 +60,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OPTIN = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
 BANKS = {"fp32": "f", "bf16": "N3c108BFloat16E", "fp16": "N3c104HalfE"}
-TARGET_INSTRUCTIONS = 3000
+# The 16-bit engine's mangled name: Mma16Engine<Dp, features, bank>, the bank a substitution when
+# it is the features' dtype.
+FEATURES16 = {"bf16": "N3c108BFloat16E", "fp16": "N3c104HalfE"}
+BANKS16 = {
+    ("bf16", "bf16"): "S4_E",
+    ("bf16", "fp16"): "NS3_4HalfEE",
+    ("bf16", "fp32"): "fE",
+    ("fp16", "fp16"): "S4_E",
+    ("fp16", "bf16"): "NS3_8BFloat16EE",
+    ("fp16", "fp32"): "fE",
+}
+TARGET_INSTRUCTIONS = 3000  # fp32 features / bf16 bank, D = 128 (tensor-core fp32 engine)
+TARGET_INSTRUCTIONS16 = 1000  # bf16 features / bf16 bank, D = 128 (16-bit engine)
+TARGET_MMA_SHARE16 = 0.25  # its tensor-core instructions' share of the main loop (reported)
+
+# The estimate's devices (published figures). H100 SXM5: 132 SMs; 1.83 GHz is the clock of NVIDIA's
+# dense peaks (989 TFLOP/s bf16/fp16 = 132 SMs x 4,096 flops/clock x 1.83 GHz; TF32 495), HBM3
+# 3.35 TB/s (H100 datasheet). H200 SXM: the same GH100 (132 SMs, the same peaks), HBM3e 4.8 TB/s
+# (H200 datasheet).
+DEVICES = {
+    "H100": {
+        "sms": 132,
+        "clock_hz": 1.83e9,
+        "hbm_bytes_per_s": 3.35e12,
+        "bf16_flops": 989e12,
+        "tf32_flops": 495e12,
+    },
+    "H200": {
+        "sms": 132,
+        "clock_hz": 1.83e9,
+        "hbm_bytes_per_s": 4.8e12,
+        "bf16_flops": 989e12,
+        "tf32_flops": 495e12,
+    },
+}
+IMAGENET = {"B": 256, "D": 128, "N": 1_281_167}
+SCHEDULERS_PER_SM = 4
+WARPS_PER_BLOCK = 8
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # tile_config.h: lse_topk_extra_bytes(), the top-k state of the lse kernel with the top-k in the pass
 # (lse_topk_partial_kernel, tensor-core engines only; where it does not fit, the op runs the top-k
 # as a second pass).
@@ -345,15 +402,24 @@ def auto_configs(arch: int) -> list[dict]:
     import snca_ext  # noqa: F401  (loads the op library)
 
     rows = []
-    for features, dims in (("fp32", (64, 128, 129)), ("fp64", (128,))):
-        dtype = torch.float32 if features == "fp32" else torch.float64
+    dtypes = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+    # 16-bit features at D > 128 are upcast to fp32 by the op: the fp32 rows at D = 129.
+    for features, dims in (
+        ("fp32", (64, 128, 129)),
+        ("fp64", (128,)),
+        ("bf16", (64, 128)),
+        ("fp16", (64, 128)),
+    ):
         for dim in dims:
-            tc, dp, in_smem, lse_smem, topk_smem, fits = torch.ops.snca_ext._cuda_tile_config(
-                dim, dtype, OPTIN[arch]
+            tc, dp, in_smem, lse_smem, topk_smem, fits, stages = torch.ops.snca_ext._cuda_tile_config(
+                dim, dtypes[features], OPTIN[arch]
             )
-            banks = ("fp32", "bf16", "fp16") if features == "fp32" else ("fp64",)
+            banks = ("fp64",) if features == "fp64" else ("fp32", "bf16", "fp16")
             for bank in banks:
-                if tc:
+                if stages:
+                    engine = f"Mma16EngineILi{dp}E{FEATURES16[features]}{BANKS16[(features, bank)]}"
+                    label = f"16-bit tensor cores, D<={dp}, {stages} stages"
+                elif tc:
                     engine = f"TensorCoreEngineILi{dp}E{BANKS[bank]}Lb{int(in_smem)}E"
                     label = f"tensor cores, D<={dp}" + ("" if in_smem else ", queries via L2")
                 else:
@@ -369,6 +435,7 @@ def auto_configs(arch: int) -> list[dict]:
                         "lse_smem": lse_smem,
                         "topk_smem": topk_smem,
                         "fits": bool(fits),
+                        "stages": stages,
                     }
                 )
     unique = {}
@@ -392,11 +459,34 @@ def _machine_code_arch(target: int, built: list[int]) -> int | None:
     return max(fitting) if fitting else None
 
 
+def estimate_ms(count: LoopCount, features: str, bank: str, device: str) -> dict[str, float]:
+    """The estimate of the module doc for one lse kernel at D = 128 on `device`: issue-bound,
+    bandwidth-bound, tensor-bound milliseconds, the estimate (their largest) and the floor."""
+    dev = DEVICES[device]
+    b, d, n = IMAGENET["B"], IMAGENET["D"], IMAGENET["N"]
+    work = WARPS_PER_BLOCK * -(-n // 64) * -(-b // 64)  # warp-tiles: 8 warps x tiles x query blocks
+    sixteen = features in ("bf16", "fp16")
+    flops_per_mma, peak = (4096, dev["bf16_flops"]) if sixteen else (2048, dev["tf32_flops"])
+    bank_bytes = n * d * BYTES[bank]
+    issue = 1e3 * count.instructions * work / (dev["sms"] * SCHEDULERS_PER_SM * dev["clock_hz"])
+    bandwidth = 1e3 * bank_bytes / dev["hbm_bytes_per_s"]
+    tensor = 1e3 * count.mma * work * flops_per_mma / peak
+    floor = 1e3 * max(bank_bytes / dev["hbm_bytes_per_s"], 3 * 2 * b * n * d / dev["bf16_flops"])
+    return {
+        "issue": issue,
+        "bandwidth": bandwidth,
+        "tensor": tensor,
+        "estimate": max(issue, bandwidth, tensor),
+        "floor": floor,
+    }
+
+
 def report(
     targets: list[int], cubin_dir: Path | None, built: list[int] | None = None, triton: bool = True
 ) -> tuple[str, list[str], list[str]]:
     """The markdown table, the missed hard targets (spills, fit, a main loop the source does not
-    explain) and the main-loop figures of the fp32-feature / bf16-bank forward at D = 128.
+    explain, the 16-bit engine's instruction target) and the main-loop figures of the headline
+    configurations: fp32 features / bf16 bank and bf16 / bf16, forward with gradient at D = 128.
 
     targets: the architectures to report; built: the archs of existing cubins in cubin_dir (from a
     library), whose machine code stands in for the targets it runs on (sm_80's for sm_86/89);
@@ -406,8 +496,8 @@ def report(
     speed: list[str] = []
     lines = [
         "| arch (code) | features / bank | configuration | kernel | registers | spills st/ld B "
-        "| shared B (opt-in) | warp-instr / tile | MMA / tile |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shared B (opt-in) | warp-instr / tile | MMA / tile | estimate ms H100 / H200 (floor) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in targets:
         code = arch if built is None else _machine_code_arch(arch, built)
@@ -432,8 +522,10 @@ def report(
             ).stdout
             functions.update(parse_nvdisasm(text))
         for cfg in auto_configs(arch):
-            kernels = [("lse_partial_kernel", cfg["lse_smem"]), ("topk_partial_kernel", cfg["topk_smem"])]
-            if cfg["engine"].startswith("TensorCore"):
+            kernels = [("lse_partial_kernel", cfg["lse_smem"])]
+            if not cfg["stages"]:  # 16-bit features: the top-k pass is the fp32 rows' kernel
+                kernels.append(("topk_partial_kernel", cfg["topk_smem"]))
+            if cfg["engine"].startswith(("TensorCore", "Mma16")):
                 kernels.append(("lse_topk_partial_kernel", cfg["lse_smem"] + LSE_TOPK_EXTRA))
             for kernel, smem in kernels:
                 name, fn = _find(functions, kernel, cfg["engine"])
@@ -449,9 +541,25 @@ def report(
                     failures.append(f"sm_{arch} {kernel} {cfg['label']}: {smem} bytes > {OPTIN[arch]}")
                 if count and count.unexplained_mma_loops:
                     failures.append(f"sm_{arch} {kernel}: a loop with MMAs has no trip count (stale build?)")
-                headline = cfg["features"] == "fp32" and cfg["bank"] == "bf16" and cfg["dp"] == 128
+                headline = cfg["features"] in ("fp32", "bf16") and cfg["bank"] == "bf16" and cfg["dp"] == 128
                 if count and kernel == "lse_partial_kernel" and headline:
-                    speed.append(f"sm_{arch} {cfg['label']}: {count.instructions} warp-instructions per tile")
+                    share = count.mma / count.instructions
+                    speed.append(
+                        f"sm_{arch} {cfg['features']} / bf16 {cfg['label']}: {count.instructions} "
+                        f"warp-instructions per tile, {count.mma} MMAs ({100 * share:.0f} %)"
+                    )
+                    if cfg["stages"] and count.instructions > TARGET_INSTRUCTIONS16:
+                        failures.append(
+                            f"sm_{arch} {kernel} {cfg['label']} bf16: {count.instructions} warp-instructions "
+                            f"per tile > {TARGET_INSTRUCTIONS16}"
+                        )
+                estimate = "-"
+                if count and kernel == "lse_partial_kernel" and arch == 90 and cfg["dp"] == 128:
+                    e = [estimate_ms(count, cfg["features"], cfg["bank"], dev) for dev in ("H100", "H200")]
+                    estimate = (
+                        f"{e[0]['estimate']:.2f} / {e[1]['estimate']:.2f} "
+                        f"({e[0]['floor']:.2f} / {e[1]['floor']:.2f})"
+                    )
                 cells = [
                     f"sm_{arch} ({code})",
                     f"{cfg['features']} / {cfg['bank']}",
@@ -462,6 +570,7 @@ def report(
                     f"{smem} ({OPTIN[arch]})" + (": does not fit, two passes" if fused_falls_back else ""),
                     count.instructions if count else "-",
                     count.mma if count else "-",
+                    estimate,
                 ]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
     try:
@@ -476,6 +585,7 @@ def report(
                 "-",
                 r.get("warp_instructions_per_tile"),
                 r.get("mma_per_tile"),
+                "-",
             ]
             cells.insert(1, "triton")
             lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -513,14 +623,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "Targets: no spills in any configuration auto can choose; every configuration fits "
-        "sm_80, sm_86/89, sm_90."
+        f"sm_80, sm_86/89, sm_90; the bf16 / bf16 forward with gradient at D = 128 <= "
+        f"{TARGET_INSTRUCTIONS16} warp-instructions per tile."
     )
     print("All met." if not failures else "Missed:\n  " + "\n  ".join(failures))
     print(
-        "Main loop of the fp32-feature / bf16-bank forward with gradient, "
-        f"target <= {TARGET_INSTRUCTIONS} per tile:"
+        "Main loops of the forward with gradient at D = 128, targets: fp32 / bf16 <= "
+        f"{TARGET_INSTRUCTIONS} per tile; bf16 / bf16 <= {TARGET_INSTRUCTIONS16} per tile with "
+        f">= {100 * TARGET_MMA_SHARE16:.0f} % tensor-core instructions:"
     )
     print("  " + "\n  ".join(speed))
+    print(
+        "Estimate column (sm_90, D = 128, lse kernel with the gradient): projected fwd+bwd ms at "
+        "B = 256, N = 1,281,167 = max(issue-bound, bandwidth-bound, tensor-bound), floor = "
+        "max(bank bytes / HBM bandwidth, 3 x 2BND / 989 TFLOP/s); see the module doc. An estimate."
+    )
     return 0 if not failures else 1
 
 

@@ -16,16 +16,21 @@ from snca_ext import ops
 needs_c = pytest.mark.skipif(ops._C_IMPORT_ERROR is not None, reason="snca_ext._C not built")
 
 
+LOW = (torch.bfloat16, torch.float16)
+
+
 @needs_c
 @pytest.mark.parametrize("arch", sorted(sr.OPTIN))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOW])
 def test_every_configuration_fits_every_architecture(arch, dtype):
     for dim in (1, 31, 32, 63, 64, 65, 100, 127, 128, 129, 256, 1000):
-        tc, dp, _, lse_smem, topk_smem, fits = torch.ops.snca_ext._cuda_tile_config(
+        tc, dp, _, lse_smem, topk_smem, fits, stages = torch.ops.snca_ext._cuda_tile_config(
             dim, dtype, sr.OPTIN[arch]
         )
         assert fits and max(lse_smem, topk_smem) <= sr.OPTIN[arch], (arch, dtype, dim, lse_smem, topk_smem)
-        assert bool(tc) == (dtype == torch.float32 and dim <= 128)
+        assert bool(tc) == (dtype != torch.float64 and dim <= 128)
+        # The 16-bit engine: bf16/fp16 features at D <= 128 (beyond, the op upcasts them to fp32).
+        assert (stages > 0) == (dtype in LOW and dim <= 128)
         if tc:
             assert dp == (64 if dim <= 64 else 128)
 
@@ -37,8 +42,19 @@ def test_the_queries_leave_shared_memory_only_where_they_do_not_fit():
         for arch, optin in sr.OPTIN.items()
     }
     assert [config[a][2] for a in (80, 86, 89, 90)] == [1, 0, 0, 1]  # 138,624 bytes > 101,376 on sm_86/89
-    with pytest.raises(RuntimeError, match="features_dtype must be float32 or float64"):
-        torch.ops.snca_ext._cuda_tile_config(128, torch.float16, 101376)
+    with pytest.raises(RuntimeError, match="features_dtype must be float32, float64, bfloat16 or float16"):
+        torch.ops.snca_ext._cuda_tile_config(128, torch.int32, 101376)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", LOW)
+def test_the_16bit_pipeline_has_three_stages_where_they_fit(dtype):
+    """3 bank tiles in flight at D = 128 on sm_80/sm_90 (108,416 bytes), 2 on sm_86/89 (90,496)."""
+    config = {
+        arch: torch.ops.snca_ext._cuda_tile_config(128, dtype, optin) for arch, optin in sr.OPTIN.items()
+    }
+    assert [config[a][6] for a in (80, 86, 89, 90)] == [3, 2, 2, 3]
+    assert [config[a][3] for a in (80, 86, 90)] == [108_416, 90_496, 108_416]
 
 
 def _have(tool: str) -> str | None:
@@ -81,8 +97,9 @@ def test_the_built_kernels_do_not_spill():
 @pytest.mark.skipif(not ops._COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
 @pytest.mark.skipif(_have("cuobjdump") is None or _have("nvdisasm") is None, reason="no cuobjdump/nvdisasm")
 def test_the_built_main_loop_meets_its_target(tmp_path):
-    """The lse kernel of the fp32-feature / bf16-bank forward with gradient at D = 128: at most
-    TARGET_INSTRUCTIONS warp-instructions per 64 x 64 tile in every built architecture, and every
+    """The lse kernels of the forward with gradient at D = 128, per 64 x 64 tile per warp in every
+    built architecture: at most TARGET_INSTRUCTIONS warp-instructions for fp32 features / bf16 bank
+    (the TF32 engine), at most TARGET_INSTRUCTIONS16 for bf16 / bf16 (the 16-bit engine), and every
     configuration auto can choose there fits and does not spill (the report's hard targets)."""
     from snca_ext import _C
 
@@ -91,8 +108,12 @@ def test_the_built_main_loop_meets_its_target(tmp_path):
     assert targets, built
     _, failures, speed = sr.report(targets, tmp_path, built, triton=False)
     assert not failures, failures
-    counts = [int(line.split(": ")[1].split()[0]) for line in speed]
-    assert len(counts) == len(targets) and max(counts) <= sr.TARGET_INSTRUCTIONS, speed
+    counts = {
+        (line.split()[0], line.split()[1]): int(line.split(": ")[1].split()[0]) for line in speed
+    }  # (arch, features) -> warp-instructions
+    assert len(counts) == 2 * len(targets), speed
+    assert max(v for (_, f), v in counts.items() if f == "fp32") <= sr.TARGET_INSTRUCTIONS, speed
+    assert max(v for (_, f), v in counts.items() if f == "bf16") <= sr.TARGET_INSTRUCTIONS16, speed
 
 
 SMALL_KERNEL = r"""
