@@ -3,6 +3,7 @@ gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initc
 
     python3 benchmarks/edge_shapes.py                         # cuda backend, tiny launches
     python3 benchmarks/edge_shapes.py --backend cpu --device cpu   # the same cases on the CPU
+    python3 benchmarks/edge_shapes.py --backend cpu --device cpu --tiny --sixteen   # + 16-bit driver check
 
 Covers: B and N of 1 and around the tile sizes (63, 64, 65, 129), D of 1, 37, 64, 65, 128 (the
 tensor-core engines) and 130 (the generic one), fp32/bf16/fp16/fp64, k = 0, 1, around 64 and
@@ -17,7 +18,14 @@ kinds of case rerun tensor-core shapes: "l2" with SNCA_EXT_SMEM_OPTIN=101376, so
 the configurations of the GPUs with 99 KB of shared memory per block (sm_86/89/120: at D = 128 the
 queries read through L2; at D = 64 the top-k of snca_stats as a second pass, the lse pass with it
 not fitting), and "tf32" with torch.backends.cuda.matmul.allow_tf32 (one TF32 product per
-multiply; a TF32 tolerance). Exits 1 on any mismatch.
+multiply; a TF32 tolerance). The 16-bit cases (bf16/fp16 features: the 16-bit engine at D <= 128,
+the generic one after the op's upcast at D > 128) run B = 1, N off the tile size, D = 3, 64, 100
+(the converting load), 128, 130, banks of the features' dtype (the cp.async pipeline) and of the
+other ones (the converting load), k up to 1024, 1,000 classes over many tiles, the 2-stage
+configuration of sm_86/89 ("l2") and the non-finite contract; they are held to float64 on the
+inputs rounded to the features' dtype (the bank included, as the kernel reads it), the gradient
+to the autocast rule (at most twice plain PyTorch's error computing in that dtype; the cpu and
+reference backends, which upcast, on the bank as stored). Exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -52,6 +60,45 @@ def _cases():
         (3, 50_000, 128, torch.float32, torch.bfloat16, 300, 1000),
         (5, 40_000, 128, torch.float32, torch.float32, 30, 1000),
     ]
+
+
+def _cases16():
+    # The first three are small enough for the sanitizers (--tiny).
+    yield from [
+        (1, 1, 3, torch.bfloat16, torch.bfloat16, 0),
+        (63, 129, 64, torch.bfloat16, torch.bfloat16, 64),
+        (65, 130, 128, torch.float16, torch.float32, 65),
+        (1, 65, 100, torch.float16, torch.float16, 1),
+        (64, 130, 128, torch.bfloat16, torch.bfloat16, 65),
+        (5, 1100, 128, torch.float16, torch.bfloat16, 1024),
+        (3, 200, 130, torch.bfloat16, torch.bfloat16, 5),
+        (3, 50_000, 128, torch.bfloat16, torch.bfloat16, 300, 1000),
+    ]
+
+
+def _autocast_grad(f, indices, m, bank_labels, labels):
+    """The gradient of plain PyTorch computing in the features' dtype (16-bit products with fp32
+    output, fp32 softmax, P.to(dtype) @ M.to(dtype)), on the features' device."""
+    dt = f.dtype
+    x, mm = f.float(), m.to(dt).float()
+    s = (x @ mm.T) / T
+    own = torch.zeros_like(s, dtype=torch.bool)
+    rows = torch.nonzero(indices >= 0).flatten()
+    own[rows, indices[rows]] = True
+    same = labels[:, None] == bank_labels[None, :]
+    out = []
+    for member in (same & ~own, ~same & ~own):
+        logits = torch.where(member, s, -math.inf)
+        lse = torch.logsumexp(logits, 1)
+        p = torch.where(member & (lse[:, None] > -math.inf), torch.exp(logits - lse[:, None]), 0.0)
+        out.append((lse, p.to(dt).float() @ mm))
+    (a, ws), (b_, wo) = out
+    a, b_ = a.detach().requires_grad_(), b_.detach().requires_grad_()
+    from snca_ext import ops
+
+    loss = ops.loss_from_lse(a, b_)
+    ga, gb = torch.autograd.grad(loss, (a, b_))
+    return (ga[:, None] * ws + gb[:, None] * wo) / T
 
 
 def _problem(b, n, d, fdtype, bdtype, device, seed, classes=3):
@@ -101,7 +148,9 @@ def _same_rows(ours: torch.Tensor, ref: torch.Tensor, f, m, exclude, tol: float)
     return distinct and torch.equal(valid, ref >= 0) and _close(got, want, tol)
 
 
-def run(backend: str, device: str, non_finite: bool = True, limit: int | None = None) -> int:
+def run(
+    backend: str, device: str, non_finite: bool = True, limit: int | None = None, sixteen: bool | None = None
+) -> int:
     import snca_ext
     from snca_ext import reference
 
@@ -114,6 +163,10 @@ def run(backend: str, device: str, non_finite: bool = True, limit: int | None = 
     cases += [("plain", (2, 3000, 16, torch.float32, torch.float32, 300))] if limit is not None else []
     if non_finite:
         cases += [("nan", base[2]), ("inf", base[4])]
+    if device == "cuda" if sixteen is None else sixteen:
+        low = list(_cases16())
+        cases += [("plain", case) for case in (low[:3] if limit is not None else low)]
+        cases += [("l2", low[4])] + ([("nan", low[1]), ("inf", low[4])] if non_finite else [])
     for case_no, (kind, (b, n, d, fdtype, bdtype, k, *classes)) in enumerate(cases):
         f, labels, indices, m, bank_labels = _problem(b, n, d, fdtype, bdtype, device, case_no, *classes)
         if kind == "nan":
@@ -133,12 +186,24 @@ def run(backend: str, device: str, non_finite: bool = True, limit: int | None = 
         finally:
             os.environ.pop("SNCA_EXT_SMEM_OPTIN", None)
             torch.backends.cuda.matmul.allow_tf32 = old_tf32
+        sixteen = fdtype in (torch.bfloat16, torch.float16)
+        # The GPU backends' 16-bit path reads the bank in the features' dtype: the truth is on those
+        # values (the cpu and reference backends compute on the upcast features and the bank as stored).
+        m_true = m.to(fdtype).double() if sixteen and backend in ("cuda", "triton") else m.double()
         ref = reference.snca_stats_reference(
-            f.double(), indices, m.double(), bank_labels, T, labels=labels, topk=k
+            f.double(), indices, m_true, bank_labels, T, labels=labels, topk=k
         )
         ok = all(_close(o, r, tol) for o, r in zip(ours[:3], ref[:3], strict=True))
-        ok &= kind not in ("plain", "l2") or _same_rows(ours[3], ref[3], f, m, indices, tol)
-        ok &= _close(top[0], ref[2], tol)
+        ok &= kind not in ("plain", "l2") or _same_rows(ours[3], ref[3], f, m_true, indices, tol)
+        # bank_topk keeps its queries' fp32 ranking over the bank as stored (ops.py upcasts them).
+        top_ref = (
+            ref
+            if not sixteen
+            else reference.snca_stats_reference(
+                f.double(), indices, m.double(), bank_labels, T, labels=labels, topk=k
+            )
+        )
+        ok &= _close(top[0], top_ref[2], tol)
         if kind in ("plain", "l2"):
             leaf = f.detach().clone().requires_grad_(True)
             if kind == "l2":
@@ -149,12 +214,19 @@ def run(backend: str, device: str, non_finite: bool = True, limit: int | None = 
                 os.environ.pop("SNCA_EXT_SMEM_OPTIN", None)
             loss.backward()
             leaf_ref = f.detach().double().requires_grad_(True)
-            loss_ref = reference.snca_loss_reference(
-                leaf_ref, indices, m.double(), bank_labels, T, labels=labels
-            )
+            loss_ref = reference.snca_loss_reference(leaf_ref, indices, m_true, bank_labels, T, labels=labels)
             loss_ref.backward()
             ok &= _close(loss.detach().reshape(1), loss_ref.detach().reshape(1), tol)
-            ok &= _close(leaf.grad, leaf_ref.grad, 50 * tol)
+            if sixteen:
+                # The gradient comes back in the features' dtype: both sides compared rounded to it,
+                # with one rounding of it to spare.
+                truth = leaf_ref.grad.to(fdtype).double()
+                auto = _autocast_grad(f, indices, m, bank_labels, labels).to(fdtype).double()
+                err = (leaf.grad.double() - truth).abs().max()
+                spare = torch.finfo(fdtype).eps * truth.abs().max()
+                ok &= bool(err <= 2 * (auto - truth).abs().max() + spare)
+            else:
+                ok &= _close(leaf.grad, leaf_ref.grad, 50 * tol)
         if device == "cuda":
             torch.cuda.synchronize()
         failures += not ok
@@ -176,11 +248,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the first 4 cases and one small top-k that merges its buffer mid-pass (for the sanitizers)",
     )
+    parser.add_argument(
+        "--sixteen",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the bf16/fp16-feature cases (default: on the cuda device only; the CPU backends upcast them)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    return run(args.backend, args.device, non_finite=not args.finite_only, limit=4 if args.tiny else None)
+    return run(
+        args.backend,
+        args.device,
+        non_finite=not args.finite_only,
+        limit=4 if args.tiny else None,
+        sixteen=args.sixteen,
+    )
 
 
 if __name__ == "__main__":
