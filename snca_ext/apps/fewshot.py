@@ -20,9 +20,9 @@ from torch import Tensor
 
 from snca_ext import few_shot_accuracy
 
-from .cli import NON_NEGATIVE_INT, POSITIVE_INT, int_list_type, program_name, report
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, int_list_type, program_name, report
 from .errors import AppError, ExportError
-from .export import load_features
+from .feature_files import load_features
 
 
 def build_parser() -> argparse.ArgumentParser:

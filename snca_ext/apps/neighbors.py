@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from snca_ext import bank_topk
 
-from .cli import (
+from .arguments import (
     POSITIVE_INT,
     int_list_type,
     number,
@@ -62,16 +62,16 @@ from .cli import (
 from .data import ClassSubset, DigitsDataset, IndexedDataset
 from .data.fashion_mnist import GreyImages
 from .errors import AppError, ExportError
-from .export import (
+from .feature_files import load_features
+from .features import compute_features
+from .trained import (
     CLASS_SETS,
     SPLITS,
     add_checkpoint_arguments,
     dataset_indices,
-    load_features,
     load_trained_model,
     split_dataset,
 )
-from .features import compute_features
 
 CORRECT, WRONG = "#1a9850", "#d73027"
 

@@ -17,8 +17,8 @@ from test_data import make_cifar_folder, make_image_folder
 
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data
-from snca_ext.apps.export import load_features
 from snca_ext.apps.export import run as export
+from snca_ext.apps.feature_files import load_features
 from snca_ext.apps.neighbors import run as neighbors
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
 

@@ -14,15 +14,10 @@ from PIL import Image
 
 from snca_ext.apps.checkpoints import load_checkpoint, save_checkpoint
 from snca_ext.apps.data import build_data, image_file_transform
-from snca_ext.apps.export import (
-    EXPORT_FORMAT,
-    ExportError,
-    load_features,
-    load_trained_model,
-    read_safetensors,
-    run,
-    write_safetensors,
-)
+from snca_ext.apps.errors import ExportError
+from snca_ext.apps.export import run
+from snca_ext.apps.feature_files import EXPORT_FORMAT, load_features, read_safetensors, write_safetensors
+from snca_ext.apps.trained import load_trained_model
 
 FAST = ["--threads", "1", "--no-progress"]
 HOLDOUT = (5, 6, 7, 8, 9)

@@ -17,9 +17,10 @@ from app_helpers import forward_all
 from PIL import Image
 
 from snca_ext.apps.data import build_data
-from snca_ext.apps.export import load_features, load_trained_model, write_safetensors
 from snca_ext.apps.export import run as export
+from snca_ext.apps.feature_files import load_features, write_safetensors
 from snca_ext.apps.neighbors import run
+from snca_ext.apps.trained import load_trained_model
 
 FAST = ["--threads", "1", "--no-progress"]
 K = 20

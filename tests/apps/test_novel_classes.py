@@ -16,8 +16,8 @@ from torch.nn import functional as F
 from snca_ext import few_shot_accuracy, sample_episodes
 from snca_ext.apps import fewshot
 from snca_ext.apps.checkpoints import load_checkpoint
-from snca_ext.apps.export import load_features
 from snca_ext.apps.export import run as export
+from snca_ext.apps.feature_files import load_features
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE
 from snca_ext.apps.train.cli import run as train
 

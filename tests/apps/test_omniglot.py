@@ -20,6 +20,7 @@ from snca_ext import few_shot_accuracy, sample_episodes
 from snca_ext.apps import export, fewshot, neighbors
 from snca_ext.apps.data import DataError
 from snca_ext.apps.data.omniglot import decode, omniglot_data
+from snca_ext.apps.feature_files import load_features
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, _novel_evaluation, _prepare, build_parser
 from snca_ext.apps.train.cli import run as train
 
@@ -244,7 +245,7 @@ def test_export_images_records_the_paths_in_row_order(trained, tmp_path, capsys)
     assert export.run([*argv, "--out", str(out)]) == 0
     assert "left out 1 of the 3 image files" in capsys.readouterr().err
     assert export.run([*argv, "--out", str(tmp_path / "mine.pt")]) == 0
-    saved = export.load_features(out)
+    saved = load_features(out)
     assert saved["paths"] == ["a/y.png", "b/x.png"]
     assert json.loads(saved["metadata"]["paths"]) == ["a/y.png", "b/x.png"]
     assert torch.load(tmp_path / "mine.pt", weights_only=True)["paths"] == ["a/y.png", "b/x.png"]
@@ -255,7 +256,7 @@ def test_export_images_records_the_paths_in_row_order(trained, tmp_path, capsys)
         export.run(["--checkpoint", str(trained), "--split", "test", "--out", str(test), "--no-progress"])
         == 0
     )
-    split = export.load_features(test)
+    split = load_features(test)
     label = json.loads(split["metadata"]["class_names"]).index("Greek/character01")
     drawer16 = (split["labels"] == label).nonzero()[0, 0]  # the class's test rows: drawers 16-20
     torch.testing.assert_close(saved["features"][1], split["features"][drawer16])
@@ -268,7 +269,7 @@ def test_fewshot_of_an_omniglot_export_draws_within_alphabets(trained, tmp_path,
     out = tmp_path / "novel.safetensors"
     argv = ["--checkpoint", str(trained), "--classes", "novel", "--split", "train", "--out", str(out)]
     assert export.run([*argv, "--no-progress"]) == 0
-    saved = export.load_features(out)
+    saved = load_features(out)
     groups = torch.tensor(json.loads(saved["metadata"]["groups"]))
     names = json.loads(saved["metadata"]["group_names"])
     assert {names[g] for g in groups[saved["labels"]].tolist()} == NOVEL

@@ -11,8 +11,8 @@ from app_helpers import forward_all
 
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data
-from snca_ext.apps.export import load_features
 from snca_ext.apps.export import run as export
+from snca_ext.apps.feature_files import load_features
 from snca_ext.apps.models import build_model, input_channels
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, build_parser
 from snca_ext.apps.train.cli import run as train

@@ -15,10 +15,10 @@ from torch.nn import functional as F
 from snca_ext import knn_accuracy
 from snca_ext.apps.data import build_data
 from snca_ext.apps.data.fashion_mnist import DEBIAN_FOLDER
-from snca_ext.apps.export import load_trained_model
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, build_parser, run
 from snca_ext.apps.train.config import RunConfig
 from snca_ext.apps.train.trainer import Trainer
+from snca_ext.apps.trained import load_trained_model
 from snca_ext.distributed import DistEnv
 
 FAST = ["--threads", "1", "--no-progress"]

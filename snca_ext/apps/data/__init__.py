@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..cli import parse_classes
+from ..arguments import parse_classes
 from ..errors import DataError
 from .base import ClassSubset, DataBundle, IndexedDataset, with_transform
 from .cifar import cifar10_data, cifar100_data

@@ -35,8 +35,7 @@ import torch
 from snca_ext import distributed
 from snca_ext.memory import BANK_DTYPES
 
-from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
-from ..cli import (
+from ..arguments import (
     FRACTION,
     NON_NEGATIVE_FLOAT,
     NON_NEGATIVE_INT,
@@ -52,6 +51,7 @@ from ..cli import (
     set_threads,
     writable_folder,
 )
+from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from ..data import DATASETS, WITHIN_GROUPS, DataBundle, held_out_classes, run_data
 from ..data.imagefolder import BadImageError
 from ..data.omniglot import SPLITS as OMNIGLOT_SPLITS
