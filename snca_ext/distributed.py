@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,16 +109,6 @@ def init_from_env(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) ->
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def exit_after_peer_failure(error: PeerFailure, code: int) -> NoReturn:
-    """Reports ``error`` and ends the process with ``code`` at once: after a failed collective the
-    process group cannot be torn down (gloo's destructor may abort, NCCL's may wait), so neither
-    it nor the interpreter's shutdown runs."""
-    print(f"error: {error}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 import snca_ext
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, run
+from snca_ext.apps.train.signals import exit_after_peer_failure
 from snca_ext.memory import MemoryBank
 
 WORLD = 2
@@ -234,7 +235,7 @@ def _rank_dies(out: Path) -> None:
                 memory.loss(features[:3], indices[:3])
     except sd.PeerFailure as error:
         gave_up.touch()
-        sd.exit_after_peer_failure(error, 3)
+        exit_after_peer_failure(error, 3)
 
 
 SCENARIOS = {"ops": _rank_ops, "banks": _rank_banks, "dies": _rank_dies}

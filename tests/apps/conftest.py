@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from snca_ext.apps.train.cli import EXIT_OK, _novel_evaluation, _prepare, build_parser
+from snca_ext.apps.train.cli import EXIT_OK, build_parser
 from snca_ext.apps.train.cli import run as train
+from snca_ext.apps.train.session import novel_evaluation, prepare
 
 FAST = ["--threads", "1", "--no-progress"]
 HOLDOUT = ["--holdout-classes", "9,5,6,7,8", "--fewshot-episodes", "200"]
@@ -32,13 +33,13 @@ def untrained_figures(out: Path, *flags: str) -> dict:
     figures. A run that learns must beat these; on 8x8 digits random features already give
     about 90% kNN, so a loose threshold would pass a network that learns nothing."""
     argv = ["--out", str(out), *flags, *FAST]
-    config, _, novel, _, trainer = _prepare(build_parser().parse_args(argv), None)
+    config, _, novel, _, trainer = prepare(build_parser().parse_args(argv), None)
     result = trainer.knn(trainer.bank(False, recompute=True), config.knn_k, False)
     figures = {"top1": result.top1, "top5": result.top5}
     if config.loss == "softmax":  # the head as initialised: chance, whatever the features
         figures["head_top1"] = trainer.head_accuracy().top1
     if novel is not None:
-        figures["novel_classes"] = _novel_evaluation(trainer, novel, False)
+        figures["novel_classes"] = novel_evaluation(trainer, novel, False)
     return figures
 
 

@@ -21,8 +21,9 @@ from snca_ext.apps import export, fewshot, neighbors
 from snca_ext.apps.data import DataError
 from snca_ext.apps.data.omniglot import decode, omniglot_data
 from snca_ext.apps.feature_files import load_features
-from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, _novel_evaluation, _prepare, build_parser
+from snca_ext.apps.train.cli import EXIT_OK, EXIT_USAGE, build_parser
 from snca_ext.apps.train.cli import run as train
+from snca_ext.apps.train.session import novel_evaluation, prepare
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
 SMALL1 = DATA / "images_background_small1.zip"
@@ -191,7 +192,7 @@ def _untrained_calibrated(out: Path) -> dict:
     measured on the training images first. Training moves those statistics even with no optimiser
     step, and that alone lifts the untrained network by ~2 points here: a run that takes no step
     must not pass for one that learns."""
-    config, data, novel, _, trainer = _prepare(build_parser().parse_args(["--out", str(out), *SHORT]), None)
+    config, data, novel, _, trainer = prepare(build_parser().parse_args(["--out", str(out), *SHORT]), None)
     model = trainer.model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -199,7 +200,7 @@ def _untrained_calibrated(out: Path) -> dict:
             module.momentum = None  # a plain average over every batch
     for images, _, _ in DataLoader(data.train_plain, batch_size=config.batch_size):
         model(images)
-    return _novel_evaluation(trainer, novel, False)
+    return novel_evaluation(trainer, novel, False)
 
 
 def test_a_short_run_on_small1_beats_the_untrained_network_on_novel_alphabets(
