@@ -500,10 +500,18 @@ class ShardedMemoryBank(MemoryBank):
         momentum_update(self.bank, rows[owned], features[owned], momentum)
 
     def topk(
-        self, queries: Tensor, k: int, *, exclude: Tensor | None = None, backend: str = "auto"
+        self,
+        queries: Tensor,
+        k: int,
+        *,
+        exclude: Tensor | None = None,
+        backend: str = "auto",
+        bank: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The k most similar rows of the whole bank per query (collective, ``sharded_topk``)."""
-        return sharded_topk(queries, self.bank, k, start=self.start, exclude=exclude, backend=backend)
+        """The k most similar rows of the whole bank per query (collective, ``sharded_topk``).
+        ``bank`` searches other rows in this process's block's place (its shape)."""
+        rows = self._rows_to_search(bank)
+        return sharded_topk(queries, rows, k, start=self.start, exclude=exclude, backend=backend)
 
     # The two per-module steps of nn.Module.state_dict / load_state_dict, which run for this bank
     # also when it is a submodule (of a LightningModule, of any parent): the whole bank is saved

@@ -218,10 +218,29 @@ class MemoryBank(nn.Module):
         self.bank.copy_(features.to(self.bank.device, self.bank.dtype))
 
     def topk(
-        self, queries: Tensor, k: int, *, exclude: Tensor | None = None, backend: str = "auto"
+        self,
+        queries: Tensor,
+        k: int,
+        *,
+        exclude: Tensor | None = None,
+        backend: str = "auto",
+        bank: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The k most similar bank rows per query, descending (``snca_ext.bank_topk``)."""
-        return bank_topk(queries, self.bank, k, exclude=exclude, backend=backend)
+        """The k most similar bank rows per query, descending (``snca_ext.bank_topk``). ``bank``
+        searches other rows in the bank's place (its shape: e.g. the bank recomputed from the
+        network)."""
+        return bank_topk(queries, self._rows_to_search(bank), k, exclude=exclude, backend=backend)
+
+    def _rows_to_search(self, bank: Tensor | None) -> Tensor:
+        """The rows ``topk`` searches: the bank's own, or ``bank`` of the same shape."""
+        if bank is None:
+            return self.bank
+        if not isinstance(bank, Tensor) or bank.shape != self.bank.shape:
+            shape = tuple(bank.shape) if isinstance(bank, Tensor) else type(bank).__name__
+            raise ValueError(
+                f"bank must be a tensor of the bank's shape {tuple(self.bank.shape)}, got {shape}"
+            )
+        return bank
 
     def extra_repr(self) -> str:
         return (

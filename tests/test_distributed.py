@@ -202,10 +202,18 @@ def _rank_banks(out: Path) -> None:
             local = features[mine].clone().requires_grad_(True)
             bank.loss(local, indices[mine]).backward()
             bank.update(local.detach(), indices[mine])
+    # Other rows searched in each bank's place (the evaluation's recomputed bank): the same answer
+    # from both banks, one code path (.topk).
+    features, _, other, _, _ = _problem(torch.float32)
+    block = slice(banks["sharded"].start, banks["sharded"].end)
     saved = {
         "replicated": banks["replicated"].bank.clone(),
         "block": banks["sharded"].bank.clone(),
         "gathered": banks["sharded"].state_dict()["bank"],
+        "topk_other": {
+            "replicated": tuple(banks["replicated"].topk(features[mine], 5, bank=other)),
+            "sharded": tuple(banks["sharded"].topk(features[mine], 5, bank=other[block])),
+        },
     }
     torch.save(saved, out / f"banks{env.rank}.pt")
     sd.shutdown()
@@ -317,6 +325,12 @@ def test_banks_identical_across_ranks_and_to_one_process(tmp_path):
     assert [s["block"].shape[0] for s in saved] == [19, 18]
     for s in saved:
         assert torch.equal(s["gathered"], torch.cat([t["block"] for t in saved]))
+    features, _, other, _, _ = _problem(torch.float32)
+    for rank, s in enumerate(saved):
+        values, rows = snca_ext.bank_topk(features[_rank_slice(rank)], other, 5)
+        for mode in ("replicated", "sharded"):
+            torch.testing.assert_close(s["topk_other"][mode][0], values, rtol=0, atol=1e-6)
+            assert torch.equal(s["topk_other"][mode][1], rows), mode
 
 
 @pytest.mark.parametrize("how", ["dies", "hang"])

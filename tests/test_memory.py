@@ -99,6 +99,20 @@ def test_topk_excludes_the_query_row():
     assert bool((values[:, :-1] >= values[:, 1:]).all())
 
 
+def test_topk_searches_other_rows_in_the_banks_place():
+    memory = MemoryBank(torch.arange(20) % 2, 8, temperature=0.1)
+    memory.fill(_features(20, 8, 7))
+    other, queries = _features(20, 8, 8), _features(5, 8, 9)
+    values, rows = memory.topk(queries, 3, bank=other)
+    expected_values, expected_rows = (other @ queries.T).T.topk(3, dim=1)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-6)
+    assert torch.equal(rows, expected_rows)
+    with pytest.raises(
+        ValueError, match=r"bank must be a tensor of the bank's shape \(20, 8\), got \(19, 8\)"
+    ):
+        memory.topk(queries, 3, bank=other[:19])
+
+
 def test_memory_bank_argument_errors():
     with pytest.raises(ValueError, match="labels must be a non-empty 1-D tensor"):
         MemoryBank(torch.zeros(0, dtype=torch.long), 8, temperature=0.1)

@@ -19,7 +19,6 @@ from torch.utils.data import Subset
 from snca_ext import (
     KnnResult,
     MemoryBank,
-    bank_topk,
     few_shot_accuracy,
     knn_accuracy,
     knn_counts,
@@ -86,23 +85,12 @@ def knn_evaluate(
     queries, labels = _block_features(
         model, dataset, device, memory.dim, batch_size=batch_size, workers=workers, progress=progress
     )
-    if bank is None:
-        bank = memory.bank
     k = min(k, memory.size)
-    if isinstance(memory, dist.ShardedMemoryBank):
-
-        def search(part: Tensor):
-            return dist.sharded_topk(part, bank, k, start=memory.start, backend=backend)
-    else:
-
-        def search(part: Tensor):
-            return bank_topk(part, bank, k, backend=backend)
-
     # A sharded search is collective: every process runs the same number of chunks, some empty.
     chunks = -(-max(dist.gather_sizes(queries.shape[0], device)) // chunk)
     counts = torch.zeros(3, dtype=torch.long, device=device)
     for first in range(0, chunks * chunk, chunk):
-        values, rows = search(queries[first : first + chunk])
+        values, rows = memory.topk(queries[first : first + chunk], k, bank=bank, backend=backend)
         scores = knn_votes(
             values, rows, memory.labels if bank_labels is None else bank_labels, num_classes, sigma
         )
