@@ -70,6 +70,9 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(_cuda_arch, "_device_reason", {})
         monkeypatch.setattr(_cuda_arch, "compiled_arch_list", lambda: "8.0;9.0")
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        # The machine has the device (available_backends lists nothing on a device it lacks).
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         return torch.device("cuda", 0)
 
     return install
