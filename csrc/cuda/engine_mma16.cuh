@@ -57,13 +57,13 @@
 // rows are not whole 16-byte vectors (D != 64, 128 or a misaligned pointer).
 // Why 8 warps of 16 x 32 scores and 16 x Dp/2 accumulators each, one block per SM at D = 128: the
 // two groups' weighted-sum accumulators take 2 x Dp/2 x 16 / 32 = 64 registers per thread at
-// D = 128 and a tile's partial sums 8 more; with the scores (16), the fragments and the softmax
-// state the engine needs about 160 registers, so the lse kernel is compiled for one block of 8
-// warps per SM at D = 128 (kMinBlocks; two blocks would cap it at 128 registers and spill), and
-// for two at D = 64 (32 accumulator registers). Inside a block the pipeline hides the bank's
-// latency: the figures (benchmarks/static_report.py) put a tile at about 550 warp-instructions
-// per warp, ~2,200 issue cycles per SM for 8 warps on 4 schedulers, against ~1,300 cycles to
-// stream its 17 KB at an SM's share of HBM bandwidth on an H100; 2 tiles in flight cover it.
+// D = 128 and a tile's chunk 8 more; with the scores (16), the fragments and the softmax state the
+// lse kernel uses about 195 registers (static_report.py), so it is compiled for one block of 8
+// warps per SM at D = 128 (kMinBlocks: two would cap it at 128 registers), and for two at D = 64
+// (128 registers, 75,648 bytes of shared memory). Inside a block the pipeline hides the bank's
+// latency: the report puts the tile at about 1,000 warp-instructions per warp, ~2,000 issue cycles
+// per SM for 8 warps on 4 schedulers, against ~1,300 cycles to stream its 17 KB at an SM's share
+// of an H100's HBM bandwidth; 2 tiles in flight cover the latency (a GPU run must confirm it).
 //
 // Non-finite values: the contract of the fp32 engine (stream_common.cuh). The MMAs see finite
 // operands only: non-finite queries are stored as 0 (queries_bad), and every thread checks the
@@ -147,7 +147,8 @@ struct Format<c10::BFloat16> {
     asm("max.NaN.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
     return r;
   }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -169,7 +170,8 @@ struct Format<c10::Half> {
     asm("max.NaN.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(x), "r"(y));
     return r;
   }
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -240,8 +242,8 @@ struct Mma16Engine {
       const int64_t start = int64_t(tile) * kCols;
       const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
       if (threadIdx.x < kCols) {
-        mma16::cp_async_8(mma16::smem_address(labels + s * kCols + threadIdx.x), a.bank_labels + start + threadIdx.x,
-                          int(threadIdx.x) < n ? 8 : 0);
+        mma16::cp_async_8(mma16::smem_address(labels + s * kCols + threadIdx.x),
+                          a.bank_labels + start + threadIdx.x, int(threadIdx.x) < n ? 8 : 0);
       }
       if (direct) {
         // Rows past the bank's end are zero-filled: a copy of 0 bytes reads nothing from its source
@@ -273,7 +275,8 @@ struct Mma16Engine {
     bool bad = false;
     for (int e = threadIdx.x; e < kRows * Dp; e += kThreads) {
       const int r = e / Dp, d = e % Dp;
-      const float x = (row0 + r < a.B && d < a.D) ? static_cast<float>(a.features[(row0 + r) * a.D + d]) : 0.0f;
+      const bool inside = row0 + r < a.B && d < a.D;
+      const float x = inside ? static_cast<float>(a.features[(row0 + r) * a.D + d]) : 0.0f;
       const bool finite = isfinite(x);
       bad |= !finite;
       qs[r * kLd + d] = feat_t(finite ? x : 0.0f);
@@ -351,8 +354,9 @@ struct Mma16Engine {
     // matrices (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = a0..a3. For B, row
     // l % 8 of n-tile 2 p + l / 16, column 8 ((l / 8) % 2): matrices (n-tile 2p, k 0-7), (2p, 8-15),
     // (2p + 1, 0-7), (2p + 1, 8-15) = b0, b1 of n-tile 2p, b0, b1 of 2p + 1.
-    const uint32_t qa = mma16::smem_address(qs + (rg * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16));
-    const uint32_t mb = mma16::smem_address(ms + (h * 32 + 8 * (lane / 16) + lane % 8) * kLd + 8 * ((lane / 8) % 2));
+    const int qrow = rg * 16 + lane % 8 + 8 * ((lane / 8) % 2), mrow = h * 32 + 8 * (lane / 16) + lane % 8;
+    const uint32_t qa = mma16::smem_address(qs + qrow * kLd + 8 * (lane / 16));
+    const uint32_t mb = mma16::smem_address(ms + mrow * kLd + 8 * ((lane / 8) % 2));
 #pragma unroll
     for (int k = 0; k < Dp; k += 16) {
       uint32_t af[4];

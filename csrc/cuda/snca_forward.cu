@@ -1,7 +1,7 @@
 // CUDA kernels of snca_forward: the twin of csrc/cpu's, same contract (csrc/ops.cpp). The tile
 // loop and the split-KV design are described in stream_common.cuh, the engines in engine_*.cuh. With
-// k > 0 the top-k (topk_tile.cuh) runs inside the lse pass where its state fits (lse_topk_partial_kernel), else as
-// a second pass over the bank (bank_topk.cu).
+// k > 0 the top-k (topk_tile.cuh) runs inside the lse pass where its state fits
+// (lse_topk_partial_kernel), else as a second pass over the bank (bank_topk.cu).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -246,13 +246,15 @@ __device__ __forceinline__ float exp_fast(float x) {
   return y;
 }
 
-// The weights exp(c / T - ref) of the inner products rows_fast() left in c (-inf: none), summed per group into part and,
-// with the gradient, handed to the weighted sums (E::store_weights); returns whether this lane
-// has a same-class weight that is not 0 (the weighted sums skip the group when no lane has).
+// The weights exp(c / T - ref) of the inner products rows_fast() left in c (-inf: none), summed
+// per group into part and, with the gradient, handed to the weighted sums (E::store_weights);
+// returns whether this lane has a same-class weight that is not 0 (the weighted sums skip the
+// group when no lane of the rows has one).
 template <class E, int kNt>
-__device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, const float (&c)[kNt][4], unsigned same_bits,
-                                                 const float (&ref)[2][2], float* ps, float* po,
-                                                 const int (&rows)[2], int h, int t, float (&part)[2][2]) {
+__device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, const float (&c)[kNt][4],
+                                                 unsigned same_bits, const float (&ref)[2][2], float* ps,
+                                                 float* po, const int (&rows)[2], int h, int t,
+                                                 float (&part)[2][2]) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float base[2][2];
 #pragma unroll
@@ -634,7 +636,8 @@ snca_forward_cuda(const at::Tensor& features_in, const at::Tensor& labels_in,
   // upcast to fp32 here and take the generic engine (exact fp32 arithmetic on the rounded values).
   const bool low = features_in.scalar_type() == at::kBFloat16 || features_in.scalar_type() == at::kHalf;
   const at::Tensor features =
-      (low && features_in.size(1) <= 128 ? features_in : features_in.to(accumulation_dtype(features_in.scalar_type())))
+      (low && features_in.size(1) <= 128 ? features_in
+                                         : features_in.to(accumulation_dtype(features_in.scalar_type())))
           .contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();

@@ -18,8 +18,8 @@
 //   topk_partial_kernel   per query a sorted top-k list per split, candidate buffer, threshold
 //   topk_combine_kernel   pairwise (tree) merge of the sorted lists of all splits
 // Each tile goes through the same phases, separated by __syncthreads:
-//   load    bank tile (and its labels) into shared memory, converted to the accumulation dtype;
-//           the block learns whether the tile holds a non-finite value (__syncthreads_or)
+//   load    bank tile (and its labels) into shared memory, in the engine's operand dtype (fp32;
+//           16-bit: the features'); the block learns whether it holds a non-finite value
 //   scores  S[64 queries x 64 bank rows] = Q M^T (raw inner products)
 //   rows    softmax or top-k update: the tensor-core lse kernel on S in the MMAs' registers
 //           (lse_tiles_in_registers); the others on S in shared memory, a warp per query row
@@ -30,22 +30,22 @@
 // (engine_generic.cuh: fp64, or D > 128: FMA loops).
 //
 // Tensor-core rounding. Whether an MMA rounds its fp32 accumulation to nearest or toward zero is
-// not documented (papers measure both). The MMAs therefore accumulate short chunks from zero (4
-// k-steps of the scores, one 64-row tile of the weighted sums), each added into the running fp32
-// fragment with an ordinary add (round to nearest): a biased rounding cannot build up over the
-// bank. tests/test_cuda_emulation.py replays this arithmetic under both models and holds it to
-// the accuracy rule; an accumulator carried through a split's tiles fails it under RZ.
+// not documented (papers measure both). The MMAs therefore accumulate short chunks from zero (the
+// scores of a tile; one 64-row tile of the weighted sums), each added into the running fp32
+// fragment with an ordinary add or FFMA (round to nearest): a biased rounding cannot build up over
+// the bank. tests/test_cuda_emulation.py replays both engines under both models and the accuracy
+// rule; an accumulator carried through a split's tiles fails the fp32 one under RZ.
 //
 // Non-finite values. The MMAs see finite operands only (inf - tf32(inf) would be NaN); a tile or a
 // block of queries holding a non-finite value takes a rare path that puts the IEEE inner product
-// wherever it is not finite (TensorCoreEngine::scores), so a score is +-inf or NaN exactly when
+// wherever it is not finite (the engines' scores_frag), so a score is +-inf or NaN exactly when
 // the IEEE inner product is. Per query and group, a NaN score makes the lse NaN and a +inf one
 // +inf.
 //
-// Lazy rescaling. The reference max of a group is moved only when a tile's max exceeds it by more
-// than kLazyRescale (8 logit units): each exp(s - ref) stays below e^8, which cannot overflow fp32
-// even summed over 2^31 rows, and after the first tiles rescales of the weighted-sum accumulators
-// (64 registers per thread at D = 128) become rare.
+// Lazy rescaling (fp32, fp64). A group's reference max moves only when a tile's max exceeds it by
+// more than kLazyRescale (8 logit units): each exp(s - ref) stays below e^8, which cannot overflow
+// fp32 even summed over 2^31 rows, and after the first tiles rescales of the weighted-sum
+// accumulators become rare. (The 16-bit engine keeps the running max: engine_mma16.cuh.)
 #pragma once
 
 #include <ATen/ATen.h>
