@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from problems import loss_errors_allowed, make_problem
+from helpers.problems import loss_errors_allowed, make_problem
 from torch.nn import functional as F
 
 import snca_ext

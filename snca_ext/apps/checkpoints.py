@@ -89,7 +89,7 @@ def _stand_in(module: str, name: str) -> type:
     return _STAND_INS[key]
 
 
-class _TolerantUnpickler(pickle.Unpickler):
+class TolerantUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose unknown classes become stand-ins (Python 2 names such as
     ``copy_reg`` are mapped by ``pickle`` itself)."""
 
@@ -101,7 +101,7 @@ class _TolerantUnpickler(pickle.Unpickler):
 
 
 _TOLERANT_PICKLE = SimpleNamespace(
-    Unpickler=_TolerantUnpickler, load=pickle.load, loads=pickle.loads, __name__="pickle"
+    Unpickler=TolerantUnpickler, load=pickle.load, loads=pickle.loads, __name__="pickle"
 )
 
 

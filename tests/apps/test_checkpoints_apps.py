@@ -12,8 +12,8 @@ import re
 
 import pytest
 import torch
-from test_checkpoints import write_cifar_checkpoint, write_main_checkpoint
-from test_data import make_cifar_folder, make_image_folder
+from helpers.data_folders import make_cifar_folder, make_image_folder
+from helpers.original_checkpoints import write_cifar_checkpoint, write_main_checkpoint
 
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import make_cifar_folder
+from helpers.data_folders import make_cifar_folder
 from torchvision import transforms
 
 from snca_ext.apps.data import DataError, build_data

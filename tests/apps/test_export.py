@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import forward_all
+from helpers.models import forward_all
 from PIL import Image
 
 from snca_ext.apps.checkpoints import load_checkpoint, save_checkpoint

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import make_cifar_folder, make_image_folder
+from helpers.data_folders import make_cifar_folder, make_image_folder
 
 from snca_ext.apps import checkpoints as checkpoint_module
 from snca_ext.apps.checkpoints import load_checkpoint

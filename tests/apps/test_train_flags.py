@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from app_helpers import forward_all
+from helpers.models import forward_all
 
 from snca_ext.apps.checkpoints import load_checkpoint
 from snca_ext.apps.data import build_data

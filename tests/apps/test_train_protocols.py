@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from app_helpers import forward_all
+from helpers.models import forward_all
 from torch import nn
 from torch.nn import functional as F
 

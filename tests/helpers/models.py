@@ -1,4 +1,4 @@
-"""What the application tests share."""
+"""A forward-pass oracle for the application tests."""
 
 from __future__ import annotations
 
