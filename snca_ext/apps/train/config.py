@@ -48,7 +48,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "threads": None,
     },
     "fashion-mnist": {
-        # This package's recipe for 2 CPU cores (benchmarks/fidelity.py): a small CNN, the
+        # This package's recipe for 2 CPU cores (experiments/fidelity.py): a small CNN, the
         # paper's temperature and momenta, a short step schedule (9 epochs: 91.7% kNN, seed 0;
         # 6 epochs: 91.2%; the README has the runs and their times).
         "arch": "fashion_cnn",

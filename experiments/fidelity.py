@@ -1,9 +1,9 @@
 """The paper's claims on real data, SNCA against the softmax baseline and the baselines that tell.
 
-    python -m benchmarks.fidelity                              Fashion-MNIST, 3 seeds, the recipe
-    python -m benchmarks.fidelity --train-limit 10000 --epochs 4 --seeds 0   a reduced protocol
-    python -m benchmarks.fidelity --dataset digits --experiments novel
-    python -m benchmarks.fidelity --dataset omniglot --data ../shared/data/omniglot
+    python -m experiments.fidelity                              Fashion-MNIST, 3 seeds, the recipe
+    python -m experiments.fidelity --train-limit 10000 --epochs 4 --seeds 0   a reduced protocol
+    python -m experiments.fidelity --dataset digits --experiments novel
+    python -m experiments.fidelity --dataset omniglot --data ../shared/data/omniglot
 
 Experiments (``--experiments``, comma-separated), each run with ``--loss snca`` and ``--loss
 softmax`` (the same network and schedule with a linear classifier on the embedding) once per seed,
@@ -194,7 +194,9 @@ def table(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.fidelity", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "digits", "omniglot"))
     parser.add_argument("--data", help="the data folder (omniglot: the one holding its minimal splits' zips)")
     parser.add_argument(
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, help="evaluate on the first N test examples")
     parser.add_argument("--threads", type=int, help="torch CPU threads of each run")
     parser.add_argument("--runs", help="keep the run folders here (default: a temporary folder)")
-    parser.add_argument("--out", default="benchmarks/fidelity.md", help="the markdown table")
+    parser.add_argument("--out", default="experiments/fidelity.md", help="the markdown table")
     args = parser.parse_args(argv)
     if args.dataset == "omniglot" and args.data is None:
         parser.error("--dataset omniglot needs --data DIR (the folder of its minimal splits' zips)")
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 for method, figures in _baselines(experiment, seed, args).items():
                     for key, value in figures.items():
                         rows[method].setdefault(key, []).append(value)
-    command = "python -m benchmarks.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
     text = table(rows, seconds, experiments, args.dataset)
     text += (
         f"\n\n{args.dataset}, seeds {args.seeds}, `{command.strip()}`; kNN K = 30 with sigma = T; "
