@@ -16,6 +16,23 @@ PACKAGE = Path(snca_ext.__file__).parent
 # Command-line entry points kept at the paths users call (python -m snca_ext.train, ...): they
 # forward to snca_ext.apps and are not imported by the core.
 ENTRY_POINTS = {"__main__.py", "train.py", "export.py", "neighbors.py", "fewshot.py"}
+# The command modules of the applications: each parses and calls; what two of them share lives in
+# a module named for it (apps/trained.py, apps/feature_files.py, ...), never in a command.
+COMMANDS = {
+    "snca_ext.apps.export",
+    "snca_ext.apps.neighbors",
+    "snca_ext.apps.fewshot",
+    "snca_ext.apps.train.cli",
+}
+TESTS = Path(__file__).parent
+# Tests that reach below the public API on purpose: the compiled kernels' static configuration
+# (_C), the CUDA arch table (_cuda_arch) and the autograd functions the emulation drives
+# (_autograd). Any other private import from a test fails test_tests_use_no_private_name.
+PRIVATE_ALLOWED = {
+    "test_cuda_static.py": {"snca_ext._C"},
+    "test_cuda_arch.py": {"snca_ext._cuda_arch"},
+    "test_cuda_emulation.py": {"snca_ext._autograd"},
+}
 
 
 def _core_modules() -> list[Path]:
@@ -23,9 +40,26 @@ def _core_modules() -> list[Path]:
     return [path for path in files if path.name not in ENTRY_POINTS or path.parent != PACKAGE]
 
 
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+def _private(module: str, names: list[str]) -> list[str]:
+    """The private names (``_x``, not dunders) an import of ``names`` from ``module`` reaches."""
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+    return [n for n in names if private(n)] + [p for p in module.split(".") if private(p)]
+
+
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
     """(module, names) of every import in ``path``, relative imports resolved."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    package = (
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+        if path.is_relative_to(PACKAGE)
+        else ""
+    )
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -64,10 +98,32 @@ def test_the_applications_use_only_the_public_api_of_the_core():
         for module, names in _imports(path):
             if not module.startswith("snca_ext") or module.startswith("snca_ext.apps"):
                 continue
-            private = [n for n in names if n.startswith("_")] + [
-                p for p in module.split(".") if p.startswith("_")
-            ]
+            private = _private(module, names)
             assert not private, f"{path.relative_to(PACKAGE)} uses private {module}: {private}"
+
+
+def test_a_command_module_imports_no_other_command_module():
+    """Data flows down: a command (or any application module) imports libraries, never a command
+    (``from .export import run`` counts: a command's names are its own)."""
+    assert all((PACKAGE.parent / (name.replace(".", "/") + ".py")).is_file() for name in COMMANDS)
+    for path in (PACKAGE / "apps").rglob("*.py"):
+        for module, names in _imports(path):
+            reached = {module} | {f"{module}.{name}" for name in names}
+            commands = sorted(reached & COMMANDS - {_module_name(path)})
+            assert not commands, f"{path.relative_to(PACKAGE)} imports the command {commands}"
+
+
+def test_tests_use_no_private_name_of_the_package():
+    """A test checks what users and the applications can call; the few that check the kernels'
+    internals are named in PRIVATE_ALLOWED with what they reach."""
+    for path in TESTS.rglob("*.py"):
+        allowed = PRIVATE_ALLOWED.get(path.name, set())
+        for module, names in _imports(path):
+            if not module.startswith("snca_ext"):
+                continue
+            reached = {module} | {f"{module}.{name}" for name in names}
+            private = [] if reached & allowed else _private(module, names)
+            assert not private, f"{path.relative_to(TESTS)} imports private {module}: {private}"
 
 
 @pytest.mark.parametrize("command", ["train", "export", "neighbors", "fewshot"])
