@@ -9,7 +9,8 @@ export, neighbour browser; ``snca_ext.apps``) sit on this public API and are not
 
 from .episodes import FewShotResult, few_shot_accuracy, sample_episodes
 from .knn import BankKNN, KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
-from .memory import MemoryBank, MomentumSchedule, SNCACriterion, SNCALoss, momentum_update
+from .loss import SNCACriterion, SNCALoss
+from .memory import MemoryBank, MomentumSchedule, momentum_update
 from .ops import (
     BACKENDS,
     SNCAPartials,

@@ -13,14 +13,8 @@ from torch.nn import functional as F
 
 from snca_ext import distributed
 from snca_ext.distributed import ShardedMemoryBank
-from snca_ext.memory import (
-    MemoryBank,
-    MomentumSchedule,
-    SNCACriterion,
-    SNCALoss,
-    initial_bank,
-    momentum_update,
-)
+from snca_ext.loss import SNCACriterion, SNCALoss
+from snca_ext.memory import MemoryBank, MomentumSchedule, initial_bank, momentum_update
 from snca_ext.reference import snca_loss_original, snca_loss_reference
 
 
