@@ -7,16 +7,15 @@ and few-shot metrics on feature matrices, and the sharded bank for torch.distrib
 export, neighbour browser; ``snca_ext.apps``) sit on this public API and are not imported here.
 """
 
+from .backends import BACKENDS, available_backends
 from .episodes import FewShotResult, few_shot_accuracy, sample_episodes
 from .knn import BankKNN, KnnResult, knn_accuracy, knn_counts, knn_predict, knn_scores, knn_votes
 from .loss import SNCACriterion, SNCALoss
 from .memory import MemoryBank, MomentumSchedule, momentum_update
 from .ops import (
-    BACKENDS,
     SNCAPartials,
     SNCAStats,
     TopK,
-    available_backends,
     bank_topk,
     loss_from_lse,
     snca_loss,

@@ -12,8 +12,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .checks import check_temperature
 from .memory import MemoryBank
-from .ops import _check_temperature, snca_loss
+from .ops import snca_loss
 
 
 class SNCALoss(nn.Module):
@@ -79,7 +80,7 @@ class SNCALoss(nn.Module):
             if labels is None
             else MemoryBank(labels, dim, temperature=temperature, momentum=momentum, dtype=dtype)
         )
-        self._temperature = _check_temperature(temperature)
+        self._temperature = check_temperature(temperature)
         self.margin = float(margin)
         self.backend = backend
 

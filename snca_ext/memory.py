@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .ops import _check_temperature, bank_topk, snca_loss
+from .checks import check_temperature
+from .ops import bank_topk, snca_loss
 
 BANK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,7 +159,7 @@ class MemoryBank(nn.Module):
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
         if dtype not in BANK_DTYPES.values():
             raise TypeError(f"dtype must be one of {list(BANK_DTYPES)}, got {dtype}")
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.momentum = _check_momentum(momentum)
         bank = initial_bank(labels.numel(), dim, dtype=dtype, generator=generator)
         self.register_buffer("bank", bank.to(device))

@@ -66,7 +66,7 @@ INSTALLED_CHILD = textwrap.dedent(
     from snca_ext import reference
 
     assert snca_ext.__file__.startswith(sys.argv[1]), snca_ext.__file__
-    assert "cpu" in snca_ext.available_backends("cpu"), snca_ext.ops._C_IMPORT_ERROR
+    assert "cpu" in snca_ext.available_backends("cpu"), snca_ext.backends.C_IMPORT_ERROR
     f = torch.nn.functional.normalize(torch.randn(5, 7, dtype=torch.float64), dim=1)
     bank = torch.nn.functional.normalize(torch.randn(600, 7, dtype=torch.float64), dim=1)
     labels = torch.randint(0, 4, (600,))
