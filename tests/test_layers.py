@@ -36,7 +36,7 @@ PRIVATE_ALLOWED = {
 
 
 def _core_modules() -> list[Path]:
-    files = [*PACKAGE.glob("*.py"), *(PACKAGE / "triton").glob("*.py")]
+    files = [path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] != "apps"]
     return [path for path in files if path.name not in ENTRY_POINTS or path.parent != PACKAGE]
 
 

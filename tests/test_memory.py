@@ -225,7 +225,7 @@ def test_a_sharded_rank_loads_its_block_of_the_whole_bank(monkeypatch):
     """Rank 1 of 2 takes rows [15, 30) of a whole saved bank, inside a parent; a bank of another
     size is refused with both shapes named."""
     whole = _trained_parent("MemoryBank").state_dict()
-    monkeypatch.setattr(distributed, "_rank_world", lambda: (1, 2))
+    monkeypatch.setattr(distributed.comm, "rank_world", lambda: (1, 2))
     target = _Parent(ShardedMemoryBank(torch.zeros(30, dtype=torch.long), 8, temperature=0.1))
     assert (target.memory.start, target.memory.end) == (15, 30)
     target.load_state_dict(whole)
