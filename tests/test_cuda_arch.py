@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from snca_ext import _cuda_arch, ops
+from snca_ext import _cuda_arch, backends, ops
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def fake_gpu(monkeypatch):
     """A CUDA device of a chosen capability, and a binary that holds CUDA kernels for 8.0;9.0."""
 
     def install(capability):
-        monkeypatch.setitem(ops._COMPILED_FOR, "cuda", True)
+        monkeypatch.setitem(backends.COMPILED_FOR, "cuda", True)
         monkeypatch.setattr(_cuda_arch, "_device_reason", {})
         monkeypatch.setattr(_cuda_arch, "compiled_arch_list", lambda: "8.0;9.0")
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
@@ -81,30 +81,30 @@ def fake_gpu(monkeypatch):
 def test_auto_skips_cuda_on_a_gpu_without_code_with_one_warning(fake_gpu):
     device = fake_gpu((7, 5))
     with pytest.warns(RuntimeWarning, match="skipped on cuda:0: the GPU is sm_75"):
-        backends = ops.available_backends(device)
-    assert "cuda" not in backends and backends[-1] == "reference"
+        listed = ops.available_backends(device)
+    assert "cuda" not in listed and listed[-1] == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per device, not per call
-        assert ops._resolve_backend("auto", device) == backends[0]
+        assert backends.resolve_backend("auto", device) == listed[0]
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cuda:0: the GPU is sm_75"):
-        ops._resolve_backend("cuda", device)
+        backends.resolve_backend("cuda", device)
 
 
 def test_auto_picks_cuda_on_a_gpu_with_code(fake_gpu):
     device = fake_gpu((8, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ops._resolve_backend("auto", device) == "cuda"
-        assert ops._resolve_backend("cuda", device) == "cuda"
+        assert backends.resolve_backend("auto", device) == "cuda"
+        assert backends.resolve_backend("cuda", device) == "cuda"
 
 
 def test_a_newer_gpu_names_the_rebuild(fake_gpu):
     device = fake_gpu((12, 0))
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match=r"TORCH_CUDA_ARCH_LIST=12\.0"):
-        ops._resolve_backend("cuda", device)
+        backends.resolve_backend("cuda", device)
 
 
-@pytest.mark.skipif(not ops._COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
+@pytest.mark.skipif(not backends.COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
 def test_the_library_records_its_arch_list():
     archs = _cuda_arch.compiled_arch_list()
     assert archs and _cuda_arch.filter_arch_list(archs)[1] == []

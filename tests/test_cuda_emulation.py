@@ -18,9 +18,9 @@ import math
 
 import pytest
 import torch
+from helpers.problems import loss_errors_allowed, make_problem
 
 from snca_ext import _autograd, ops, reference
-from tests.problems import loss_errors_allowed, make_problem
 
 ROWS = COLS = 64  # queries per block, bank rows per tile (tile_config.h)
 K_STEP = 8  # the k of one TF32 MMA (mma.sync m16n8k8)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from benchmarks import static_report as sr
-from snca_ext import ops
+from snca_ext import backends
 
-needs_c = pytest.mark.skipif(ops._C_IMPORT_ERROR is not None, reason="snca_ext._C not built")
+needs_c = pytest.mark.skipif(backends.C_IMPORT_ERROR is not None, reason="snca_ext._C not built")
 
 
 LOW = (torch.bfloat16, torch.float16)
@@ -69,7 +69,7 @@ def _have(tool: str) -> str | None:
 STACK_ALLOWED = {("topk_partial_kernel", "GenericEngine"): 8}
 
 
-@pytest.mark.skipif(not ops._COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
+@pytest.mark.skipif(not backends.COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
 @pytest.mark.skipif(_have("cuobjdump") is None, reason="no cuobjdump")
 def test_the_built_kernels_do_not_spill():
     """A kernel that spills (or keeps an array in local memory) has a stack frame: none may, but
@@ -94,7 +94,7 @@ def test_the_built_kernels_do_not_spill():
     assert kernels >= 20  # every engine of both ops, for every built architecture
 
 
-@pytest.mark.skipif(not ops._COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
+@pytest.mark.skipif(not backends.COMPILED_FOR["cuda"], reason="snca_ext._C built without the CUDA kernels")
 @pytest.mark.skipif(_have("cuobjdump") is None or _have("nvdisasm") is None, reason="no cuobjdump/nvdisasm")
 def test_the_built_main_loop_meets_its_target(tmp_path):
     """The lse kernels of the forward with gradient at D = 128, per 64 x 64 tile per warp in every
