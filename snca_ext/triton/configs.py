@@ -171,7 +171,12 @@ def _config_16bit(
     # within the 99 KB of sm_86/89.
     block_n = 32 if (wide_rows and bank == "fp32") or hopper_grad else 64
     grad_d = 128 if with_grad and wide_rows else 0
-    num_warps = 8 if with_grad or block_d >= 128 else 4
+    # 8 warps split a [<= 32, 32] score tile into fewer mma.sync tiles than warps: the spare
+    # warps repeated the products (1.5 to 2 multiply-adds per product at D = 256); 4 do not.
+    if block_n == 32 and block_b <= 32:
+        num_warps = 4
+    else:
+        num_warps = 8 if with_grad or block_d >= 128 else 4
     num_stages = 2 if wide_rows else 3
     return KernelConfig(
         features,
