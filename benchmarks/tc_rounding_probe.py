@@ -7,7 +7,7 @@ Raw inner products of random vectors against float64: for each path, the mean of
 gives about 0; round-toward-zero a clearly negative mean (results pulled toward zero). Paths: a
 TF32 matmul and a bf16 matmul (cuBLAS, tensor cores), an fp32 FFMA matmul (control, RN), and the
 scores of snca_ext's cuda backend (bank_topk values: its split-TF32 MMAs with each k-step added
-in RN, csrc/cuda/stream_tile.cuh), which must stay unbiased whatever the tensor cores do.
+in RN, csrc/cuda/engine_tf32.cuh and engine_mma16.cuh), which must stay unbiased whatever the tensor cores do.
 tests/test_cuda_emulation.py holds the kernel's arithmetic to the accuracy rule under both models.
 """
 
