@@ -203,6 +203,156 @@ struct StreamOptions {
   double temperature;
 };
 
+// The tile for the weighted sums: a bank row holding inf or NaN never has a finite score, so its
+// weight is 0 or NaN for every query; a zero weight must contribute nothing to the weighted sums
+// (the contract), not 0 * inf = NaN through the GEMM. Such rows enter the sums as zeros (a copy in
+// finite_buffer, allocated on the first such tile): a NaN weight still makes its group NaN at
+// the merge.
+template <typename acc_t>
+at::Tensor finite_tile(const at::Tensor& tile_rows, at::Tensor& finite_buffer, int64_t n, int64_t dim,
+                       const at::TensorOptions& options) {
+  if (all_finite(tile_rows.template data_ptr<acc_t>(), n * dim)) return tile_rows;
+  if (!finite_buffer.defined()) finite_buffer = at::empty({kTileRows, dim}, options);
+  at::Tensor finite_rows = finite_buffer.narrow(0, 0, n).copy_(tile_rows);
+  acc_t* finite_ptr = finite_rows.template data_ptr<acc_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t* row = finite_ptr + j * dim;
+    if (!all_finite(row, dim)) std::fill(row, row + dim, acc_t(0));
+  }
+  return finite_rows;
+}
+
+// Phase 2 of a tile, for every query: folds the tile's exp-sums into the running log-sum-exps
+// (rescaled to the new maxima) and, with the gradient, the tile's weighted bank rows into the
+// running weighted sums (the same-class ones row by row when they are sparse).
+template <typename acc_t>
+void fold_tile(LseState<acc_t>& state, const std::vector<RowTileResult<acc_t>>& tile_max,
+               const std::vector<int64_t>& self_cols, const acc_t* dot_ptr, int64_t dot_stride,
+               const at::Tensor& weights, const at::Tensor& tile_rows, const int64_t* tile_labels,
+               const int64_t* label_ptr, int64_t rows, int64_t n, int64_t dim, acc_t inv_t,
+               bool with_grad, bool sparse_same) {
+  LseState<acc_t>* lse = &state;
+  acc_t* weight_ptr = with_grad ? weights.data_ptr<acc_t>() : nullptr;
+  const int64_t weight_stride = with_grad ? weights.stride(0) : 0;
+  acc_t* weighted_ptr = with_grad ? lse->weighted.template data_ptr<acc_t>() : nullptr;
+  const acc_t* tile_data = with_grad ? tile_rows.template data_ptr<acc_t>() : nullptr;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* row_dots = dot_ptr + i * dot_stride;
+    lse->nan_same[i] |= tile_max[i].nan_same;
+    lse->nan_other[i] |= tile_max[i].nan_other;
+    const acc_t new_max_same = std::max(lse->max_same[i], tile_max[i].max_same);
+    const acc_t new_max_other = std::max(lse->max_other[i], tile_max[i].max_other);
+    acc_t* p_same = with_grad ? weight_ptr + i * weight_stride : nullptr;
+    acc_t* p_other = with_grad ? weight_ptr + (rows + i) * weight_stride : nullptr;
+    acc_t tile_sum_same, tile_sum_other;
+    row_exp_sums_dispatch(row_dots, tile_labels, label_ptr[i], self_cols[i], n, inv_t,
+                          new_max_same, new_max_other, &tile_sum_same, &tile_sum_other, p_same,
+                          p_other);
+    const acc_t scale_same = rescale_factor(lse->max_same[i], new_max_same);
+    const acc_t scale_other = rescale_factor(lse->max_other[i], new_max_other);
+    lse->sum_same[i] = lse->sum_same[i] * scale_same + tile_sum_same;
+    lse->sum_other[i] = lse->sum_other[i] * scale_other + tile_sum_other;
+    lse->max_same[i] = new_max_same;
+    lse->max_other[i] = new_max_other;
+    if (!with_grad) continue;
+    acc_t* same_row = weighted_ptr + i * dim;
+    acc_t* other_row = weighted_ptr + (rows + i) * dim;
+    if (scale_same != acc_t(1)) {
+      for (int64_t d = 0; d < dim; ++d) same_row[d] *= scale_same;
+    }
+    if (scale_other != acc_t(1)) {
+      for (int64_t d = 0; d < dim; ++d) other_row[d] *= scale_other;
+    }
+    if (sparse_same && tile_max[i].same_count > 0) {
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t weight = p_same[j];
+        if (weight == acc_t(0)) continue;
+        const acc_t* bank_row = tile_data + j * dim;
+        for (int64_t d = 0; d < dim; ++d) same_row[d] += weight * bank_row[d];
+      }
+    }
+  }
+  if (with_grad) {
+    at::Tensor tile_weights = weights.narrow(1, 0, n);
+    if (sparse_same) {
+      lse->weighted.narrow(0, rows, rows).addmm_(tile_weights.narrow(0, rows, rows), tile_rows);
+    } else {
+      lse->weighted.addmm_(tile_weights, tile_rows);
+    }
+  }
+}
+
+// The merge of the log-sum-exps: every worker's running state, in a fixed worker order, into
+// each query's log-sum-exps and (with the gradient) weighted means.
+template <typename acc_t>
+void merge_lse(const std::vector<LseState<acc_t>>& lse_states, int64_t rows, int64_t dim, bool with_grad,
+               at::Tensor* lse_same, at::Tensor* lse_other, at::Tensor* wmean_same,
+               at::Tensor* wmean_other) {
+  const int64_t workers = static_cast<int64_t>(lse_states.size());
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  acc_t* out_same = lse_same->data_ptr<acc_t>();
+  acc_t* out_other = lse_other->data_ptr<acc_t>();
+  acc_t* grad_same = with_grad ? wmean_same->data_ptr<acc_t>() : nullptr;
+  acc_t* grad_other = with_grad ? wmean_other->data_ptr<acc_t>() : nullptr;
+  std::vector<const acc_t*> weighted(workers);
+  for (int64_t w = 0; w < workers; ++w) {
+    weighted[w] = with_grad ? lse_states[w].weighted.template data_ptr<acc_t>() : nullptr;
+  }
+  at::parallel_for(0, rows, 16, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      acc_t max_same = neg_inf, max_other = neg_inf;
+      bool nan_same = false, nan_other = false;
+      for (const auto& st : lse_states) {
+        max_same = std::max(max_same, st.max_same[i]);
+        max_other = std::max(max_other, st.max_other[i]);
+        nan_same |= st.nan_same[i] != 0;
+        nan_other |= st.nan_other[i] != 0;
+      }
+      acc_t sum_same = 0, sum_other = 0;
+      if (with_grad) {
+        std::fill(grad_same + i * dim, grad_same + (i + 1) * dim, acc_t(0));
+        std::fill(grad_other + i * dim, grad_other + (i + 1) * dim, acc_t(0));
+      }
+      for (int64_t w = 0; w < workers; ++w) {
+        const auto& st = lse_states[w];
+        const acc_t f_same = rescale_factor(st.max_same[i], max_same);
+        const acc_t f_other = rescale_factor(st.max_other[i], max_other);
+        sum_same += st.sum_same[i] * f_same;
+        sum_other += st.sum_other[i] * f_other;
+        if (with_grad) {
+          const acc_t* ws = weighted[w] + i * dim;
+          const acc_t* wo = weighted[w] + (rows + i) * dim;
+          for (int64_t d = 0; d < dim; ++d) {
+            grad_same[i * dim + d] += ws[d] * f_same;
+            grad_other[i * dim + d] += wo[d] * f_other;
+          }
+        }
+      }
+      // The exact IEEE log-sum-exp of each group: NaN if a score is NaN, else +inf if one is
+      // +inf (the running sums then hold exp(inf - inf) = NaN and are not used); the gradient
+      // of such a group is NaN, that of an empty or all -inf group 0.
+      const bool undefined_same = nan_same || max_same == pos_inf;
+      const bool undefined_other = nan_other || max_other == pos_inf;
+      out_same[i] = undefined_same ? (nan_same ? nan : pos_inf)
+                                   : (sum_same > 0 ? max_same + std::log(sum_same) : neg_inf);
+      out_other[i] = undefined_other ? (nan_other ? nan : pos_inf)
+                                     : (sum_other > 0 ? max_other + std::log(sum_other) : neg_inf);
+      if (with_grad) {
+        const acc_t inv_same =
+            undefined_same ? nan : (sum_same > 0 ? acc_t(1) / sum_same : acc_t(0));
+        const acc_t inv_other =
+            undefined_other ? nan : (sum_other > 0 ? acc_t(1) / sum_other : acc_t(0));
+        for (int64_t d = 0; d < dim; ++d) {
+          grad_same[i * dim + d] *= inv_same;
+          grad_other[i * dim + d] *= inv_other;
+        }
+      }
+    }
+  });
+}
+
 template <typename acc_t>
 void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& self_rows,
                  const at::Tensor& bank, const at::Tensor& bank_labels, const StreamOptions& opt,
@@ -251,10 +401,7 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
         at::mm_out(tile_dots, features, tile_rows.t());
         const acc_t* dot_ptr = dots.data_ptr<acc_t>();
         const int64_t dot_stride = dots.stride(0);
-        acc_t* weight_ptr = opt.with_grad ? weights.data_ptr<acc_t>() : nullptr;
-        const int64_t weight_stride = opt.with_grad ? weights.stride(0) : 0;
         LseState<acc_t>* lse = opt.with_lse ? &lse_states[w] : nullptr;
-        acc_t* weighted_ptr = opt.with_grad ? lse->weighted.template data_ptr<acc_t>() : nullptr;
 
         // Pass 1 for every query first: the tile's same-class count decides how the
         // same-class weighted sum is formed below.
@@ -272,134 +419,16 @@ void stream_bank(const at::Tensor& features, const at::Tensor& labels, const at:
         // With many classes the same-class weights are almost all zero (1 in 1000 on ImageNet):
         // adding those few bank rows directly beats a dense B x tile x D GEMM over the zeros.
         const bool sparse_same = opt.with_grad && same_total * kDenseSameRatio < rows * n;
-        // A bank row holding inf or NaN never has a finite score, so its weight is 0 or NaN for
-        // every query; a zero weight must contribute nothing to the weighted sums (the contract),
-        // not 0 * inf = NaN through the GEMM. Such rows enter the sums as zeros: a NaN weight
-        // still makes its group NaN at the merge.
-        if (opt.with_grad && !all_finite(tile_rows.template data_ptr<acc_t>(), n * dim)) {
-          if (!finite_buffer.defined()) finite_buffer = at::empty({kTileRows, dim}, acc_options);
-          at::Tensor finite_rows = finite_buffer.narrow(0, 0, n).copy_(tile_rows);
-          acc_t* finite_ptr = finite_rows.template data_ptr<acc_t>();
-          for (int64_t j = 0; j < n; ++j) {
-            acc_t* row = finite_ptr + j * dim;
-            if (!all_finite(row, dim)) std::fill(row, row + dim, acc_t(0));
-          }
-          tile_rows = finite_rows;
-        }
-        const acc_t* tile_data = opt.with_grad ? tile_rows.template data_ptr<acc_t>() : nullptr;
-
-        for (int64_t i = 0; i < rows; ++i) {
-          const acc_t* row_dots = dot_ptr + i * dot_stride;
-          lse->nan_same[i] |= tile_max[i].nan_same;
-          lse->nan_other[i] |= tile_max[i].nan_other;
-          const acc_t new_max_same = std::max(lse->max_same[i], tile_max[i].max_same);
-          const acc_t new_max_other = std::max(lse->max_other[i], tile_max[i].max_other);
-          acc_t* p_same = opt.with_grad ? weight_ptr + i * weight_stride : nullptr;
-          acc_t* p_other = opt.with_grad ? weight_ptr + (rows + i) * weight_stride : nullptr;
-          acc_t tile_sum_same, tile_sum_other;
-          row_exp_sums_dispatch(row_dots, bank_label_ptr + start, label_ptr[i], self_cols[i], n, inv_t,
-                                new_max_same, new_max_other, &tile_sum_same, &tile_sum_other, p_same,
-                                p_other);
-          const acc_t scale_same = rescale_factor(lse->max_same[i], new_max_same);
-          const acc_t scale_other = rescale_factor(lse->max_other[i], new_max_other);
-          lse->sum_same[i] = lse->sum_same[i] * scale_same + tile_sum_same;
-          lse->sum_other[i] = lse->sum_other[i] * scale_other + tile_sum_other;
-          lse->max_same[i] = new_max_same;
-          lse->max_other[i] = new_max_other;
-          if (!opt.with_grad) continue;
-          acc_t* same_row = weighted_ptr + i * dim;
-          acc_t* other_row = weighted_ptr + (rows + i) * dim;
-          if (scale_same != acc_t(1)) {
-            for (int64_t d = 0; d < dim; ++d) same_row[d] *= scale_same;
-          }
-          if (scale_other != acc_t(1)) {
-            for (int64_t d = 0; d < dim; ++d) other_row[d] *= scale_other;
-          }
-          if (sparse_same && tile_max[i].same_count > 0) {
-            for (int64_t j = 0; j < n; ++j) {
-              const acc_t weight = p_same[j];
-              if (weight == acc_t(0)) continue;
-              const acc_t* bank_row = tile_data + j * dim;
-              for (int64_t d = 0; d < dim; ++d) same_row[d] += weight * bank_row[d];
-            }
-          }
-        }
-        if (opt.with_grad) {
-          at::Tensor tile_weights = weights.narrow(1, 0, n);
-          if (sparse_same) {
-            lse->weighted.narrow(0, rows, rows).addmm_(tile_weights.narrow(0, rows, rows), tile_rows);
-          } else {
-            lse->weighted.addmm_(tile_weights, tile_rows);
-          }
-        }
+        if (opt.with_grad) tile_rows = finite_tile<acc_t>(tile_rows, finite_buffer, n, dim, acc_options);
+        fold_tile(*lse, tile_max, self_cols, dot_ptr, dot_stride, weights, tile_rows, bank_label_ptr + start,
+                  label_ptr, rows, n, dim, inv_t, opt.with_grad, sparse_same);
       }
     }
   });
 
   // Merge the workers' partials in a fixed order.
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   if (opt.with_lse) {
-    acc_t* out_same = lse_same->data_ptr<acc_t>();
-    acc_t* out_other = lse_other->data_ptr<acc_t>();
-    acc_t* grad_same = opt.with_grad ? wmean_same->data_ptr<acc_t>() : nullptr;
-    acc_t* grad_other = opt.with_grad ? wmean_other->data_ptr<acc_t>() : nullptr;
-    std::vector<const acc_t*> weighted(workers);
-    for (int64_t w = 0; w < workers; ++w) {
-      weighted[w] = opt.with_grad ? lse_states[w].weighted.template data_ptr<acc_t>() : nullptr;
-    }
-    at::parallel_for(0, rows, 16, [&](int64_t row_begin, int64_t row_end) {
-      for (int64_t i = row_begin; i < row_end; ++i) {
-        acc_t max_same = neg_inf, max_other = neg_inf;
-        bool nan_same = false, nan_other = false;
-        for (const auto& st : lse_states) {
-          max_same = std::max(max_same, st.max_same[i]);
-          max_other = std::max(max_other, st.max_other[i]);
-          nan_same |= st.nan_same[i] != 0;
-          nan_other |= st.nan_other[i] != 0;
-        }
-        acc_t sum_same = 0, sum_other = 0;
-        if (opt.with_grad) {
-          std::fill(grad_same + i * dim, grad_same + (i + 1) * dim, acc_t(0));
-          std::fill(grad_other + i * dim, grad_other + (i + 1) * dim, acc_t(0));
-        }
-        for (int64_t w = 0; w < workers; ++w) {
-          const auto& st = lse_states[w];
-          const acc_t f_same = rescale_factor(st.max_same[i], max_same);
-          const acc_t f_other = rescale_factor(st.max_other[i], max_other);
-          sum_same += st.sum_same[i] * f_same;
-          sum_other += st.sum_other[i] * f_other;
-          if (opt.with_grad) {
-            const acc_t* ws = weighted[w] + i * dim;
-            const acc_t* wo = weighted[w] + (rows + i) * dim;
-            for (int64_t d = 0; d < dim; ++d) {
-              grad_same[i * dim + d] += ws[d] * f_same;
-              grad_other[i * dim + d] += wo[d] * f_other;
-            }
-          }
-        }
-        // The exact IEEE log-sum-exp of each group: NaN if a score is NaN, else +inf if one is
-        // +inf (the running sums then hold exp(inf - inf) = NaN and are not used); the gradient
-        // of such a group is NaN, that of an empty or all -inf group 0.
-        const bool undefined_same = nan_same || max_same == pos_inf;
-        const bool undefined_other = nan_other || max_other == pos_inf;
-        out_same[i] = undefined_same ? (nan_same ? nan : pos_inf)
-                                     : (sum_same > 0 ? max_same + std::log(sum_same) : neg_inf);
-        out_other[i] = undefined_other ? (nan_other ? nan : pos_inf)
-                                       : (sum_other > 0 ? max_other + std::log(sum_other) : neg_inf);
-        if (opt.with_grad) {
-          const acc_t inv_same =
-              undefined_same ? nan : (sum_same > 0 ? acc_t(1) / sum_same : acc_t(0));
-          const acc_t inv_other =
-              undefined_other ? nan : (sum_other > 0 ? acc_t(1) / sum_other : acc_t(0));
-          for (int64_t d = 0; d < dim; ++d) {
-            grad_same[i * dim + d] *= inv_same;
-            grad_other[i * dim + d] *= inv_other;
-          }
-        }
-      }
-    });
+    merge_lse(lse_states, rows, dim, opt.with_grad, lse_same, lse_other, wmean_same, wmean_other);
   }
   if (opt.k > 0) {
     acc_t* values = topk_values->data_ptr<acc_t>();
