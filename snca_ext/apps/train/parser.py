@@ -54,6 +54,7 @@ def _schedule(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m snca_ext.train``, one argument group per concern."""
     parser = argparse.ArgumentParser(
         prog=program_name("snca_ext.train"),
         description="Train an SNCA embedding (Wu, Efros & Yu, ECCV 2018) and evaluate it by weighted "
@@ -61,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's values for the dataset (snca_ext/apps/train/config.py), or on --resume the "
         "checkpoint's.",
     )
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_bank_arguments(parser)
+    _add_evaluation_arguments(parser)
+    _add_run_arguments(parser)
+    _add_distributed_arguments(parser)
+    return parser
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the data group."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, no download)")
     data.add_argument(
@@ -113,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "they join the novel classes",
     )
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model and loss group."""
     model = parser.add_argument_group("model and loss")
     model.add_argument(
         "--arch",
@@ -152,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--compile", action="store_true", help="torch.compile the network's training forward")
 
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the optimisation group."""
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("-b", "--batch-size", type=POSITIVE_INT, help="the global batch")
     optim.add_argument(
@@ -173,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optim.add_argument("--seed", type=NON_NEGATIVE_INT, help="seeds every random number generator (0)")
 
+
+def _add_bank_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the memory bank group."""
     bank = parser.add_argument_group("memory bank")
     bank.add_argument(
         "--memory-momentum", "--nce-m", dest="memory_momentum", type=FRACTION, help="bank momentum (0.5)"
@@ -184,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bank.add_argument("--bank-dtype", choices=tuple(BANK_DTYPES), help="bank storage (float32)")
 
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the evaluation group."""
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--knn-k", type=POSITIVE_INT, help="neighbours of the final kNN evaluation (30)")
     evaluation.add_argument(
@@ -213,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--fewshot-episodes", type=POSITIVE_INT, default=1000, help="episodes (1000)")
 
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the run group."""
     run_group = parser.add_argument_group("run")
     run_group.add_argument(
         "--out", help="run directory (default: runs/<dataset>-<time>; on --resume the checkpoint's)"
@@ -249,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bars (they are off anyway when not a terminal)",
     )
 
+
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the distributed (under torchrun) group."""
     dist_group = parser.add_argument_group("distributed (under torchrun)")
     dist_group.add_argument(
         "--bank-sharding",
@@ -263,4 +294,3 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a collective may wait for the other ranks before the run stops with an error "
         "(a rank died or hung) (600)",
     )
-    return parser
