@@ -18,12 +18,6 @@ from torch.nn import functional as F
 
 from . import reference
 from .backends import BACKENDS, available_backends, kernel_op, resolve_backend  # noqa: F401 (also ops.X)
-
-# The private names tests/test_cuda_arch.py and tests/test_cuda_static.py read, until they read
-# snca_ext.backends: the same objects, so patching one patches both.
-from .backends import C_IMPORT_ERROR as _C_IMPORT_ERROR  # noqa: F401
-from .backends import COMPILED_FOR as _COMPILED_FOR  # noqa: F401
-from .backends import resolve_backend as _resolve_backend  # noqa: F401
 from .checks import (
     check_features_and_bank,
     check_index_tensor,

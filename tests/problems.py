@@ -1,6 +1,6 @@
-"""The old path of ``helpers.problems``, for the three GPU-work test files that still import it
-(test_triton.py, test_mixed_precision.py, test_cuda_emulation.py) until they import
-``helpers.problems``; then this file goes."""
+"""The old path of ``helpers.problems``, for the two GPU-work test files that still import it
+(test_triton.py, test_mixed_precision.py) until they import ``helpers.problems``; then this file
+goes."""
 
 from helpers.problems import loss_errors_allowed, make_problem
 
