@@ -1,4 +1,4 @@
-"""The GPU-check scripts (benchmarks/gpu_check.sh and its Python drivers) work before a GPU comes:
+"""The GPU-check scripts (gpu_checks/gpu_check.sh and its Python drivers) work before a GPU comes:
 they import, print their help, and their CPU-checkable parts compute what they claim."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import edge_shapes, tc_rounding_probe
+from gpu_checks import edge_shapes, tc_rounding_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,4 +41,4 @@ def test_edge_shapes_agree_on_the_cpu(capsys):
 
 
 def test_gpu_check_is_valid_bash():
-    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(ROOT / "gpu_checks" / "gpu_check.sh")], check=True)

@@ -1,4 +1,4 @@
-"""The static targets of the GPU kernels, checked without a GPU (benchmarks/static_report.py does
+"""The static targets of the GPU kernels, checked without a GPU (gpu_checks/static_report.py does
 the full report): every configuration the CUDA kernels can choose fits every architecture's opt-in
 shared memory, the built kernels do not spill, and the report's main-loop count reads SASS right."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import static_report as sr
+from gpu_checks import static_report as sr
 from snca_ext import backends
 
 needs_c = pytest.mark.skipif(backends.C_IMPORT_ERROR is not None, reason="snca_ext._C not built")

@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from problems import make_problem
+from helpers.problems import make_problem
 from torch.nn import functional as F
 
 import snca_ext

@@ -22,7 +22,7 @@ import snca_ext
 from snca_ext import reference
 
 pytest.importorskip("triton")
-import problems
+from helpers import problems
 
 from snca_ext.triton import configs, registration
 from snca_ext.triton import kernel as kernel_module
@@ -594,7 +594,7 @@ def test_results_come_from_the_split_kernel(monkeypatch):
 
 
 def test_every_launch_is_a_configuration_of_the_static_report(monkeypatch):
-    """benchmarks/static_triton.py checks spills and shared memory for configs.launch_configs():
+    """gpu_checks/static_triton.py checks spills and shared memory for configs.launch_configs():
     whatever the ops launch (dims, dtypes, gradient, top-k fused or in rounds) must be among them."""
     spy = _LaunchSpy()
     monkeypatch.setattr(launch_module, "wrap_triton", spy)

@@ -1,7 +1,7 @@
-"""The Triton kernel compiled ahead of time for sm_90, without a GPU (benchmarks/static_triton.py):
+"""The Triton kernel compiled ahead of time for sm_90, without a GPU (gpu_checks/static_triton.py):
 the default training configurations (fp32 features and bank, and autocast's bf16/fp16 features,
 D = 128, forward with gradient) keep every value in registers, fit the opt-in shared memory and
-run their products on tensor cores. ``python -m benchmarks.static_triton`` checks every
+run their products on tensor cores. ``python -m gpu_checks.static_triton`` checks every
 configuration on every target."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from benchmarks import static_triton
+from gpu_checks import static_triton
 from snca_ext.triton import configs as triton_configs
 
 

@@ -1,6 +1,6 @@
 """The configurations of the Triton kernel (kernel.py): which compiled kernel (constexprs, tile
 shape, warps, pipeline stages) a launch takes, and the list of every one the launcher can choose,
-which benchmarks/static_triton.py compiles ahead of time for sm_80/86/89/90 to check registers,
+which gpu_checks/static_triton.py compiles ahead of time for sm_80/86/89/90 to check registers,
 spills and shared memory."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def kernel_config(
 ) -> KernelConfig:
     """The tile shape of one launch. Every configuration fits the opt-in shared memory of the
     targets it is for without spills (checked ahead of time for each of sm_80/86/89/90 by
-    benchmarks/static_triton.py and tests/test_triton_static.py). The device enters only through
+    gpu_checks/static_triton.py and tests/test_triton_static.py). The device enters only through
     ``arch`` (its SM version; 0 for the interpreter), and only for the 16-bit gradient tiles."""
     # tl.dot needs every side >= 16; narrow rows are padded to 64 columns, a few wasted MMAs
     # against one compiled kernel fewer per width.

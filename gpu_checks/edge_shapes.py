@@ -1,9 +1,9 @@
 """Edge shapes through every path of a backend, against the float64 reference: the driver that
 gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 
-    python3 benchmarks/edge_shapes.py                         # cuda backend, tiny launches
-    python3 benchmarks/edge_shapes.py --backend cpu --device cpu   # the same cases on the CPU
-    python3 benchmarks/edge_shapes.py --backend cpu --device cpu --tiny --sixteen   # + 16-bit driver check
+    python3 gpu_checks/edge_shapes.py                         # cuda backend, tiny launches
+    python3 gpu_checks/edge_shapes.py --backend cpu --device cpu   # the same cases on the CPU
+    python3 gpu_checks/edge_shapes.py --backend cpu --device cpu --tiny --sixteen   # + 16-bit driver check
 
 Covers: B and N of 1 and around the tile sizes (63, 64, 65, 129), D of 1, 37, 64, 65, 128 (the
 tensor-core engines) and 130 (the generic one), fp32/bf16/fp16/fp64, k = 0, 1, around 64 and
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-# Run as a file (python3 benchmarks/...), the repo root is not on the path; gpu_check.sh builds
+# Run as a file (python3 gpu_checks/...), the repo root is not on the path; gpu_check.sh builds
 # the extension in place there without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

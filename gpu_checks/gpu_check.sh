@@ -2,7 +2,7 @@
 # The one GPU check for a session lent a GPU: run from anywhere, it works in the repo root and
 # writes nothing outside the repo except /tmp (and $OUT, when the device tool sets it).
 #
-#   bash benchmarks/gpu_check.sh
+#   bash gpu_checks/gpu_check.sh
 #
 # Steps, each time-boxed so the whole stays under about 9 minutes (7 before the peers' compiles;
 # a step that fails is reported, the next one still runs; the exit status is non-zero if any step
@@ -10,15 +10,15 @@
 #   1. build snca_ext._C for this GPU's architecture only (TORCH_CUDA_ARCH_LIST from the device)
 #   2. tensor-core rounding probe: raw inner products against float64, mean error times the sign
 #      of the true value, for TF32 and bf16 MMAs and for the cuda backend's own scores
-#      (benchmarks/tc_rounding_probe.py); the kernel's design holds under RN and RZ
+#      (gpu_checks/tc_rounding_probe.py); the kernel's design holds under RN and RZ
 #      (tests/test_cuda_emulation.py), this says which one the hardware does
 #   3. edge shapes against the float64 reference under compute-sanitizer memcheck, racecheck,
-#      synccheck and initcheck, on tiny launches (benchmarks/edge_shapes.py); the same run checks
+#      synccheck and initcheck, on tiny launches (gpu_checks/edge_shapes.py); the same run checks
 #      the non-finite contract shared by every backend (per group: NaN if a score is NaN, +inf if
 #      one is +inf, -inf scores contribute nothing; NaN first in the top-k, ties to the lower row),
 #      the streaming top-k at k = 300 and 1024, the small-GPU configuration (SNCA_EXT_SMEM_OPTIN)
 #      and the TF32 mode
-#   4. timings (benchmarks/gpu_table.py): forward, forward+grad, top-k k = 30 and 1024, bf16
+#   4. timings (gpu_checks/gpu_table.py): forward, forward+grad, top-k k = 30 and 1024, bf16
 #      features under autocast, fp32 and bf16 banks, TF32 off and on, cuda / triton against the
 #      peers (two FlexAttention calls, torch.compile of the original, plain PyTorch), an unmasked
 #      SDPA call and a same-size matmul for calibration; every row checked before it is timed
@@ -64,16 +64,16 @@ assert "cuda" in snca_ext.available_backends("cuda"), "auto would not pick the c
 EOF
 
 step "tensor-core rounding probe"
-timeout 60 python3 benchmarks/tc_rounding_probe.py 2>&1 | tee "$LOG_DIR/rounding_probe.txt" || failed+=("probe")
+timeout 60 python3 gpu_checks/tc_rounding_probe.py 2>&1 | tee "$LOG_DIR/rounding_probe.txt" || failed+=("probe")
 
 step "edge shapes vs reference (plain run, then compute-sanitizer)"
-timeout 90 python3 benchmarks/edge_shapes.py 2>&1 | tail -20 || failed+=("edge shapes")
+timeout 90 python3 gpu_checks/edge_shapes.py 2>&1 | tail -20 || failed+=("edge shapes")
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -n "$sanitizer" ]; then
   for tool in memcheck racecheck synccheck initcheck; do
     echo "--- $tool"
     timeout 40 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-      python3 benchmarks/edge_shapes.py --finite-only --tiny 2>&1 | tail -8 || failed+=("$tool")
+      python3 gpu_checks/edge_shapes.py --finite-only --tiny 2>&1 | tail -8 || failed+=("$tool")
   done
 else
   echo "compute-sanitizer: not found, sanitizer runs skipped"
@@ -88,7 +88,7 @@ budget=$((330 - SECONDS))
 [ "$budget" -lt 90 ] && budget=90
 [ "$budget" -gt 150 ] && budget=150
 budget=${SNCA_GPU_TABLE_BUDGET:-$budget}
-timeout $((budget + 90)) python3 benchmarks/gpu_table.py --budget "$budget" --out "$LOG_DIR/gpu_table.md" \
+timeout $((budget + 90)) python3 gpu_checks/gpu_table.py --budget "$budget" --out "$LOG_DIR/gpu_table.md" \
   || failed+=("timings")
 
 step "ncu counters (one forward+grad launch)"
@@ -96,7 +96,7 @@ if command -v ncu >/dev/null 2>&1; then
   # --clock-control none: ncu would otherwise lock the clocks to base while it profiles, and the
   # GPU's settings are left alone.
   timeout 60 ncu --clock-control none --kernel-name regex:lse_partial_kernel --launch-count 1 --section SpeedOfLight \
-    --section MemoryWorkloadAnalysis --section Occupancy python3 benchmarks/gpu_table.py --one-launch 2>&1 \
+    --section MemoryWorkloadAnalysis --section Occupancy python3 gpu_checks/gpu_table.py --one-launch 2>&1 \
     | tail -60 || failed+=("ncu")
 else
   echo "ncu: not found, skipped"

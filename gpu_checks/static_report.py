@@ -1,10 +1,10 @@
 """Static report of the GPU kernels: what the compiled code says before it ever runs.
 
-    python -m benchmarks.static_report                      # nvcc for sm_80, sm_86, sm_89, sm_90
-    python -m benchmarks.static_report --arch 90            # one architecture (about 2 minutes)
-    python -m benchmarks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
-    python -m benchmarks.static_report --so                 # the built snca_ext._C (its archs)
-    python -m benchmarks.static_report --so --arch 90 --no-triton   # one arch, CUDA only: seconds
+    python -m gpu_checks.static_report                      # nvcc for sm_80, sm_86, sm_89, sm_90
+    python -m gpu_checks.static_report --arch 90            # one architecture (about 2 minutes)
+    python -m gpu_checks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
+    python -m gpu_checks.static_report --so                 # the built snca_ext._C (its archs)
+    python -m gpu_checks.static_report --so --arch 90 --no-triton   # one arch, CUDA only: seconds
 
 For every kernel configuration that ``auto`` can choose (tile_config.h through the op
 snca_ext::_cuda_tile_config, per architecture's opt-in shared memory) it prints one markdown table:
@@ -36,12 +36,12 @@ the backward only scales the stored gradient) on an H100 SXM and an H200, the la
                 run side by side and share its tiles through L2)
   tensor-bound  MMAs per tile x 8 warps x tiles x query blocks x flops per MMA / dense peak
                 (m16n8k16: 4,096 flops at the bf16/fp16 rate; m16n8k8 TF32: 2,048 at the TF32 rate)
-beside the floor of benchmarks/gpu_table.py on the same device: max(bank bytes / bandwidth,
+beside the floor of gpu_checks/gpu_table.py on the same device: max(bank bytes / bandwidth,
 3 x 2 B N D / dense 16-bit peak). An estimate, not a measurement: the counts are upper bounds of the
 common path (rare branches and the skipped same-class products included), and mma.sync is not
-Hopper's fastest MMA (wgmma is). A GPU run replaces it (benchmarks/gpu_table.py).
+Hopper's fastest MMA (wgmma is). A GPU run replaces it (gpu_checks/gpu_table.py).
 
-The Triton kernels' rows come from benchmarks/static_triton.py (triton_static_rows()) when present.
+The Triton kernels' rows come from gpu_checks/static_triton.py (triton_static_rows()) when present.
 """
 
 from __future__ import annotations
@@ -577,7 +577,7 @@ def report(
         if not triton:
             raise ImportError
         sys.path.insert(0, str(ROOT))
-        from benchmarks.static_triton import triton_static_rows
+        from gpu_checks.static_triton import triton_static_rows
 
         for r in triton_static_rows():
             keys = ("target", "config", "kernel", "registers", "spills_bytes", "shared_bytes")

@@ -1,6 +1,6 @@
 """Probe how this GPU's tensor cores round their fp32 accumulation (first step of gpu_check.sh).
 
-    python3 benchmarks/tc_rounding_probe.py [--k 4096] [--rows 512]
+    python3 gpu_checks/tc_rounding_probe.py [--k 4096] [--rows 512]
 
 Raw inner products of random vectors against float64: for each path, the mean of
 (result - exact) * sign(exact), in units of the fp32 ulp of the exact value. Round-to-nearest
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-# Run as a file (python3 benchmarks/...), the repo root is not on the path; gpu_check.sh builds
+# Run as a file (python3 gpu_checks/...), the repo root is not on the path; gpu_check.sh builds
 # the extension in place there without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -5,9 +5,9 @@ and tensor-core MMAs of one bank tile (from the SASS of the main loop): which MM
 and how many multiply-adds they issue per product the tile needs (1 when every product is one
 MMA product: tf32, 16-bit, fp64; 3 or 2 for split fp32; 0 would mean FMAs).
 
-    python -m benchmarks.static_triton                    # the markdown table (all configurations)
-    python -m benchmarks.static_triton --default          # only the D = 128 configurations
-    python -m benchmarks.static_triton --precision 16bit  # only the bf16/fp16-feature ones
+    python -m gpu_checks.static_triton                    # the markdown table (all configurations)
+    python -m gpu_checks.static_triton --default          # only the D = 128 configurations
+    python -m gpu_checks.static_triton --precision 16bit  # only the bf16/fp16-feature ones
 
 Compiling every configuration for four targets takes a few minutes; Triton's cache makes a second
 run fast. ``triton_static_rows()`` returns the rows for other reports.
@@ -220,7 +220,7 @@ def _rows_in_subprocess(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     request = json.dumps({"configs": [dataclasses.asdict(c) for c in configs], "archs": archs, "jobs": jobs})
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.static_triton", "--json"],
+        [sys.executable, "-m", "gpu_checks.static_triton", "--json"],
         input=request,
         capture_output=True,
         text=True,

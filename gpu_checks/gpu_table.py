@@ -1,8 +1,8 @@
-"""GPU benchmark table (and a small CUDA smoke run) for benchmarks/gpu_check.sh.
+"""GPU benchmark table (and a small CUDA smoke run) for gpu_checks/gpu_check.sh.
 
-    python3 benchmarks/gpu_table.py [--budget SECONDS] [--out FILE] [--cases TEXT]   # markdown table
-    python3 benchmarks/gpu_table.py --smoke                           # small runs of the CUDA backend
-    python3 benchmarks/gpu_table.py --one-launch                      # one forward+backward, for ncu
+    python3 gpu_checks/gpu_table.py [--budget SECONDS] [--out FILE] [--cases TEXT]   # markdown table
+    python3 gpu_checks/gpu_table.py --smoke                           # small runs of the CUDA backend
+    python3 gpu_checks/gpu_table.py --one-launch                      # one forward+backward, for ncu
 
 Times the SNCA loss (forward, and forward+backward) at B=256, D=128, T=0.05 and N = 1,281,167 /
 50,000 (most important first: ImageNet size under autocast, bf16 features and a bf16 bank) for:
