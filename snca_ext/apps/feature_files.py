@@ -147,13 +147,67 @@ def load_features(path: str | Path) -> dict[str, Any]:
             paths = json.loads(metadata["paths"])
         except json.JSONDecodeError as error:
             raise ExportError(f"{path}: its paths metadata is not a JSON list ({error})") from error
-    return {
+    exported = {
         "features": tensors["features"],
         "labels": tensors["labels"],
         "indices": tensors["indices"],
         "metadata": dict(metadata),
         "paths": paths,
     }
+    check_features(exported, path)
+    return exported
+
+
+# Rows checked for finiteness at a time: bounds the temporary [rows, D] mask of a memory-mapped
+# file (ImageNet's 1.28 M rows would need a 164 MB mask at once).
+_CHECK_ROWS = 65536
+
+
+def check_features(exported: dict[str, Any], where: str | Path) -> None:
+    """The check every command that reads a feature file makes (``load_features`` calls it):
+    [N, D] floating features, all finite; [N] integer labels >= -1 (-1: ``--images`` rows) and
+    below the number of ``class_names`` where the file names them; [N] indices >= 0. A NaN row
+    would otherwise be searched (NaN similarities) or averaged into a class mean silently."""
+    features, labels, indices = exported["features"], exported["labels"], exported["indices"]
+    if features.dim() != 2 or not features.is_floating_point():
+        raise ExportError(
+            f"{where}: features must be a floating [N, D] tensor, got {features.dtype} "
+            f"{tuple(features.shape)}"
+        )
+    rows = features.shape[0]
+    for name, tensor in (("labels", labels), ("indices", indices)):
+        if tensor.dim() != 1 or tensor.shape[0] != rows or tensor.is_floating_point():
+            raise ExportError(
+                f"{where}: {name} must be an integer [N] tensor with N = {rows} (the features' rows), "
+                f"got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+    for first in range(0, rows, _CHECK_ROWS):
+        finite = torch.isfinite(features[first : first + _CHECK_ROWS]).all(dim=1)
+        if not bool(finite.all()):
+            row = first + int((~finite).nonzero()[0])
+            raise ExportError(
+                f"{where}: feature row {row} of its {rows} holds NaN or inf; "
+                "export the features again from a checkpoint that did not diverge"
+            )
+    if rows == 0:
+        return
+    if int(labels.min()) < -1:
+        raise ExportError(
+            f"{where}: labels must be class ids >= 0 (or -1 for --images), got {int(labels.min())}"
+        )
+    if int(indices.min()) < 0:
+        raise ExportError(f"{where}: indices must be >= 0, got {int(indices.min())}")
+    names = exported["metadata"].get("class_names")
+    if names is not None:
+        try:
+            count = len(json.loads(names))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ExportError(f"{where}: its class_names metadata is not a JSON list ({error})") from error
+        if int(labels.max()) >= count:
+            raise ExportError(
+                f"{where}: label {int(labels.max())} is not one of the {count} classes its class_names "
+                "metadata names"
+            )
 
 
 def run_metadata(run_args: dict[str, Any], **fields: Any) -> dict[str, str]:
@@ -168,6 +222,7 @@ def run_metadata(run_args: dict[str, Any], **fields: Any) -> dict[str, str]:
         "low_dim": run_args["low_dim"],
         "loss": run_args.get("loss", "snca"),
         "epoch": run_args["epoch"],
+        "model_digest": run_args["model_digest"],
     }
     return {key: str(value) for key, value in metadata.items()}
 

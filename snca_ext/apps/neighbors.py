@@ -137,6 +137,16 @@ def _bank(
         )
         return features
     exported = load_features(features_path)
+    recorded = exported["metadata"].get("model_digest")
+    # Files written before the digest was recorded say nothing: their shape is checked below.
+    if recorded is not None and recorded != run_args["model_digest"]:
+        flag = "--bank-features" if features_path == args.bank_features else "--compare-bank-features"
+        source = exported["metadata"]
+        raise ExportError(
+            f"{flag} {features_path} was exported from another network ({source.get('checkpoint')}, "
+            f"epoch {source.get('epoch')}) than {run_args['checkpoint']} (epoch "
+            f"{run_args['epoch']}): their weights differ; export the bank with the same checkpoint"
+        )
     expected = dataset_indices(bank_set)
     if exported["indices"].shape != expected.shape or not torch.equal(exported["indices"], expected):
         raise ExportError(
@@ -163,6 +173,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        png = Path(args.png) if args.png else Path(args.out).with_suffix(".png")
+        if png.resolve() == Path(args.out).resolve():
+            which = "--png" if args.png else "its default: --out with .png"
+            raise ExportError(
+                f"--out {args.out} and the PNG grid ({which}) are the same file: give --out a .html "
+                "name, or --png another"
+            )
         writable_folder(Path(args.out).parent, "--out")
         if args.png:
             writable_folder(Path(args.png).parent, "--png")
@@ -217,7 +234,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     except AppError as error:
         return report(parser, error)
     out = Path(args.out)
-    png = Path(args.png) if args.png else out.with_suffix(".png")
     how = (
         f"--query-index {args.query_index}"
         if args.query_index

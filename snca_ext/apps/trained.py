@@ -4,6 +4,7 @@ snca_ext.export`` and ``python -m snca_ext.neighbors`` both load (``load_trained
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,21 @@ def load_trained_model(
         ) from error
     args["epoch"] = epoch
     args["checkpoint"] = str(path)
+    args["model_digest"] = weights_digest(weights)
     args["bank"] = bank
     return model.to(device).eval(), args
+
+
+def weights_digest(weights: dict[str, Tensor]) -> str:
+    """A digest of a network's weights (names, dtypes, shapes and bytes): the identity a feature
+    file records, so that features are never searched with another network's queries. Not the
+    checkpoint's path or epoch: a run folder is reused by ``--resume`` and files are copied."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(weights[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run_bundle(run_args: dict[str, Any], data_path: str | None = None) -> DataBundle:

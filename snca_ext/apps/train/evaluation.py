@@ -120,6 +120,14 @@ def classifier_accuracy(
     return KnnResult.from_counts(dist.all_reduce(counts))
 
 
+def most_ways(classes: Sequence[int], groups: Tensor | None) -> int:
+    """The most classes a few-shot episode can draw from ``classes``: all of them, or with
+    ``groups`` (a group id per class id) those of the largest group."""
+    if groups is None:
+        return len(classes)
+    return int(groups.cpu()[torch.as_tensor(list(classes), dtype=torch.long)].bincount().max())
+
+
 def novel_class_evaluation(
     model: nn.Module,
     novel: DataBundle,
@@ -153,8 +161,7 @@ def novel_class_evaluation(
     classes = sorted(set(bank_labels.tolist()))
     pool, pool_labels = torch.cat([bank, tests]).cpu(), torch.cat([bank_labels, test_labels]).cpu()
     pool_groups = None if groups is None else groups.cpu()[pool_labels]
-    # The most classes an episode can draw: all of them, or those of the largest group.
-    largest = len(classes) if groups is None else int(groups.cpu()[classes].bincount().max())
+    largest = most_ways(classes, groups)
     fewshot = [
         few_shot_accuracy(
             pool,
@@ -173,7 +180,7 @@ def novel_class_evaluation(
         "classes": classes,
         "bank_size": len(bank_labels),
         "test_examples": len(test_labels),
-        "knn_k": k,
+        "knn_k": min(k, len(bank_labels)),  # the K used: the bank may hold fewer rows
         "knn_top1": knn.top1,
         "fewshot": fewshot,
     }

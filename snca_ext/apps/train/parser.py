@@ -16,12 +16,26 @@ from ..arguments import (
     arch_type,
     class_list_type,
     int_list_type,
+    number,
     program_name,
 )
 from ..data import DATASETS
 from ..data.omniglot import SPLITS as OMNIGLOT_SPLITS
 from ..data.omniglot import parse_names
 from ..models import ARCHS
+
+# Cosines lie in [-1, 1]: above T = 10 the weights exp(cos / T) of the loss differ by less than
+# exp(2 / 10) = 1.22 across the whole bank, and the gradient (of order 1 / T^2) vanishes: at
+# T = 1e30 it is exactly zero in float32 and a run would train nothing, silently.
+MAX_TEMPERATURE = 10.0
+TEMPERATURE = number(
+    float,
+    0.0,
+    MAX_TEMPERATURE,
+    min_open=True,
+    what=f"a number in (0, {MAX_TEMPERATURE:g}] (above it the loss's weights exp(cos / T) are nearly "
+    "equal and it has no gradient to train on)",
+)
 
 
 def _omniglot_splits(text: str) -> str:
@@ -150,7 +164,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="snca (default), or softmax: the baseline, a linear classifier on the embedding trained by "
         "cross-entropy, evaluated on the same normalised embedding",
     )
-    model.add_argument("-t", "--temperature", "--nce-t", dest="temperature", type=POSITIVE_FLOAT, help="T")
+    model.add_argument(
+        "-t",
+        "--temperature",
+        "--nce-t",
+        dest="temperature",
+        type=TEMPERATURE,
+        help="T of the loss's weights exp(cos / T), in (0, 10] (the recipe's: 0.05; digits 0.1)",
+    )
     model.add_argument(
         "--margin", type=NON_NEGATIVE_FLOAT, help="margin in cosine units, divided by T for the loss (0)"
     )

@@ -12,6 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from snca_ext import distributed
 
 from ..arguments import resolve_device, set_threads, writable_folder
@@ -19,7 +21,7 @@ from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from ..data import WITHIN_GROUPS, DataBundle, held_out_classes, run_data
 from ..errors import UsageError
 from .config import RunConfig
-from .evaluation import novel_class_evaluation
+from .evaluation import most_ways, novel_class_evaluation
 from .outputs import plot_curves, summary_line, write_summary
 from .signals import StopSignal
 from .trainer import Diverged, SaveFailed, Trainer, seed_everything
@@ -96,6 +98,12 @@ def prepare(
     saved = checkpoint["args"] if native else None
     if checkpoint is not None and not native:
         saved = _original_run(raw, from_original(checkpoint))
+    if native and raw.dataset is not None and raw.dataset != saved.get("dataset"):
+        raise UsageError(
+            f"--dataset {raw.dataset} contradicts --resume {raw.resume}, a run trained on --dataset "
+            f"{saved.get('dataset')}: leave --dataset out to continue (or evaluate) that run, or start "
+            "a new run without --resume"
+        )
     config = RunConfig.resolve(raw, saved)
     if config.out is None:
         if config.resume is not None and not config.evaluate:
@@ -116,6 +124,16 @@ def prepare(
     if config.train_labels == "coarse":
         fine, data = data, data.coarse()
     data, novel = holdout(data, config.holdout_classes)
+    if novel is not None and raw.fewshot_ways is not None:
+        _check_ways(config, novel)
+    if config.knn_k > len(data.train):
+        log.warning(
+            f"warning: --knn-k {config.knn_k} is more than the {len(data.train)} training examples "
+            f"(the bank): K = {len(data.train)} is used"
+        )
+        config.knn_k = len(data.train)
+    if native:
+        _check_resumed_data(raw.resume, checkpoint, config, data)
     if not config.evaluate and config.batch_size * config.iter_size > len(data.train):
         raise UsageError(
             f"--batch-size x --iter-size must be at most the training set size {len(data.train)} (the "
@@ -135,6 +153,47 @@ def prepare(
         else:
             trainer.load_original(checkpoint)
     return config, data, novel, fine, trainer
+
+
+def _check_ways(config: RunConfig, novel: DataBundle) -> None:
+    """Refuses a --fewshot-ways that the novel classes cannot fill (within one group where the data
+    set draws episodes so: Omniglot's alphabets); the data set's default ways are lowered instead."""
+    within = config.dataset in WITHIN_GROUPS
+    classes = sorted(set(novel.train_labels.tolist()))
+    largest = most_ways(classes, novel.coarse_of if within else None)
+    too_many = [ways for ways in config.fewshot_ways if ways > largest]
+    if too_many:
+        where = (
+            f"the largest held-out alphabet has {largest} classes (episodes draw within one)"
+            if within
+            else f"--holdout-classes {config.holdout_classes} leaves {largest} novel classes"
+        )
+        raise UsageError(
+            f"--fewshot-ways {','.join(map(str, config.fewshot_ways))} asks for {max(too_many)}-way "
+            f"episodes, but {where}: give ways of at most {largest}"
+        )
+
+
+def _check_resumed_data(resume: str, checkpoint: dict[str, Any], config: RunConfig, data: DataBundle) -> None:
+    """Refuses a checkpoint whose memory bank was trained on other examples than the run's data
+    (another --data folder, --train-limit or --holdout-classes): its rows' labels are the training
+    labels of the run that saved it, so a bank of another size, class count or order is a
+    contradiction, not a run to continue or evaluate."""
+    labels = checkpoint.get("memory", {}).get("labels")
+    if labels is None:
+        return
+    labels = labels.cpu()
+    mine = data.train_labels.cpu()
+    where = f"--dataset {config.dataset}" + (f" --data {config.data}" if config.data else "")
+    if len(labels) != len(mine) or not torch.equal(labels, mine):
+        saved_classes = int(labels.max()) + 1 if len(labels) else 0
+        raise UsageError(
+            f"--resume {resume} was trained on {len(labels)} training examples of {saved_classes} "
+            f"classes, but {where} gives {len(mine)} of {data.num_classes} classes "
+            f"({'other labels' if len(labels) == len(mine) else 'another size'}): "
+            "not the data the checkpoint's memory bank was trained on (check --data, --train-limit, "
+            "--holdout-classes, --train-labels)"
+        )
 
 
 def train_and_evaluate(
@@ -353,7 +412,7 @@ def novel_evaluation(trainer: Trainer, novel: DataBundle, progress: bool) -> dic
     classes = report_["classes"]
     named = f"classes {classes}" if len(classes) <= 10 else f"{len(classes)} classes"
     log.info(
-        f"novel {named} (never trained on): kNN (K={config.knn_k}) on "
+        f"novel {named} (never trained on): kNN (K={report_['knn_k']}) on "
         f"{report_['test_examples']} test images against a bank of their {report_['bank_size']} "
         f"training images: top-1 {report_['knn_top1']:.2f}%"
     )

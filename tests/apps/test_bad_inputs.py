@@ -1,0 +1,165 @@
+"""What a new user tripped over (issue 25): inputs that used to give a silent wrong answer, or a
+traceback, end each command with exit status 2 and a message naming the argument. In-process
+calls of each command's ``run(argv)`` on the session's holdout runs (tests/apps/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from snca_ext.apps.export import run as export
+from snca_ext.apps.feature_files import load_features, write_safetensors
+from snca_ext.apps.fewshot import run as fewshot
+from snca_ext.apps.neighbors import run as neighbors
+from snca_ext.apps.train.cli import run as train
+
+FAST = ["--threads", "1", "--no-progress"]
+
+
+@pytest.fixture
+def runs(holdout_runs) -> dict[str, Path]:
+    """The checkpoints of the session's digits runs without classes 5-9, one per loss."""
+    return {loss: out / "checkpoint.pt" for loss, out in holdout_runs.items()}
+
+
+@pytest.fixture(scope="module")
+def bank(holdout_runs, tmp_path_factory) -> Path:
+    """The SNCA run's training features, exported."""
+    out = tmp_path_factory.mktemp("bank") / "train.safetensors"
+    checkpoint = holdout_runs["snca"] / "checkpoint.pt"
+    assert export(["--checkpoint", str(checkpoint), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def _error(capsys) -> str:
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("evaluate", [False, True])
+def test_resume_with_another_dataset_is_refused(runs, tmp_path, capsys, evaluate):
+    # Before: the digits network and bank went on training on (or were evaluated on) the other
+    # data set, exit 0.
+    argv = ["--resume", str(runs["snca"]), "--dataset", "fashion-mnist", "--data", str(tmp_path), *FAST]
+    assert train([*argv, "--evaluate"] if evaluate else [*argv, "--out", str(tmp_path / "o")]) == 2
+    error = _error(capsys)
+    assert "--dataset fashion-mnist contradicts --resume" in error
+    assert "trained on --dataset digits" in error
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--train-limit", "300"], ["--holdout-classes", "9,8"]],
+    ids=["train-limit", "holdout-classes"],
+)
+def test_resume_on_other_training_examples_is_refused(runs, capsys, flags):
+    # The bank's rows are the saved run's training examples: other examples contradict it.
+    assert train(["--resume", str(runs["snca"]), "--evaluate", *flags, *FAST]) == 2
+    error = _error(capsys)
+    assert f"--resume {runs['snca']} was trained on" in error
+    assert "not the data the checkpoint's memory bank was trained on" in error
+
+
+def test_bank_features_of_another_network_are_refused(runs, bank, tmp_path, capsys):
+    # Before: the softmax network's queries were searched in the SNCA network's features.
+    out = tmp_path / "nn.html"
+    assert (
+        neighbors(["--checkpoint", str(runs["softmax"]), "--bank-features", str(bank), "--out", str(out)])
+        == 2
+    )
+    error = _error(capsys)
+    assert f"--bank-features {bank} was exported from another network" in error
+    assert str(runs["softmax"]) in error and str(runs["snca"]) in error
+    assert not out.exists()
+    # The same file with the network it came from is accepted.
+    argv = [
+        "--checkpoint",
+        str(runs["snca"]),
+        "--bank-features",
+        str(bank),
+        "--out",
+        str(out),
+        "--queries",
+        "2",
+    ]
+    assert neighbors([*argv, *FAST]) == 0
+
+
+def test_non_finite_features_are_refused_by_every_reader(runs, bank, tmp_path, capsys):
+    exported = load_features(bank)
+    features = exported["features"].clone()
+    features[7, 3] = float("nan")
+    broken = tmp_path / "nan.safetensors"
+    rows, dim = features.shape
+    write_safetensors(
+        broken, [features], rows, dim, exported["labels"], exported["indices"], exported["metadata"]
+    )
+    message = f"{broken}: feature row 7 of its {rows} holds NaN or inf"
+    out = tmp_path / "nn.html"
+    # Before: neighbors wrote a page of nan similarities, exit 0.
+    assert (
+        neighbors(["--checkpoint", str(runs["snca"]), "--bank-features", str(broken), "--out", str(out)]) == 2
+    )
+    assert message in _error(capsys)
+    assert not out.exists()
+    assert fewshot([str(broken), "--episodes", "5"]) == 2
+    assert message in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        (-2, "labels must be class ids >= 0 (or -1 for --images), got -2"),
+        (10, "label 10 is not one of the 10 classes its class_names metadata names"),
+    ],
+)
+def test_feature_file_labels_beyond_its_classes_are_refused(bank, tmp_path, capsys, label, message):
+    exported = load_features(bank)
+    labels = exported["labels"].clone()
+    labels[0] = label
+    metadata = {**exported["metadata"], "class_names": json.dumps([str(digit) for digit in range(10)])}
+    broken = tmp_path / "labels.safetensors"
+    rows, dim = exported["features"].shape
+    write_safetensors(broken, [exported["features"]], rows, dim, labels, exported["indices"], metadata)
+    assert fewshot([str(broken), "--episodes", "5"]) == 2
+    assert message in _error(capsys)
+
+
+@pytest.mark.parametrize("png", [None, "same"])
+def test_png_over_the_page_is_refused(runs, tmp_path, capsys, png):
+    # Before: --out n.png wrote the PNG grid over the page ("wrote n.png and n.png").
+    out = tmp_path / "n.png"
+    argv = ["--checkpoint", str(runs["snca"]), "--out", str(out), *FAST]
+    assert neighbors(argv + (["--png", str(out)] if png else [])) == 2
+    assert f"--out {out} and the PNG grid" in _error(capsys)
+    assert not out.exists()
+
+
+def test_temperature_that_cannot_train_is_refused(capsys):
+    # Before: -t 1e30 trained with a gradient of exactly zero, no word.
+    with pytest.raises(SystemExit) as stopped:
+        train(["-t", "1e30", *FAST])
+    assert stopped.value.code == 2
+    assert "argument -t/--temperature/--nce-t: expected a number in (0, 10]" in _error(capsys)
+
+
+def test_fewshot_ways_beyond_the_novel_classes_are_refused(runs, capsys):
+    # Before: 6-way episodes on the 5 held-out classes ran quietly as 5-way.
+    assert train(["--resume", str(runs["snca"]), "--evaluate", "--fewshot-ways", "5,6", *FAST]) == 2
+    error = _error(capsys)
+    assert "--fewshot-ways 5,6 asks for 6-way episodes" in error
+    assert "--holdout-classes 5,6,7,8,9 leaves 5 novel classes" in error
+
+
+def test_knn_k_reported_is_the_k_used(runs, capsys):
+    # Before: --knn-k 100000 on 500 examples reported K=100000.
+    argv = ["--resume", str(runs["snca"]), "--evaluate", "--knn-k", "100000", "--fewshot-episodes", "5"]
+    assert train([*argv, *FAST]) == 0
+    bank_rows = len(torch.load(runs["snca"], weights_only=True)["memory"]["labels"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert f"--knn-k 100000 is more than the {bank_rows} training examples" in text
+    assert f"kNN (K={bank_rows}," in text
+    assert "K=100000" not in text
