@@ -128,6 +128,25 @@ def class_list_type(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def check_backend(backend: str, device: torch.device, flag: str = "--backend") -> None:
+    """Refuses a fused-op ``backend`` that cannot run on ``device`` here (``cuda`` without a GPU,
+    ``triton`` without triton or on CPU tensors outside ``TRITON_INTERPRET=1``) before any work,
+    rather than with a traceback at the first call."""
+    from snca_ext.backends import BACKENDS, available_backends
+
+    if backend not in BACKENDS:
+        raise UsageError(f"{flag} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return
+    usable = available_backends(device)
+    if backend not in usable:
+        hint = " (triton runs on CPU tensors only under TRITON_INTERPRET=1)" if backend == "triton" else ""
+        raise UsageError(
+            f"{flag} {backend} cannot run on {device} on this machine{hint}: usable here: "
+            f"{', '.join(['auto', *usable])}"
+        )
+
+
 def resolve_device(text: str) -> torch.device:
     """``--device``: ``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``."""
     if text == "auto":

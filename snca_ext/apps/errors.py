@@ -25,3 +25,9 @@ class CheckpointError(AppError, RuntimeError):
 
 class ExportError(AppError, ValueError):
     """A bad export/neighbours argument or an unreadable feature file."""
+
+
+def error_text(error: BaseException, limit: int = 600) -> str:
+    """A torch error's message on one line, cut at ``limit`` characters: its first line alone
+    says only "Error(s) in loading state_dict for MemoryBank:", the reasons follow on the next."""
+    return " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())[:limit]

@@ -117,6 +117,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         if Path(args.out).suffix not in (".safetensors", ".pt"):
             raise ExportError(f"--out must end in .safetensors or .pt, got {args.out}")
+        if Path(args.out).is_dir():
+            raise ExportError(
+                f"--out {args.out} is a folder: give the file to write, e.g. {args.out}/train.safetensors"
+            )
         writable_folder(Path(args.out).parent, "--out")
         set_threads(args.threads)
         options = dict(

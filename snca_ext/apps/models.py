@@ -13,9 +13,12 @@ checkpoints load once the ``module.`` prefix of DataParallel is stripped.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models import resnet
+
+from .errors import UsageError
 
 RESNETS = {
     "resnet18": (resnet.BasicBlock, [2, 2, 2, 2]),
@@ -25,6 +28,8 @@ RESNETS = {
     "resnet152": (resnet.Bottleneck, [3, 8, 36, 3]),
 }
 ARCHS = (*RESNETS, "cifar_resnet18", "digits_cnn", "fashion_cnn")
+# The image channels of this package's networks (the archs suggested for a data set's images).
+CHANNELS_OF_ARCH = {1: ("digits_cnn", "fashion_cnn"), 3: (*RESNETS, "cifar_resnet18")}
 # --arch timm:<name>: any timm model as the backbone (the optional extra snca_ext[timm]).
 TIMM_PREFIX = "timm:"
 
@@ -140,12 +145,52 @@ class TimmEmbedding(nn.Module):
         # A local weights file through timm's own loader (weights_only / safetensors; its stem is
         # adapted to in_channels, its classifier dropped); never a download.
         local = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}} if weights else {}
-        self.backbone = timm.create_model(name, num_classes=0, in_chans=in_channels, **local)
+        if not weights:
+            self.backbone = timm.create_model(name, num_classes=0, in_chans=in_channels)
+        else:
+            try:
+                self.backbone = timm.create_model(name, num_classes=0, in_chans=in_channels, **local)
+                names = _weight_names(weights)
+            except Exception as error:
+                # timm's loader fails deep inside (a KeyError for a file without the stem's weights,
+                # a safetensors or pickle error for a file that is not one): the user's file to fix.
+                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise UsageError(
+                    f"--pretrained {weights}: not weights of timm's {name} ({type(error).__name__}: "
+                    f"{first[:300]})"
+                ) from error
+            # timm loads leniently (keys it does not know are a warning): a file of another
+            # network's weights would leave the backbone at its random initialisation, silently.
+            missing = sorted(set(self.backbone.state_dict()) - names)
+            if missing:
+                raise UsageError(
+                    f"--pretrained {weights}: not weights of timm's {name}: it lacks {len(missing)} of "
+                    f"the backbone's {len(self.backbone.state_dict())} tensors ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''})"
+                )
         self.fc = nn.Linear(self.backbone.num_features, dim)
         self.classifier: nn.Linear | None = None
 
     def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         return _outputs(self.fc(self.backbone(x)), self.classifier, logits)
+
+
+def _weight_names(path: str) -> set[str]:
+    """The tensor names of a weights file as timm's loader unwraps them (a ``state_dict`` or
+    ``model`` entry, DataParallel's ``module.`` prefix)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            keys = set(file.keys())
+    else:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+        for entry in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if isinstance(content, dict) and isinstance(content.get(entry), dict):
+                content = content[entry]
+                break
+        keys = set(content) if isinstance(content, dict) else set()
+    return {key.removeprefix("module.") for key in keys}
 
 
 def input_channels(weights: dict[str, Tensor]) -> int:
@@ -155,12 +200,18 @@ def input_channels(weights: dict[str, Tensor]) -> int:
 
 
 def build_model(
-    arch: str, dim: int = 128, classes: int = 0, *, in_channels: int = 3, weights: str | None = None
+    arch: str,
+    dim: int = 128,
+    classes: int = 0,
+    *,
+    in_channels: int | None = None,
+    weights: str | None = None,
 ) -> nn.Module:
     """The embedding network ``arch`` (one of ``ARCHS``, or ``timm:<name>``) with a ``dim``
     normalised output and, when ``classes > 0``, a linear classifier head on the embedding (the
-    softmax baseline). ``in_channels`` and ``weights`` (a local file of the backbone's weights) are
-    for timm models; this package's own networks know their inputs and start from scratch."""
+    softmax baseline). ``in_channels`` (None: 3 for timm models, the network's own otherwise) is
+    checked against this package's networks, which take a fixed number, and sets a timm model's
+    stem; ``weights`` (a local file of the backbone's weights) are for timm models."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 0:
@@ -175,11 +226,20 @@ def build_model(
     elif arch == "fashion_cnn":
         model = FashionCNN(dim)
     elif arch.startswith(TIMM_PREFIX):
-        model = TimmEmbedding(check_arch(arch)[len(TIMM_PREFIX) :], dim, in_channels, weights)
+        model = TimmEmbedding(check_arch(arch)[len(TIMM_PREFIX) :], dim, in_channels or 3, weights)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if weights is not None and not arch.startswith(TIMM_PREFIX):
         raise ValueError(f"weights (--pretrained) are for timm:<name> networks, got arch {arch!r}")
+    if in_channels is not None and not arch.startswith(TIMM_PREFIX):
+        # This package's networks take a fixed number of channels (the timm ones adapt their stem).
+        takes = input_channels(model.state_dict())
+        if takes != in_channels:
+            raise UsageError(
+                f"--arch {arch} takes {takes}-channel images, but the data set's have {in_channels} "
+                f"channel(s): choose an --arch for them ({', '.join(CHANNELS_OF_ARCH.get(in_channels, ()))}, "
+                "or timm:<name>)"
+            )
     if classes:
         model.classifier = nn.Linear(dim, classes)
     return model

@@ -41,8 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from snca_ext.backends import BACKENDS
+
 from .arguments import (
     POSITIVE_INT,
+    check_backend,
     int_list_type,
     number,
     program_name,
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     add("--threads", type=POSITIVE_INT, help="CPU threads of torch (torch's default)")
-    add("--backend", default="auto", help="bank_topk backend (auto)")
+    add("--backend", choices=BACKENDS, default="auto", help="bank_topk backend (auto)")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -128,7 +131,8 @@ def _bank(
             raise ExportError(
                 f"--memory-bank: the memory bank of {run_args['checkpoint']} has {memory.shape[0]} rows, "
                 f"but the training split (--classes {args.classes}) has {len(bank_set)} images: not the "
-                f"data it was trained on (--dataset / --data)"
+                f"data it was trained on (--dataset / --data; a run with --holdout-classes needs "
+                f"--classes seen)"
             )
         return memory.float()
     if features_path is None:
@@ -164,6 +168,12 @@ def _bank(
     return features
 
 
+def _data_text(run_args: dict[str, Any]) -> str:
+    """The data a run read, as its flags: ``--dataset X`` and ``--data PATH`` where it had one."""
+    data = run_args.get("data")
+    return f"--dataset {run_args.get('dataset')}" + (f" --data {data}" if data else "")
+
+
 def _model_name(run_args: dict[str, Any]) -> str:
     path = Path(run_args["checkpoint"])
     return f"{run_args.get('loss', 'snca')}: {path.name if run_args.get('original') else path.parent.name}"
@@ -180,11 +190,15 @@ def run(argv: Sequence[str] | None = None) -> int:
                 f"--out {args.out} and the PNG grid ({which}) are the same file: give --out a .html "
                 "name, or --png another"
             )
+        for flag, path in (("--out", Path(args.out)), ("--png", png)):
+            if path.is_dir():
+                raise ExportError(f"{flag} {path} is a folder: give the file to write")
         writable_folder(Path(args.out).parent, "--out")
         if args.png:
             writable_folder(Path(args.png).parent, "--png")
         set_threads(args.threads)
         device = resolve_device(args.device)
+        check_backend(args.backend, device)
         checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
         loaded = [
             load_trained_model(
@@ -201,14 +215,16 @@ def run(argv: Sequence[str] | None = None) -> int:
         for _, other in loaded[1:]:
             if (other.get("dataset"), other.get("data")) != (first.get("dataset"), first.get("data")):
                 raise ExportError(
-                    f"--compare {args.compare} was trained on {other.get('dataset')} {other.get('data')}, "
-                    f"--checkpoint on {first.get('dataset')} {first.get('data')}: the same images are needed"
+                    f"--compare {args.compare} was trained on {_data_text(other)}, --checkpoint "
+                    f"{args.checkpoint} on {_data_text(first)}: the same images are needed"
                 )
         names = args.names.split(",") if args.names else [_model_name(run_args) for _, run_args in loaded]
         if len(names) != len(loaded):
             raise ExportError(f"--names needs {len(loaded)} comma-separated names, got {args.names!r}")
         query_set = split_dataset(first, args.query_split, args.classes, args.data)
-        bank_set = split_dataset(first, "train", args.classes, args.data)
+        # A --train-limit run's memory bank holds its first N training examples only.
+        limit = first.get("train_limit") if args.memory_bank else None
+        bank_set = split_dataset(first, "train", args.classes, args.data, limit)
         positions = choose_queries(query_set, args.queries, args.seed, args.query_index)
         images = torch.stack([query_set[p][0] for p in positions.tolist()])
         # A training image is its own nearest neighbour: leave its row out when it is the query.

@@ -22,7 +22,7 @@ from .data import (
     held_out_classes,
     run_data,
 )
-from .errors import CheckpointError, ExportError
+from .errors import CheckpointError, ExportError, error_text
 from .models import build_model, input_channels
 
 SPLITS = ("train", "test")
@@ -71,7 +71,7 @@ def load_trained_model(
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise CheckpointError(
-            f"{flag} {path}: the weights do not fit {args['arch']}: {str(error).strip().splitlines()[0]}"
+            f"{flag} {path}: the weights do not fit {args['arch']}: {error_text(error)}"
         ) from error
     args["epoch"] = epoch
     args["checkpoint"] = str(path)
@@ -98,6 +98,9 @@ def run_bundle(run_args: dict[str, Any], data_path: str | None = None) -> DataBu
     dataset = run_args.get("dataset")
     if dataset is None:
         raise ExportError(f"the checkpoint does not say its data set: pass --dataset (one of {DATASETS})")
+    if dataset == "digits" and data_path is not None:
+        # As train: the digits are embedded, and a --data that changes nothing must not pass silently.
+        raise ExportError(f"--data is not used by --dataset digits (embedded), got --data {data_path}")
     data_path = data_path if data_path is not None else run_args.get("data")
     if data_path is None and run_args.get("original") and dataset not in DEFAULT_LOCATION:
         raise ExportError(
@@ -129,14 +132,19 @@ def select_split(
 
 
 def split_dataset(
-    run_args: dict[str, Any], split: str, classes: str = "all", data_path: str | None = None
+    run_args: dict[str, Any],
+    split: str,
+    classes: str = "all",
+    data_path: str | None = None,
+    train_limit: int | None = None,
 ) -> IndexedDataset:
-    """``select_split`` of the run's data (``run_bundle``)."""
+    """``select_split`` of the run's data (``run_bundle``), with only its first ``train_limit``
+    training examples where given (a ``--train-limit`` run's memory bank holds those)."""
     if split not in SPLITS:
         raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
     if classes not in CLASS_SETS:
         raise ExportError(f"--classes must be one of {CLASS_SETS}, got {classes!r}")
-    return select_split(run_bundle(run_args, data_path), run_args, split, classes)
+    return select_split(run_bundle(run_args, data_path).limit(train_limit), run_args, split, classes)
 
 
 def dataset_indices(dataset: IndexedDataset) -> Tensor:

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.data_folders import make_image_folder
 
+from snca_ext import available_backends
+from snca_ext.apps.arguments import resolve_device
+from snca_ext.apps.checkpoints import load_checkpoint, save_checkpoint
 from snca_ext.apps.export import run as export
 from snca_ext.apps.feature_files import load_features, write_safetensors
 from snca_ext.apps.fewshot import run as fewshot
@@ -163,3 +167,127 @@ def test_knn_k_reported_is_the_k_used(runs, capsys):
     assert f"--knn-k 100000 is more than the {bank_rows} training examples" in text
     assert f"kNN (K={bank_rows}," in text
     assert "K=100000" not in text
+
+
+def _status(command, argv) -> int:
+    """The exit status of ``command(argv)``, argparse's own errors (SystemExit 2) included."""
+    try:
+        return command(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+UNUSABLE = [b for b in ("cuda", "triton") if b not in available_backends(resolve_device("auto"))]
+
+
+@pytest.mark.parametrize("backend", UNUSABLE)
+def test_unusable_backend_is_refused_by_name(runs, tmp_path, capsys, backend):
+    # Before: a RuntimeError traceback (exit 1) at the first call of the fused op.
+    assert train(["--backend", backend, "--epochs", "1", "--out", str(tmp_path / "run"), *FAST]) == 2
+    assert f"--backend {backend} cannot run on" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+    out = str(tmp_path / "nn.html")
+    assert neighbors(["--checkpoint", str(runs["snca"]), "--backend", backend, "--out", out, *FAST]) == 2
+    assert f"--backend {backend} cannot run on" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "message"),
+    [
+        ("train", ["--tensorboard", "{file}"], "--tensorboard {file} is a file"),
+        (
+            "train",
+            ["--dataset", "imagefolder", "--data", "{folder}", "--arch", "digits_cnn"],
+            "--arch digits_cnn takes 1-channel images, but the data set's have 3 channel(s)",
+        ),
+        ("neighbors", ["--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+        ("neighbors", ["--out", "{tmp}"], "--out {tmp} is a folder"),
+        ("export", ["--out", "{tmp}/x.pt", "--data", "{tmp}"], "--data is not used by --dataset digits"),
+        ("export", ["--out", "{tmp}/dir.pt"], "--out {tmp}/dir.pt is a folder"),
+    ],
+    ids=[
+        "tensorboard-file",
+        "channels",
+        "neighbors-backend",
+        "neighbors-out-folder",
+        "export-data",
+        "export-out-folder",
+    ],
+)
+def test_bad_input_exits_2_naming_the_argument(runs, tmp_path, capsys, command, argv, message):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir.pt").mkdir()
+    fields = {"file": tmp_path / "file", "tmp": tmp_path, "folder": make_image_folder(tmp_path / "data")}
+    argv = [part.format(**fields) for part in argv]
+    if command == "train":
+        argv += ["-b", "4", "--epochs", "1", "--out", str(tmp_path / "run")]
+        status = _status(train, [*argv, *FAST])
+    else:
+        checkpoint = ["--checkpoint", str(runs["snca"])]
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "nn.html")]
+        status = _status(neighbors if command == "neighbors" else export, [*checkpoint, *out, *argv, *FAST])
+    assert status == 2
+    assert message.format(**fields) in _error(capsys)
+
+
+@pytest.mark.parametrize("content", [b"not weights at all", "other keys"])
+def test_pretrained_that_is_not_weights_is_refused(tmp_path, capsys, content):
+    pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:  # a real safetensors file without the network's weights: timm's loader raised KeyError
+        save_file({"unrelated.weight": torch.zeros(2, 2)}, str(path))
+    argv = ["--arch", "timm:test_resnet", "--pretrained", str(path), "--out", str(tmp_path / "run")]
+    assert train([*argv, "--epochs", "1", *FAST]) == 2
+    assert f"--pretrained {path}: not weights of timm's test_resnet" in _error(capsys)
+
+
+def test_a_state_dict_mismatch_says_what_does_not_fit(runs, capsys):
+    # Before: the message stopped at its first line, "Error(s) in loading state_dict for ...:".
+    assert train(["--resume", str(runs["snca"]), "--evaluate", "--low-dim", "64", *FAST]) == 2
+    error = _error(capsys)
+    assert "the checkpoint does not fit this run (--arch digits_cnn, --low-dim 64" in error
+    assert "size mismatch for fc.weight" in error
+
+
+def test_memory_bank_of_a_train_limit_run(tmp_path, capsys):
+    # Before: refused, blaming --dataset / --data; the bank holds the run's first 200 examples.
+    run = tmp_path / "run"
+    assert train(["--epochs", "1", "--train-limit", "200", "-b", "32", "--out", str(run), *FAST]) == 0
+    out = tmp_path / "nn.html"
+    argv = ["--checkpoint", str(run), "--memory-bank", "--queries", "2", "--out", str(out), *FAST]
+    assert neighbors(argv) == 0
+    assert "against the 200 training images" in out.read_text()
+
+
+def test_compare_of_another_data_set_names_both(runs, tmp_path, capsys):
+    state = load_checkpoint(runs["softmax"])
+    state["args"].update(dataset="fashion-mnist", data=None)
+    other = tmp_path / "other.pt"
+    save_checkpoint(state, other)
+    argv = ["--checkpoint", str(runs["snca"]), "--compare", str(other), "--out", str(tmp_path / "nn.html")]
+    assert neighbors([*argv, *FAST]) == 2
+    error = _error(capsys)
+    assert f"--compare {other} was trained on --dataset fashion-mnist, --checkpoint" in error
+    assert "on --dataset digits: the same images are needed" in error
+    assert "None" not in error
+
+
+def test_an_image_cut_before_the_first_checkpoint_says_run_again(tmp_path, capsys):
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = make_image_folder(tmp_path / "data", per_class=(4, 1))
+    damaged = data / "train" / "dog" / "2.png"
+    encoded = BytesIO()
+    Image.open(damaged).save(encoded, format="PNG")
+    damaged.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])  # its header intact
+    argv = ["--dataset", "imagefolder", "--data", str(data), "-b", "4", "--low-dim", "16", "--epochs", "1"]
+    assert train([*argv, "--out", str(tmp_path / "run"), *FAST]) == 2
+    error = _error(capsys)
+    assert "no checkpoint was saved. Remove or replace the file, then run the same command again." in error
+    assert "--resume" not in error

@@ -24,7 +24,7 @@ from snca_ext.apps.train.cli import EXIT_OK, EXIT_STOPPED, EXIT_USAGE, run
 
 FAST = ["--threads", "1", "--no-progress"]
 SUMMARY = re.compile(
-    r"kNN \(K=30, sigma=(\S+), memory bank\) after (\d+) epochs on (\d+) test examples: "
+    r"kNN \(K=\d+, sigma=(\S+), memory bank\) after (\d+) epochs on (\d+) test examples: "
     r"top-1 ([\d.]+)%  top-5 ([\d.]+)%"
 )
 

@@ -301,7 +301,7 @@ def test_an_image_damaged_past_its_header_stops_the_run_named_and_keeps_the_chec
 
 BAD_ARGUMENTS = [
     (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
-    (["--temperature", "-0.1"], "argument -t/--temperature/--nce-t: expected a number > 0, got '-0.1'"),
+    (["--temperature", "-0.1"], "argument -t/--temperature/--nce-t: expected a number in (0, 10]"),
     (["--lr", "nan"], "argument --lr: expected a number > 0 (finite), got 'nan'"),
     (["--lr", "fast"], "argument --lr: expected a number > 0, got 'fast'"),
     (["--memory-momentum", "1"], "argument --memory-momentum/--nce-m: expected a number in [0, 1), got '1'"),

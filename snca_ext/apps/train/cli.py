@@ -94,7 +94,8 @@ def _run(argv: Sequence[str] | None, env: distributed.DistEnv | None) -> int:
     except BadImageError as error:
         log.error(
             f"error: {error.reason}; its header was sound, so the check before training let it through. "
-            f"Stopped; {trainer.on_disk()}. Remove or replace the file, then --resume."
+            f"Stopped; {trainer.on_disk()}. Remove or replace the file, then "
+            + ("--resume." if (trainer.out / "checkpoint.pt").is_file() else "run the same command again.")
         )
         return EXIT_USAGE
 

@@ -243,6 +243,10 @@ class RunConfig:
             if not Path(self.pretrained).is_file():
                 raise UsageError(f"--pretrained {self.pretrained}: no such file")
         if self.tensorboard is not None:
+            if Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
+                raise UsageError(
+                    f"--tensorboard {self.tensorboard} is a file: give a folder for the event files"
+                )
             try:
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError as error:

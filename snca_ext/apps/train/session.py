@@ -16,7 +16,7 @@ import torch
 
 from snca_ext import distributed
 
-from ..arguments import resolve_device, set_threads, writable_folder
+from ..arguments import check_backend, resolve_device, set_threads, writable_folder
 from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
 from ..data import WITHIN_GROUPS, DataBundle, held_out_classes, run_data
 from ..errors import UsageError
@@ -114,6 +114,7 @@ def prepare(
         if config.bank_sharding:
             raise UsageError("--bank-sharding needs a distributed run: torchrun --nproc_per_node N ...")
         env = distributed.DistEnv.single(resolve_device(config.device))
+    check_backend(config.backend, env.device)
     config.out = distributed.broadcast_object(config.out)  # the ranks' clocks may straddle a second
     set_threads(config.threads)
     seed_everything(config.seed)

@@ -22,7 +22,7 @@ from snca_ext.memory import BANK_DTYPES
 
 from ..checkpoints import FORMAT, load_original, save_checkpoint
 from ..data import DataBundle
-from ..errors import CheckpointError
+from ..errors import CheckpointError, error_text
 from ..models import build_model
 from .config import RunConfig
 from .evaluation import bank_features, classifier_accuracy, knn_evaluate
@@ -189,8 +189,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(
                 f"the checkpoint does not fit this run (--arch {self.config.arch}, --low-dim "
-                f"{self.config.low_dim}, {len(self.data.train)} training examples): "
-                f"{str(error).strip().splitlines()[0]}"
+                f"{self.config.low_dim}, {len(self.data.train)} training examples): {error_text(error)}"
             ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
