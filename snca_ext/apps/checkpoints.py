@@ -15,6 +15,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -121,13 +122,21 @@ def _torch_load(path: Path, **options) -> Any:
         return torch.load(path, map_location="cpu", encoding="latin1", **options)
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--resume") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    trust: bool = False,
+    flag: str = "--resume",
+    before_unpickling: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """The checkpoint at ``path`` as a dict, loaded on the CPU.
 
     Tries ``weights_only=True`` first (nothing but tensors and plain containers is unpickled, in
     the zip format and the legacy one of PyTorch < 1.6); a file that needs full unpickling is
     loaded only when ``trust`` is set, with classes whose code is missing replaced by stand-ins
-    that keep their attributes. Errors name the file as the command-line ``flag`` that gave it.
+    that keep their attributes, and only once ``before_unpickling`` (the command's checks of its
+    other arguments) has passed: a file's code must not run for a command that is then refused.
+    Errors name the file as the command-line ``flag`` that gave it.
     """
     path = Path(path)
     if not path.is_file():
@@ -158,6 +167,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, flag: str = "--res
                 f"file, which can run arbitrary code; classes that are not installed (the original's "
                 f"lib/ and models/) are read as plain attributes."
             ) from error
+        if before_unpickling is not None:
+            before_unpickling()
         try:
             state = _torch_load(path, weights_only=False, pickle_module=_TOLERANT_PICKLE)
         except Exception as second_error:

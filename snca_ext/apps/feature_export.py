@@ -14,7 +14,15 @@ from .data.imagefolder import ImageFiles, header_problems, name_bad
 from .errors import DataError, ExportError
 from .feature_files import run_metadata, write_features
 from .features import iter_features
-from .trained import CLASS_SETS, SPLITS, dataset_indices, load_trained_model, run_bundle, select_split
+from .trained import (
+    CLASS_SETS,
+    SPLITS,
+    dataset_indices,
+    load_trained_model,
+    original_data_check,
+    run_bundle,
+    select_split,
+)
 
 
 def export_features(
@@ -35,7 +43,14 @@ def export_features(
     """Writes the features of ``split`` (restricted to ``classes``) to ``out``; returns the
     metadata written. ``dataset`` and ``arch`` name what an original checkpoint does not say."""
     device = torch.device(device)
-    model, run_args = load_trained_model(checkpoint, device, trust=trust, arch=arch, dataset=dataset)
+    model, run_args = load_trained_model(
+        checkpoint,
+        device,
+        trust=trust,
+        arch=arch,
+        dataset=dataset,
+        before_unpickling=original_data_check(data_path, dataset),
+    )
     if split not in SPLITS:
         raise ExportError(f"--split must be one of {SPLITS}, got {split!r}")
     if classes not in CLASS_SETS:

@@ -65,6 +65,7 @@ from .trained import (
     add_checkpoint_arguments,
     dataset_indices,
     load_trained_model,
+    original_data_check,
     split_dataset,
 )
 
@@ -200,6 +201,20 @@ def run(argv: Sequence[str] | None = None) -> int:
         device = resolve_device(args.device)
         check_backend(args.backend, device)
         checkpoints = [args.checkpoint] + ([args.compare] if args.compare else [])
+        # Everything that does not need the networks is checked before a checkpoint is loaded (and
+        # with --trust-checkpoint unpickled: its code must not run for a command that is refused).
+        if args.names and len(args.names.split(",")) != len(checkpoints):
+            raise ExportError(f"--names needs {len(checkpoints)} comma-separated names, got {args.names!r}")
+        if args.memory_bank and (args.bank_features or args.compare_bank_features):
+            raise ExportError(
+                "--memory-bank and --bank-features / --compare-bank-features exclude each other"
+            )
+        for flag, path in (
+            ("--bank-features", args.bank_features),
+            ("--compare-bank-features", args.compare_bank_features),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise ExportError(f"{flag} {path}: no such feature file")
         loaded = [
             load_trained_model(
                 path,
@@ -208,6 +223,7 @@ def run(argv: Sequence[str] | None = None) -> int:
                 flag=flag,
                 arch=args.arch,
                 dataset=args.dataset,
+                before_unpickling=original_data_check(args.data, args.dataset),
             )
             for path, flag in zip(checkpoints, ("--checkpoint", "--compare"), strict=False)
         ]
@@ -231,10 +247,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         exclude = positions if args.query_split == "train" else None
         bank_paths = [args.bank_features, args.compare_bank_features]
         rows = []
-        if args.memory_bank and (args.bank_features or args.compare_bank_features):
-            raise ExportError(
-                "--memory-bank and --bank-features / --compare-bank-features exclude each other"
-            )
         for (model, run_args), name, bank_path in zip(loaded, names, bank_paths, strict=False):
             bank = _bank(model, bank_set, bank_path, args, device, run_args)
             values, found = retrieve(

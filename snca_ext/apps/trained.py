@@ -5,6 +5,7 @@ snca_ext.export`` and ``python -m snca_ext.neighbors`` both load (``load_trained
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ def load_trained_model(
     flag: str = "--checkpoint",
     arch: str | None = None,
     dataset: str | None = None,
+    before_unpickling: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The network of a checkpoint, in eval mode on ``device``, and its run arguments: ``args`` of a
     ``python -m snca_ext.train`` checkpoint; for an original SNCA checkpoint (main.py's
@@ -44,11 +46,12 @@ def load_trained_model(
     low-dim and the data set its arch implies. ``dataset`` (the ``--dataset`` flag) replaces the
     run's data set (an original checkpoint records none, nor its folder: ``split_dataset``'s
     ``data_path``). The args also hold the checkpoint's memory bank as ``bank`` (None if it has
-    none)."""
+    none). ``before_unpickling`` checks the command's other arguments before a file that needs
+    unpickling (``--trust-checkpoint``) is unpickled."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
-    state = load_checkpoint(path, trust=trust, flag=flag)
+    state = load_checkpoint(path, trust=trust, flag=flag, before_unpickling=before_unpickling)
     if state.get("format") == FORMAT:
         args = dict(state["args"])
         weights, bank, epoch = state["model"], state["memory"].get("bank"), int(state["epoch"])
@@ -90,6 +93,24 @@ def weights_digest(weights: dict[str, Tensor]) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(weights[name].shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def original_data_check(data: str | None, dataset: str | None) -> Callable[[], None]:
+    """The check, before an original checkpoint is unpickled, that its data can be read: such a
+    file records no data set (its arch implies imagefolder or cifar10, both local folders), so
+    ``--data`` (or a ``--dataset`` read from its default place) is needed, and must exist."""
+
+    def check() -> None:
+        if data is None and dataset not in DEFAULT_LOCATION:
+            raise ExportError(
+                "the checkpoint needs unpickling: an original SNCA checkpoint, which records no data "
+                "set: pass --data PATH (or --dataset for a data set read from its default place); "
+                "checked before the file is unpickled"
+            )
+        if data is not None and not Path(data).is_dir():
+            raise ExportError(f"--data {data}: no such folder (checked before the checkpoint is unpickled)")
+
+    return check
 
 
 def run_bundle(run_args: dict[str, Any], data_path: str | None = None) -> DataBundle:

@@ -291,3 +291,71 @@ def test_an_image_cut_before_the_first_checkpoint_says_run_again(tmp_path, capsy
     error = _error(capsys)
     assert "no checkpoint was saved. Remove or replace the file, then run the same command again." in error
     assert "--resume" not in error
+
+
+class _Evil:
+    """A pickled object whose unpickling runs code: it creates the file ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "message"),
+    [
+        ("train", ["-e", "--resume", "{evil}"], "pass --data PATH"),
+        (
+            "train",
+            ["-e", "--resume", "{evil}", "--data", "{tmp}/missing"],
+            "--data {tmp}/missing: no such folder",
+        ),
+        (
+            "train",
+            ["-e", "--resume", "{evil}", "--data", "{tmp}", "--backend", "cuda"],
+            "--backend cuda cannot run",
+        ),
+        ("export", ["--checkpoint", "{evil}", "--out", "{tmp}/x.pt"], "pass --data PATH"),
+        ("neighbors", ["--checkpoint", "{evil}", "--out", "{tmp}/nn.html"], "pass --data PATH"),
+        (
+            "neighbors",
+            [
+                "--checkpoint",
+                "{evil}",
+                "--data",
+                "{tmp}",
+                "--memory-bank",
+                "--bank-features",
+                "{tmp}/b.pt",
+                "--out",
+                "{tmp}/nn.html",
+            ],
+            "--memory-bank and --bank-features / --compare-bank-features exclude each other",
+        ),
+    ],
+    ids=[
+        "train-no-data",
+        "train-missing-data",
+        "train-backend",
+        "export-no-data",
+        "neighbors-no-data",
+        "neighbors-banks",
+    ],
+)
+def test_trusted_checkpoint_is_unpickled_only_after_the_other_checks(
+    tmp_path, capsys, command, argv, message
+):
+    # Before: the file was unpickled (its code ran) and the command refused afterwards.
+    if "cuda" in argv and "cuda" not in UNUSABLE:
+        pytest.skip("CUDA runs here")
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Evil(marker)}, evil)
+    fields = {"evil": evil, "tmp": tmp_path}
+    argv = [part.format(**fields) for part in argv]
+    commands = {"train": train, "export": export, "neighbors": neighbors}
+    assert _status(commands[command], [*argv, "--trust-checkpoint", *FAST]) == 2
+    assert message.format(**fields) in _error(capsys)
+    assert not marker.exists()

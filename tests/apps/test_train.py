@@ -411,7 +411,11 @@ def test_original_checkpoint_loads_with_trust(tmp_path, monkeypatch, capsys):
     parts = checkpoint_module.from_original(state)
     assert set(parts["model"]) == set(expected["model"])  # the module. prefix is gone
     assert torch.equal(parts["bank"], expected["memory"])  # read without the original code installed
-    assert run(["-e", "--resume", str(path), "--trust-checkpoint", *FAST]) == EXIT_OK
+    # An original checkpoint records no data set: the command names it before the file is unpickled.
+    argv = ["-e", "--resume", str(path), "--trust-checkpoint", *FAST]
+    assert run(argv) == EXIT_USAGE
+    assert "pass --data PATH (or --dataset" in capsys.readouterr().err
+    assert run([*argv, "--dataset", "digits"]) == EXIT_OK
     assert "after 2 epochs on 450 test examples" in capsys.readouterr().out
 
 

@@ -18,7 +18,7 @@ from snca_ext import distributed
 
 from ..arguments import check_backend, resolve_device, set_threads, writable_folder
 from ..checkpoints import FORMAT, from_original, load_checkpoint, original_run
-from ..data import WITHIN_GROUPS, DataBundle, held_out_classes, run_data
+from ..data import DEFAULT_LOCATION, WITHIN_GROUPS, DataBundle, held_out_classes, run_data
 from ..errors import UsageError
 from .config import RunConfig
 from .evaluation import most_ways, novel_class_evaluation
@@ -38,7 +38,31 @@ def _load_resume(args: argparse.Namespace) -> dict[str, Any] | None:
     if path.is_dir():  # a run directory
         path = path / "checkpoint.pt"
     args.resume = str(path)
-    return load_checkpoint(path, trust=args.trust_checkpoint)
+    return load_checkpoint(
+        path, trust=args.trust_checkpoint, before_unpickling=lambda: _check_before_unpickling(args)
+    )
+
+
+def _check_before_unpickling(raw: argparse.Namespace) -> None:
+    """What can be checked of the command line before a --resume file that needs unpickling (an
+    original SNCA checkpoint, with --trust-checkpoint) is unpickled: its code must not run for a
+    command that is then refused. Such a file records no data set (its arch implies imagefolder or
+    cifar10, both local folders): --data is needed, or a --dataset read from its default place."""
+    if raw.data is None and raw.dataset not in DEFAULT_LOCATION:
+        raise UsageError(
+            f"--resume {raw.resume} needs unpickling: an original SNCA checkpoint, which records no data "
+            "set: pass --data PATH (or --dataset for a data set read from its default place); checked "
+            "before the file is unpickled"
+        )
+    if raw.data is not None and not Path(raw.data).is_dir():
+        raise UsageError(f"--data {raw.data}: no such folder (checked before the checkpoint is unpickled)")
+    if raw.tensorboard is not None and Path(raw.tensorboard).is_file():
+        raise UsageError(f"--tensorboard {raw.tensorboard} is a file: give a folder for the event files")
+    if raw.pretrained is not None:
+        raise UsageError("--pretrained is for a new timm run, not for --resume of an original checkpoint")
+    if raw.out is not None:
+        writable_folder(Path(raw.out), "--out")
+    check_backend(raw.backend or "auto", resolve_device(raw.device or "auto"))
 
 
 _ORIGINAL_DATA = {
