@@ -359,3 +359,15 @@ def test_trusted_checkpoint_is_unpickled_only_after_the_other_checks(
     assert _status(commands[command], [*argv, "--trust-checkpoint", *FAST]) == 2
     assert message.format(**fields) in _error(capsys)
     assert not marker.exists()
+
+
+def test_help_gives_every_recipes_epochs_and_the_temperature(capsys, monkeypatch):
+    from snca_ext.apps.train.config import RECIPES
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps at hyphens ("fashion-" / "mnist")
+    with pytest.raises(SystemExit):
+        train(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, recipe in RECIPES.items():
+        assert f"{name} {recipe['epochs']}" in text
+    assert "(the recipe's: 0.05; digits 0.1)" in text

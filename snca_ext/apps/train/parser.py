@@ -23,6 +23,7 @@ from ..data import DATASETS
 from ..data.omniglot import SPLITS as OMNIGLOT_SPLITS
 from ..data.omniglot import parse_names
 from ..models import ARCHS
+from .config import RECIPES
 
 # Cosines lie in [-1, 1]: above T = 10 the weights exp(cos / T) of the loss differ by less than
 # exp(2 / 10) = 1.22 across the whole bank, and the gradient (of order 1 / T^2) vanishes: at
@@ -205,7 +206,11 @@ def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr-step", type=POSITIVE_INT, help="multiply the lr by --lr-gamma every this many epochs"
     )
     optim.add_argument("--lr-gamma", type=POSITIVE_FLOAT, help="lr decay factor (0.1)")
-    optim.add_argument("--epochs", type=POSITIVE_INT, help="imagefolder 130, cifar10 200, digits 25")
+    optim.add_argument(
+        "--epochs",
+        type=POSITIVE_INT,
+        help="the recipe's: " + ", ".join(f"{name} {recipe['epochs']}" for name, recipe in RECIPES.items()),
+    )
     optim.add_argument("--weight-decay", "--wd", dest="weight_decay", type=NON_NEGATIVE_FLOAT)
     optim.add_argument("--sgd-momentum", type=FRACTION, help="SGD momentum (0.9)")
     optim.add_argument(
