@@ -24,7 +24,9 @@ length, a JSON header, then the raw little-endian arrays):
                               split, CIFAR-10's batch order, ImageFolder's sorted
                               ``datasets.ImageFolder(DATA/train).samples`` order (val/ for test)
     __metadata__ (strings): format, checkpoint, dataset, split, classes (all/seen/novel),
-                            holdout_classes, arch, low_dim, loss, epoch; where the data set
+                            holdout_classes, arch, low_dim, loss, epoch, model_digest (a
+                            digest of the network's weights: neighbors refuses a
+                            --bank-features of another network); where the data set
                             has them, class_names (a JSON list, by class id); for omniglot
                             groups (a JSON list: each class's alphabet id, which
                             ``python -m snca_ext.fewshot`` draws episodes within) and
