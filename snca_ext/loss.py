@@ -51,6 +51,8 @@ class SNCALoss(nn.Module):
         temperature: T. momentum: memory momentum in [0, 1).
         margin: in logit units, like the original's criterion argument.
         dtype: the bank's storage dtype. backend: the fused op's backend.
+        fresh_rows: with its own bank, the loss sees the batch's own rows holding the batch's current
+            features (``MemoryBank.loss``); the stored bank is still updated by momentum.
 
     Shapes: ``forward`` takes embeddings [B, D], labels [B], indices [B], ref_emb [M, D],
     ref_labels [M] and returns a scalar (mean over B; a row without a positive counts 0).
@@ -68,6 +70,7 @@ class SNCALoss(nn.Module):
         margin: float = 0.0,
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        fresh_rows: bool = False,
     ) -> None:
         super().__init__()
         if (dim is None) != (labels is None):
@@ -83,6 +86,7 @@ class SNCALoss(nn.Module):
         self._temperature = check_temperature(temperature)
         self.margin = float(margin)
         self.backend = backend
+        self.fresh_rows = bool(fresh_rows)
 
     @property
     def temperature(self) -> float:
@@ -127,7 +131,14 @@ class SNCALoss(nn.Module):
             )
         if labels is not None:
             self._check_labels_match_bank(labels, indices)
-        loss = self.memory.loss(embeddings, indices, margin=self.margin, labels=labels, backend=self.backend)
+        loss = self.memory.loss(
+            embeddings,
+            indices,
+            margin=self.margin,
+            labels=labels,
+            backend=self.backend,
+            fresh_rows=self.fresh_rows,
+        )
         if embeddings.requires_grad and torch.is_grad_enabled():
             # Updating now would change a tensor the op saved for its backward; a hook on the
             # features runs once their gradient is complete, which is where the original updated.

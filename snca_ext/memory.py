@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .backends import resolve_backend
 from .checks import check_temperature
 from .ops import bank_topk, snca_loss
 
@@ -182,20 +183,52 @@ class MemoryBank(nn.Module):
         labels: Tensor | None = None,
         reduction: str = "mean",
         backend: str = "auto",
+        fresh_rows: bool = False,
     ) -> Tensor:
         """SNCA loss of ``features`` (their own rows ``indices`` excluded); ``margin`` in logit
-        units, as ``snca_ext.snca_loss``."""
-        return snca_loss(
-            features,
-            indices,
-            self.bank,
-            self.labels,
-            self.temperature,
-            margin=margin,
-            labels=labels,
-            reduction=reduction,
-            backend=backend,
-        )
+        units, as ``snca_ext.snca_loss``.
+
+        ``fresh_rows``: the loss sees the batch's own bank rows holding the batch's current
+        (detached) features instead of what older networks wrote there: each query's same-class
+        batch mates become fresh positives and the rest of the batch fresh negatives, while every
+        other row stays the slow, momentum-averaged memory. The stored bank is unchanged (the
+        rows are swapped in for the op and back out), so ``update`` still mixes the old rows.
+        On Omniglot's 20 images per class this is what makes SNCA learn (README).
+        """
+
+        def loss_on(bank: Tensor) -> Tensor:
+            return snca_loss(
+                features,
+                indices,
+                bank,
+                self.labels,
+                self.temperature,
+                margin=margin,
+                labels=labels,
+                reduction=reduction,
+                backend=backend,
+            )
+
+        if not fresh_rows:
+            return loss_on(self.bank)
+        check_update(features, indices.clamp(min=0), self.dim, self.size)
+        rows = indices.to(self.bank.device).long()
+        has_row = rows >= 0  # a query without a bank row (-1) has nothing to refresh
+        rows, fresh = rows[has_row], features.detach()[has_row].to(self.bank)
+        if resolve_backend(backend, features.device) == "reference":
+            # The reference differentiates through its matmul, which saves the bank for the
+            # backward: give it a copy rather than a bank changed in place afterwards.
+            return loss_on(self.bank.index_copy(0, rows, fresh))
+        # The fused ops never save the bank for the loss's backward (no top-k here), so the rows
+        # can be swapped in place: B rows, not an N x D copy of the bank per step.
+        stored = self.bank[rows].clone()
+        with torch.no_grad():
+            self.bank.index_copy_(0, rows, fresh)
+        try:
+            return loss_on(self.bank)
+        finally:
+            with torch.no_grad():
+                self.bank.index_copy_(0, rows, stored)
 
     @torch.no_grad()
     def update(self, features: Tensor, indices: Tensor, momentum: float | None = None) -> None:

@@ -294,3 +294,39 @@ def test_old_criterion_call_still_works_with_a_future_warning():
     with pytest.warns(FutureWarning, match=r"SNCALoss\(\.\.\.\)\(features, indices=indices\)"):
         loss = old(features, rows)
     assert torch.equal(loss, new(features, indices=rows))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fresh_rows_put_the_batch_features_in_its_rows_for_the_loss_only(backend):
+    """The loss with fresh rows equals the loss against a bank whose batch rows hold the batch's
+    features; the stored bank is untouched, and the gradient is that bank's."""
+    labels = torch.arange(40) % 4
+    memory = MemoryBank(labels, 8, temperature=0.1, momentum=0.9)
+    rows = torch.tensor([3, 7, 11, 20, 21, -1])  # same-class batch mates, and a query without a row
+    base = _features(6, 8, 5)
+    fresh_bank = memory.bank.index_copy(0, rows[:5], base[:5])
+    before = memory.bank.clone()
+    features = base.clone().requires_grad_()
+    loss = memory.loss(features, rows, labels=labels[rows.clamp(min=0)], fresh_rows=True, backend=backend)
+    loss.backward()
+    assert torch.equal(memory.bank, before), "the stored bank changed"
+    expected_features = base.clone().requires_grad_()
+    expected = snca_loss_reference(
+        expected_features, rows, fresh_bank, labels, 0.1, labels=labels[rows.clamp(min=0)]
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(features.grad, expected_features.grad, rtol=1e-4, atol=1e-6)
+    stale = memory.loss(base, rows, labels=labels[rows.clamp(min=0)], backend=backend)
+    assert not torch.allclose(stale, loss), "fresh rows made no difference: the test cannot tell"
+
+
+def test_fresh_rows_through_the_loss_module_then_the_momentum_update_mixes_the_old_rows():
+    labels = torch.arange(24) % 3
+    criterion = SNCALoss(8, labels, 0.1, 0.5, fresh_rows=True)
+    rows = torch.tensor([0, 3, 6, 1])
+    old_rows = criterion.memory.bank[rows].clone()
+    features = _features(4, 8, 6).requires_grad_()
+    criterion(features, indices=rows).backward()
+    expected = F.normalize(0.5 * old_rows + 0.5 * features.detach(), dim=1)
+    torch.testing.assert_close(criterion.memory.bank[rows], expected)

@@ -63,8 +63,15 @@ class ShardedMemoryBank(MemoryBank):
         labels: Tensor | None = None,
         reduction: str = "mean",
         backend: str = "auto",
+        fresh_rows: bool = False,
     ) -> Tensor:
         """This rank's queries' loss against the whole (sharded) bank: ``sharded_snca_loss``."""
+        if fresh_rows:
+            raise ValueError(
+                "fresh_rows needs the whole bank in each process (MemoryBank, or ReplicatedMemoryBank, "
+                "where each process refreshes its own batch's rows); the sharded bank does not swap rows "
+                "held by other ranks"
+            )
         indices = indices.to(self.labels.device).long()
         if labels is None:
             labels = self.labels[indices.clamp(min=0)]
