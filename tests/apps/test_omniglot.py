@@ -302,3 +302,21 @@ def test_neighbors_page_of_the_novel_alphabets(trained, tmp_path):
     text = page.read_text()
     assert any(f"{alphabet}/character" in text for alphabet in NOVEL) and "Greek/" not in text
     assert (tmp_path / "novel.png").stat().st_size > 0
+
+
+def test_fewshot_ways_beyond_the_largest_novel_alphabet_are_refused(trained, capsys):
+    # Episodes draw within one alphabet: Japanese (katakana), the largest novel one, has 47
+    # characters, so 48-way episodes cannot be drawn (before: run quietly as 47-way).
+    argv = [
+        "--resume",
+        str(trained),
+        "--evaluate",
+        "--fewshot-ways",
+        "20,48",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
+    assert train(argv) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "--fewshot-ways 20,48 asks for 48-way episodes, but the largest held-out alphabet has 47" in error
