@@ -231,6 +231,13 @@ def _add_bank_arguments(parser: argparse.ArgumentParser) -> None:
         help="bank momentum milestones 'epoch:momentum,...' (imagefolder '80:0.8,120:0.9'; '' for none)",
     )
     bank.add_argument("--bank-dtype", choices=tuple(BANK_DTYPES), help="bank storage (float32)")
+    bank.add_argument(
+        "--fresh-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the loss sees the batch's own bank rows holding its current features (the stored rows "
+        "still updated by momentum); on in the omniglot recipe, off elsewhere",
+    )
 
 
 def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:

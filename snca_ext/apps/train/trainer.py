@@ -254,7 +254,11 @@ class Trainer:
             return features, F.cross_entropy(logits, self.head_labels[self.memory.labels[indices]])
         features = self.forward(images)
         return features, self.memory.loss(
-            features, indices, margin=margin_logits, backend=self.config.backend
+            features,
+            indices,
+            margin=margin_logits,
+            backend=self.config.backend,
+            fresh_rows=self.config.fresh_batch,
         )
 
     def train_epoch(self, stop: StopSignal, progress: bool) -> bool:
