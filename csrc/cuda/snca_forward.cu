@@ -285,6 +285,8 @@ __device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, co
   return part[0][0] + part[0][1] > 0.0f ? 1u : 0u;
 }
 
+// One function (about 200 lines) on purpose: the per-lane softmax state lives in registers across
+// the tile loop, and the static report counts the loop's instructions from its source lines.
 // The lse kernel's tile loop for the tensor-core engine: the softmax on the scores where the MMAs
 // leave them, in registers (TensorCoreEngine::scores_frag): lane 4 g + t of warp w holds rows
 // R_i = 16 (w / 2) + g + 8 i (i = 0, 1) and 8 columns of the tile's half w % 2. Each lane keeps the

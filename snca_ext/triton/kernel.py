@@ -205,7 +205,13 @@ def _snca_partials_kernel(
     products).
     GRAD_D < BLOCK_D: the weighted sums are cut into GRAD_D-column parts, one per program along
     the grid's third axis; every part computes the whole scores, part 0 alone writes the LSE
-    state and the top-k."""
+    state and the top-k.
+
+    One function, about 260 lines, on purpose: the tile loop carries a dozen register tiles (the
+    two groups' maxima and sums, the two weighted-sum accumulators, the top-k list), and each phase
+    (scores, masks, softmax, sums, top-k) reads and updates most of them; the scores, masks and
+    order keys are already @triton.jit helpers above. The static report (gpu_checks/static_triton)
+    holds the compiled loop to its register and spill figures."""
     query_block = tl.program_id(0)
     split = tl.program_id(1)
     grad_part = tl.program_id(2)

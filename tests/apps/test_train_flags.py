@@ -94,6 +94,6 @@ def test_optimizer_bank_and_margin_flags_reach_their_place(tmp_path):
     plain = _trainer(tmp_path / "no-margin", "--bank-dtype", "bfloat16")
     assert trainer.margin_logits == pytest.approx(0.2 / 0.1) and plain.margin_logits == 0.0
     with torch.no_grad():
-        with_margin = trainer._loss(images, indices, trainer.margin_logits)[1]
-        without = plain._loss(images, indices, plain.margin_logits)[1]
+        with_margin = trainer.step_loss(images, indices, trainer.margin_logits)[1]
+        without = plain.step_loss(images, indices, plain.margin_logits)[1]
     assert with_margin > without

@@ -246,7 +246,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _loss(self, images: torch.Tensor, indices: torch.Tensor, margin_logits: float):
+    def step_loss(self, images: torch.Tensor, indices: torch.Tensor, margin_logits: float):
         """The step's features and loss: SNCA against the bank, or with --loss softmax the
         cross-entropy of the classifier head (the bank then only serves the kNN monitor)."""
         if self.config.loss == "softmax":
@@ -336,7 +336,7 @@ class Trainer:
             # DDP all-reduces the gradients at the last micro-batch only.
             with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
                 with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-                    batch_features, loss = self._loss(images, indices, margin_logits)
+                    batch_features, loss = self.step_loss(images, indices, margin_logits)
                 # The global batch's loss: every process must agree to raise Diverged.
                 loss_value = distributed.global_mean(loss)
                 if not math.isfinite(loss_value):
