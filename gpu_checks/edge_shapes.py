@@ -77,28 +77,14 @@ def _cases16():
 
 
 def _autocast_grad(f, indices, m, bank_labels, labels):
-    """The gradient of plain PyTorch computing in the features' dtype (16-bit products with fp32
-    output, fp32 softmax, P.to(dtype) @ M.to(dtype)), on the features' device."""
-    dt = f.dtype
-    x, mm = f.float(), m.to(dt).float()
-    s = (x @ mm.T) / T
-    own = torch.zeros_like(s, dtype=torch.bool)
-    rows = torch.nonzero(indices >= 0).flatten()
-    own[rows, indices[rows]] = True
-    same = labels[:, None] == bank_labels[None, :]
-    out = []
-    for member in (same & ~own, ~same & ~own):
-        logits = torch.where(member, s, -math.inf)
-        lse = torch.logsumexp(logits, 1)
-        p = torch.where(member & (lse[:, None] > -math.inf), torch.exp(logits - lse[:, None]), 0.0)
-        out.append((lse, p.to(dt).float() @ mm))
-    (a, ws), (b_, wo) = out
-    a, b_ = a.detach().requires_grad_(), b_.detach().requires_grad_()
-    from snca_ext import ops
+    """The gradient of plain PyTorch under autocast in the features' dtype
+    (reference.snca_partials_autocast_reference), on the features' device."""
+    from snca_ext import _autograd, ops, reference
 
-    loss = ops.loss_from_lse(a, b_)
-    ga, gb = torch.autograd.grad(loss, (a, b_))
-    return (ga[:, None] * ws + gb[:, None] * wo) / T
+    a, b_, ws, wo = reference.snca_partials_autocast_reference(f, indices, m, bank_labels, T, labels=labels)
+    a, b_ = a.detach().requires_grad_(), b_.detach().requires_grad_()
+    ga, gb = torch.autograd.grad(ops.loss_from_lse(a, b_), (a, b_))
+    return _autograd.lse_grad(ga, gb, ws, wo, 1.0 / T)
 
 
 def _problem(b, n, d, fdtype, bdtype, device, seed, classes=3):

@@ -102,6 +102,34 @@ def snca_stats_reference(
     return lse_same, lse_other, values, rows
 
 
+def snca_partials_autocast_reference(
+    features: Tensor,
+    indices: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    temperature: float,
+    *,
+    labels: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lse_same, lse_other, wmean_same, wmean_other) as plain PyTorch computes them under
+    ``torch.autocast`` in the dtype of bfloat16/float16 ``features``: 16-bit products with float32
+    output (the bank rounded to the features' dtype), float32 softmax and log-sum-exps, the
+    weighted sums as ``P.to(dtype) @ M.to(dtype)`` with float32 output. The yardstick of the GPU
+    backends' 16-bit path (at least as accurate as this, against float64)."""
+    dtype = features.dtype
+    bank16 = bank.to(dtype).float()
+    logits = (features.float() @ bank16.T) / temperature
+    same = _query_labels(indices, bank_labels, labels)[:, None] == bank_labels.long()[None, :]
+    own = _self_mask(indices, bank.shape[0])
+    out = []
+    for member in (same & ~own, ~same & ~own):
+        lse = torch.logsumexp(logits.masked_fill(~member, _NEG_INF), dim=1)
+        weights = torch.where(member & (lse[:, None] > _NEG_INF), torch.exp(logits - lse[:, None]), 0.0)
+        out.append((lse, weights.to(dtype).float() @ bank16))
+    (lse_same, wmean_same), (lse_other, wmean_other) = out
+    return lse_same, lse_other, wmean_same, wmean_other
+
+
 def topk_reference(
     dots: Tensor, exclude_mask: Tensor, k: int, queries: Tensor | None = None, bank: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

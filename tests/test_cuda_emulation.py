@@ -94,6 +94,30 @@ def mma_carried(terms: list[tuple[torch.Tensor, torch.Tensor]], mode: str, acc: 
     return acc
 
 
+def combine_splits(partials, B, dp, D):
+    """The combine kernel (lse_combine_kernel) over the splits' partials, each a dict per group of
+    (reference max, sum, accumulator, NaN flags, +inf flags): (lse_same, lse_other, wmean_same,
+    wmean_other), the weighted means cut to the features' D."""
+    out = []
+    for g in ("same", "other"):
+        maxes = torch.stack([p[g][0] for p in partials])
+        top = maxes.max(0).values
+        factor = torch.where(maxes == NEG_INF, 0.0, torch.exp(maxes - top))
+        total = torch.zeros(B)
+        acc = torch.zeros(B, dp)
+        for i, part in enumerate(partials):
+            total = round_to_fp32(total.double() + part[g][1].double() * factor[i].double(), "rn")
+            acc = round_to_fp32(acc.double() + part[g][2].double() * factor[i].double()[:, None], "rn")
+        nan = torch.stack([p[g][3] for p in partials]).any(0)
+        inf = torch.stack([p[g][4] for p in partials]).any(0)
+        lse = torch.where(total > 0, top + torch.log(total), NEG_INF)
+        lse = torch.where(nan, math.nan, torch.where(inf, math.inf, lse))
+        inv = torch.where(total > 0, 1.0 / total, 0.0)
+        wmean = torch.where((nan | inf)[:, None], math.nan, acc * inv[:, None])[:, :D]
+        out.append((lse, wmean))
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
 def emulate_forward(
     features, labels, indices, bank, bank_labels, temperature, *, mode, splits=1, carry=False
 ):
@@ -190,24 +214,7 @@ def emulate_forward(
             total = round_to_fp32(halves[0].double() + halves[1].double(), "rn")
             result[g] = (ref, total, acc, nan, inf)
         partials.append(result)
-    out = []
-    for g in ("same", "other"):
-        maxes = torch.stack([p[g][0] for p in partials])
-        top = maxes.max(0).values
-        factor = torch.where(maxes == NEG_INF, 0.0, torch.exp(maxes - top))
-        total = torch.zeros(B)
-        acc = torch.zeros(B, dp)
-        for i, part in enumerate(partials):
-            total = round_to_fp32(total.double() + part[g][1].double() * factor[i].double(), "rn")
-            acc = round_to_fp32(acc.double() + part[g][2].double() * factor[i].double()[:, None], "rn")
-        nan = torch.stack([p[g][3] for p in partials]).any(0)
-        inf = torch.stack([p[g][4] for p in partials]).any(0)
-        lse = torch.where(total > 0, top + torch.log(total), NEG_INF)
-        lse = torch.where(nan, math.nan, torch.where(inf, math.inf, lse))
-        inv = torch.where(total > 0, 1.0 / total, 0.0)
-        wmean = torch.where((nan | inf)[:, None], math.nan, acc * inv[:, None])[:, :D]
-        out.append((lse, wmean))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+    return combine_splits(partials, B, dp, D)
 
 
 def emulated_loss_and_grad(features, indices, bank, bank_labels, temperature, **kw):
@@ -470,44 +477,7 @@ def emulate_forward16(
             total = to_fp32(st["halves"][0].double() + st["halves"][1].double())
             result[g] = (st["ref"], total, acc, st["nan"], st["inf"])
         partials.append(result)
-    out = []
-    for g in ("same", "other"):
-        maxes = torch.stack([p[g][0] for p in partials])
-        top = maxes.max(0).values
-        factor = torch.where(maxes == NEG_INF, 0.0, torch.exp(maxes - top))
-        total = torch.zeros(B)
-        acc = torch.zeros(B, dp)
-        for i, part in enumerate(partials):
-            total = round_to_fp32(total.double() + part[g][1].double() * factor[i].double(), "rn")
-            acc = round_to_fp32(acc.double() + part[g][2].double() * factor[i].double()[:, None], "rn")
-        nan = torch.stack([p[g][3] for p in partials]).any(0)
-        inf = torch.stack([p[g][4] for p in partials]).any(0)
-        lse = torch.where(total > 0, top + torch.log(total), NEG_INF)
-        lse = torch.where(nan, math.nan, torch.where(inf, math.inf, lse))
-        inv = torch.where(total > 0, 1.0 / total, 0.0)
-        wmean = torch.where((nan | inf)[:, None], math.nan, acc * inv[:, None])[:, :D]
-        out.append((lse, wmean))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
-
-
-def autocast_forward(features, labels, indices, bank, bank_labels, temperature):
-    """Plain PyTorch under autocast in the features' dtype: 16-bit products with fp32 output, fp32
-    softmax and log-sum-exps, the weighted sums as P.to(dtype) @ M.to(dtype) with fp32 output."""
-    dt = features.dtype
-    f, m = features.float(), bank.to(dt).float()
-    s = (f @ m.T) / temperature
-    own = torch.zeros_like(s, dtype=torch.bool)
-    rows = torch.nonzero(indices >= 0).flatten()
-    own[rows, indices[rows]] = True
-    same = labels[:, None] == bank_labels[None, :]
-    out = []
-    for member in (same & ~own, ~same & ~own):
-        logits = torch.where(member, s, NEG_INF)
-        lse = torch.logsumexp(logits, 1)
-        p = torch.where(member, torch.exp(logits - lse[:, None]), 0.0)
-        p = torch.where(lse[:, None] == NEG_INF, 0.0, p)
-        out.append((lse, p.to(dt).float() @ m))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
+    return combine_splits(partials, B, dp, D)
 
 
 def loss_and_grad(stats, temperature):
@@ -537,7 +507,10 @@ def errors16(features_dtype, bank_dtype, classes, temperature, dim=128, **model)
     (gt_grad,) = torch.autograd.grad(gt, gt_in)
     args = (features, labels, indices, bank, bank_labels, temperature)
     ours, ours_grad = loss_and_grad(emulate_forward16(*args, **model), temperature)
-    auto, auto_grad = loss_and_grad(autocast_forward(*args), temperature)
+    autocast = reference.snca_partials_autocast_reference(
+        features, indices, bank, bank_labels, temperature, labels=labels
+    )
+    auto, auto_grad = loss_and_grad(autocast, temperature)
     assert ours_grad[1].abs().max() == 0  # no positive: no gradient
     scale = gt_grad.abs().max().item()
     return (
