@@ -38,7 +38,7 @@ the backward only scales the stored gradient) on an H100 SXM and an H200, the la
                 (m16n8k16: 4,096 flops at the bf16/fp16 rate; m16n8k8 TF32: 2,048 at the TF32 rate)
 beside the floor of gpu_checks/gpu_table.py on the same device: max(bank bytes / bandwidth,
 3 x 2 B N D / dense 16-bit peak). An estimate, not a measurement: the counts are upper bounds of the
-common path (rare branches and the skipped same-class products included), and mma.sync is not
+common path (the rare straight-line code of forward branches included), and mma.sync is not
 Hopper's fastest MMA (wgmma is). A GPU run replaces it (gpu_checks/gpu_table.py).
 
 The Triton kernels' rows come from gpu_checks/static_triton.py (triton_static_rows()) when present.
@@ -72,7 +72,10 @@ BANKS16 = {
     ("fp16", "fp32"): "fE",
 }
 TARGET_INSTRUCTIONS = 3000  # fp32 features / bf16 bank, D = 128 (tensor-core fp32 engine)
-TARGET_INSTRUCTIONS16 = 1000  # bf16 features / bf16 bank, D = 128 (16-bit engine)
+# bf16 features / bf16 bank, D = 128 (16-bit engine): the issue's target was 1,000; held at what
+# the row phase of 2026-12-07 reaches (779 on sm_90, 784 on sm_80) with room for compiler noise,
+# so that a change that loses it fails tests/test_cuda_static.py.
+TARGET_INSTRUCTIONS16 = 850
 TARGET_MMA_SHARE16 = 0.25  # its tensor-core instructions' share of the main loop (reported)
 
 # The estimate's devices (published figures). H100 SXM5: 132 SMs; 1.83 GHz is the clock of NVIDIA's

@@ -319,7 +319,6 @@ def test_non_finite_scores_follow_the_contract():
 K16 = 16  # the k of one 16-bit MMA (mma.sync m16n8k16)
 LOG2E = float(torch.tensor(math.log2(math.e), dtype=torch.float32))  # the kernel's fp32 constant
 SUM_STEPS16 = 4  # k-steps of 16 bank rows per chunk of the weighted sums: one tile (accumulate_group)
-GROUP_ROWS = 16  # query rows of a warp: the same-class products are skipped per 16 rows and tile
 
 
 def to_fp32(v: torch.Tensor) -> torch.Tensor:
@@ -411,9 +410,8 @@ def emulate_forward16(
                 "nan": nan,
                 "inf": inf,
                 "ref": torch.full((B,), NEG_INF),
-                "halves": torch.zeros(2, B),
+                "lanes": torch.zeros(B, 2, 4),  # [row, warp half h, lane t]: a running sum each
                 "acc": torch.zeros(B, dp),
-                "pend": torch.ones(B),
             }
         for tile in tiles:
             p_of = {}
@@ -435,8 +433,9 @@ def emulate_forward16(
                 p = torch.where(
                     raw == NEG_INF, 0.0, exp_fast(to_fp32(raw.double() * inv_t - base.double()[:, None]))
                 )
-                tile_sums = p.view(B, 2, COLS // 2).sum(2).double().T
-                st["halves"] = to_fp32(st["halves"].double() * fac.double() + tile_sums)
+                # The lane 4 g + t of warp half h sums its columns 32 h + 8 u + 2 t + q of the tile.
+                lane_sums = p.view(B, 2, 4, 4, 2).sum((2, 4)).double()
+                st["lanes"] = to_fp32(st["lanes"].double() * fac.double()[:, None, None] + lane_sums)
                 st["ref"] = ref
                 p_of[g] = (p, fac)
             mt = m[tile]
@@ -452,29 +451,16 @@ def emulate_forward16(
                     st["acc"] = acc
                     continue
                 chunk = mma16_chunks(pw, mt, mode, SUM_STEPS16)[0]  # one chunk: the tile
-                f = fac
-                if g == "same":
-                    # Per 16 rows: no same-class weight in the tile skips the products, and the
-                    # factor waits in `pending` for the group's next tile (accumulate()).
-                    padded = torch.zeros(-(-B // GROUP_ROWS) * GROUP_ROWS, COLS)
-                    padded[:B] = p
-                    skip = (
-                        ~(padded.view(-1, GROUP_ROWS, COLS) > 0)
-                        .any(2)
-                        .any(1)
-                        .repeat_interleave(GROUP_ROWS)[:B]
-                    )
-                    f = to_fp32(fac.double() * st["pend"].double())
-                    st["pend"] = torch.where(skip, to_fp32(st["pend"].double() * fac.double()), 1.0)
-                    folded = to_fp32(st["acc"].double() * f.double()[:, None] + chunk.double())
-                    st["acc"] = torch.where(skip[:, None], st["acc"], folded)
-                else:
-                    st["acc"] = to_fp32(st["acc"].double() * f.double()[:, None] + chunk.double())
+                st["acc"] = to_fp32(st["acc"].double() * fac.double()[:, None] + chunk.double())
         result = {}
         for g in ("same", "other"):
             st = state[g]
-            acc = to_fp32(st["acc"].double() * st["pend"].double()[:, None])  # store()
-            total = to_fp32(st["halves"][0].double() + st["halves"][1].double())
+            acc = st["acc"]
+            # The end of the split: lanes t ^ 1, then t ^ 2 (two shuffles), then the two halves.
+            lanes = st["lanes"]
+            pairs = to_fp32(lanes[..., 0::2].double() + lanes[..., 1::2].double())  # (t0 + t1), (t2 + t3)
+            halves = to_fp32(pairs[..., 0].double() + pairs[..., 1].double())
+            total = to_fp32(halves[:, 0].double() + halves[:, 1].double())
             result[g] = (st["ref"], total, acc, st["nan"], st["inf"])
         partials.append(result)
     return combine_splits(partials, B, dp, D)

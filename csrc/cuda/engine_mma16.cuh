@@ -57,11 +57,12 @@
 // rows are not whole 16-byte vectors (D != 64, 128 or a misaligned pointer).
 // Why 8 warps of 16 x 32 scores and 16 x Dp/2 accumulators each, one block per SM at D = 128: the
 // two groups' weighted-sum accumulators take 2 x Dp/2 x 16 / 32 = 64 registers per thread at
-// D = 128 and a tile's chunk 8 more; with the scores (16), the fragments and the softmax state the
-// lse kernel uses about 195 registers (static_report.py), so it is compiled for one block of 8
+// D = 128, the two groups' chunks of a tile 16 more and their weights' A fragments 32 (shared B
+// fragments, accumulate()); with the scores (16), the class masks (8) and the softmax state the
+// lse kernel uses about 222 registers (static_report.py), so it is compiled for one block of 8
 // warps per SM at D = 128 (kMinBlocks: two would cap it at 128 registers), and for two at D = 64
 // (128 registers, 75,648 bytes of shared memory). Inside a block the pipeline hides the bank's
-// latency: the report puts the tile at about 1,000 warp-instructions per warp, ~2,000 issue cycles
+// latency: the report puts the tile at about 780 warp-instructions per warp, ~1,560 issue cycles
 // per SM for 8 warps on 4 schedulers, against ~1,300 cycles to stream its 17 KB at an SM's share
 // of an H100's HBM bandwidth; 2 tiles in flight cover the latency (a GPU run must confirm it).
 //
@@ -100,6 +101,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+}
+
+// Four 8 x 8 matrices of 16-bit values to shared memory (sm_90): the inverse of ldmatrix_x4, lane
+// 4 g + t giving elements (g, 2 t..2 t + 1) of matrix j in r_j, lane l the address of row l % 8 of
+// matrix l / 8.
+__device__ __forceinline__ void stmatrix_x4(uint32_t address, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(address), "r"(r0),
+               "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
 }
 
 // 16 bytes global -> shared without registers; bytes = 0 writes zeros and reads nothing.
@@ -197,6 +210,7 @@ struct Mma16Engine {
   static constexpr int kOCols = Dp / 2;              // accumulator columns per warp
   static constexpr int kONt = kOCols / 8;            // their n-tiles of 8
   static constexpr int kSNt = 4;                     // score n-tiles of 8 per warp (32 bank rows)
+  static constexpr int kSharedGroups = Dp == 128 ? 2 : 1;  // groups per B fragment (accumulate())
   static constexpr int kChunksPerRow = Dp / 8;       // 16-byte vectors per bank row
   static constexpr int kChunksPerThread = kCols * kChunksPerRow / kThreads;
   static constexpr bool kCopies = std::is_same<feat_t, bank_t>::value;  // cp.async can take the bank
@@ -206,6 +220,7 @@ struct Mma16Engine {
   static constexpr bool kFragmentSoftmax = true;
   static constexpr bool kStagesLabels = true;  // each stage holds its tile's labels
   static constexpr bool kFastRows = true;      // the lse kernel's rows_fast() / weights_fast()
+  static constexpr bool kSkipsEmptySame = false;  // accumulate() does both groups every tile
   static constexpr int kMinBlocks = Dp == 64 ? 2 : 1;
   static int64_t acc_cols(int64_t) { return Dp; }
   static size_t smem_bytes(int64_t, int stages) { return tile::mma16_bytes(Dp, stages); }
@@ -220,18 +235,55 @@ struct Mma16Engine {
   bool direct;             // cp.async path (the bank's dtype, whole aligned vectors)
   bool queries_bad;        // a query of this block holds a non-finite value
   float o[2][kONt][4];     // C fragments of the weighted sums (same class, other classes)
-  float pending[2];        // rescale factors of o[0]'s rows not applied yet (accumulate())
 
   __device__ feat_t* tile_at(int s) const { return tiles + s * kCols * kLd; }
   __device__ const int64_t* tile_labels() const { return labels + stage * kCols; }
 
-  // The weights of row `row`, tile columns col and col + 1 (same class, other classes), rounded to
-  // the features' dtype into the first bytes of the fp32 planes ps, po, as [kRows][kLdP] rows.
-  __device__ __forceinline__ static void store_weights(float* ps, float* po, int row, int col,
-                                                       const float (&same)[2], const float (&other)[2]) {
-    const int at = (row * kLdP + col) / 2;
-    reinterpret_cast<uint32_t*>(ps)[at] = F::pack(same[0], same[1]);
-    reinterpret_cast<uint32_t*>(po)[at] = F::pack(other[0], other[1]);
+  // This lane's weights of the tile, rounded to the features' dtype and packed in pairs (packed[u][i]:
+  // row 16 rg + g + 8 i, tile columns 32 h + 8 u + 2 t, + 1: the C fragments' places), into the
+  // first bytes of the fp32 planes ps (same class: the halves that same_mask keeps) and po (the
+  // others) as [kRows][kLdP] rows of 16-bit values. On sm_90 with stmatrix, the inverse of the
+  // accumulate() ldmatrix: matrix j of x4 number p holds rows 8 (j % 2).., columns 8 (2 p + j / 2)..
+  // of the warp's 16 x 32 block, which the lane's registers packed[2 p + j / 2][j % 2] are, and lane
+  // l gives the address of row l % 8 of matrix l / 8 (4 instructions where 16 stores take 16).
+  __device__ __forceinline__ static void store_weights(float* ps, float* po, int rg, int h, int lane,
+                                                       const uint32_t (&packed)[kSNt][2],
+                                                       const uint32_t (&same_mask)[kSNt][2]) {
+    // stmatrix on sm_90 at D = 128 (at D = 64, 128 registers, its x4 operands' 8 live registers
+    // made the top-k kernel spill).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr bool kStmatrix = Dp == 128;
+#else
+    constexpr bool kStmatrix = false;
+#endif
+    if constexpr (kStmatrix) {
+      const int j = lane / 8;
+      const int at = (rg * 16 + 8 * (j % 2) + lane % 8) * kLdP + h * 32 + 8 * (j / 2);
+      const uint32_t s_addr = mma16::smem_address(reinterpret_cast<feat_t*>(ps) + at);
+      const uint32_t o_addr = mma16::smem_address(reinterpret_cast<feat_t*>(po) + at);
+#pragma unroll
+      for (int p = 0; p < kSNt / 2; ++p) {
+        uint32_t w[4], m[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          w[r] = packed[2 * p + r / 2][r % 2];
+          m[r] = same_mask[2 * p + r / 2][r % 2];
+        }
+        mma16::stmatrix_x4(s_addr + 2 * 16 * p, w[0] & m[0], w[1] & m[1], w[2] & m[2], w[3] & m[3]);
+        mma16::stmatrix_x4(o_addr + 2 * 16 * p, w[0] & ~m[0], w[1] & ~m[1], w[2] & ~m[2], w[3] & ~m[3]);
+      }
+    } else {
+      const int g = lane / 4, t = lane % 4;
+#pragma unroll
+      for (int u = 0; u < kSNt; ++u) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int at = ((rg * 16 + g + 8 * i) * kLdP + h * 32 + 8 * u + 2 * t) / 2;
+          reinterpret_cast<uint32_t*>(ps)[at] = packed[u][i] & same_mask[u][i];
+          reinterpret_cast<uint32_t*>(po)[at] = packed[u][i] & ~same_mask[u][i];
+        }
+      }
+    }
   }
 
   // Starts the copies of tile `tile` into stage s: its labels always, the tile itself when the bank
@@ -246,12 +298,12 @@ struct Mma16Engine {
                           a.bank_labels + start + threadIdx.x, int(threadIdx.x) < n ? 8 : 0);
       }
       if (direct) {
-        // Rows past the bank's end are zero-filled: a copy of 0 bytes reads nothing from its source
-        // address (which may then point past the bank).
         const int j0 = threadIdx.x / kChunksPerRow, v = threadIdx.x % kChunksPerRow;
         const uint32_t dst = mma16::smem_address(tile_at(s) + j0 * kLd + v * 8);
         const bank_t* src = a.bank + (start + j0) * Dp + v * 8;
         constexpr int kRowStep = kThreads / kChunksPerRow;
+        // Rows past the bank's end are zero-filled: a copy of 0 bytes reads nothing from its source
+        // address (which may then point past the bank).
 #pragma unroll
         for (int it = 0; it < kChunksPerThread; ++it) {
           mma16::cp_async_16(dst + 2 * it * kRowStep * kLd, src + it * kRowStep * Dp,
@@ -290,7 +342,6 @@ struct Mma16Engine {
         for (int e = 0; e < 4; ++e) o[grp][f][e] = 0.0f;
       }
     }
-    pending[0] = pending[1] = 1.0f;
     // The pipeline's first stages (the lse kernel's first __syncthreads orders them after init).
     for (int s = 0; s + 1 < stages; ++s) prefetch(a, next++, s);
   }
@@ -391,38 +442,18 @@ struct Mma16Engine {
     }
   }
 
-  // One group's O = O * fac + P M for this tile: each accumulator n-tile pair takes the tile's 4
-  // k-steps from zero (the chunk), then is folded into the running sums with one FFMA (the lazy
-  // rescale rides on it: fac is 1 in most tiles, and then the FFMA is the plain add). ap: the
-  // weights' A fragments; fac[i]: the factor of this lane's row 16 (w / 2) + g + 8 i.
-  __device__ __forceinline__ void accumulate_group(float (&og)[kONt][4], const uint32_t (&ap)[4][4],
-                                                   uint32_t mb, const float (&fac)[2]) {
-#pragma unroll
-    for (int p = 0; p < kONt / 2; ++p) {
-      float tile[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t bf[4];
-        mma16::ldmatrix_x4_trans(bf, mb + 2 * (kk * 16 * kLd + p * 16));
-        F::mma(tile[0], ap[kk], bf[0], bf[1]);
-        F::mma(tile[1], ap[kk], bf[2], bf[3]);
-      }
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) og[2 * p + f][e] = fmaf(og[2 * p + f][e], fac[e / 2], tile[f][e]);
-      }
-    }
-  }
-
   // O = O * fac + P M for both groups, P = the 16-bit weights store_weights() left in ps, po.
-  // fac[grp][i]: the rescale factor of group grp in this lane's row 16 (w / 2) + g + 8 i.
-  // same_chunks[r / 16] is non-zero when some same-class weight of rows 16 (r / 16).. in this tile
-  // is not 0: otherwise the same-class products would add exact zeros and are skipped (one branch
-  // around the whole group: a branch between MMAs would make ptxas fence each of them), and only
-  // the factors of a moved reference wait in `pending` for the group's next tile (or store()).
-  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2],
-                             const int* same_chunks) {
+  // fac[grp][i]: the rescale factor of group grp in this lane's row 16 (w / 2) + g + 8 i. Each
+  // accumulator n-tile pair takes the tile's 4 k-steps from zero (the chunk), then is folded into
+  // the running sums with one FFMA (the rescale rides on it: fac is 1 in most tiles, and then the
+  // FFMA is the plain add). At D = 128 the two groups share every B fragment (one ldmatrix for 4
+  // MMAs; kSharedGroups); at D = 64, compiled for 2 blocks an SM (128 registers), the second
+  // group's 16 A-fragment registers would spill, so the groups take turns. Neither group is
+  // skipped: a skip of the same-class products where no row of the warp has a same-class weight
+  // would save little (with 16 rows of distinct labels among 1,000 classes, some row meets its
+  // class in 64 % of the tiles; at 10 classes in all of them) and would cost the groups' shared
+  // fragment loads.
+  __device__ void accumulate(const float* ps, const float* po, const float (&fac)[2][2], const int*) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int rg = warp / 2, h = warp % 2;
     // A = P rows 16 rg.., k = bank rows (the lanes' addresses as for the queries in scores_frag).
@@ -431,21 +462,40 @@ struct Mma16Engine {
     const int arow = (rg * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * kLdP + 8 * (lane / 16);
     const uint32_t mb = mma16::smem_address(tile_at(stage) + (lane % 8 + 8 * ((lane / 8) % 2)) * kLd +
                                             h * kOCols + 8 * (lane / 16));
-    uint32_t ap[4][4];
-    const uint32_t po_a = mma16::smem_address(reinterpret_cast<const feat_t*>(po) + arow);
+    const uint32_t pa[2] = {mma16::smem_address(reinterpret_cast<const feat_t*>(ps) + arow),
+                            mma16::smem_address(reinterpret_cast<const feat_t*>(po) + arow)};
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) mma16::ldmatrix_x4(ap[kk], po_a + 2 * 16 * kk);
-    accumulate_group(o[1], ap, mb, fac[1]);
-    if (same_chunks[rg] != 0) {
-      const uint32_t ps_a = mma16::smem_address(reinterpret_cast<const feat_t*>(ps) + arow);
+    for (int g0 = 0; g0 < 2; g0 += kSharedGroups) {
+      uint32_t ap[kSharedGroups][4][4];  // [group g0 + j][k-step]
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) mma16::ldmatrix_x4(ap[kk], ps_a + 2 * 16 * kk);
-      const float f0[2] = {fac[0][0] * pending[0], fac[0][1] * pending[1]};
-      accumulate_group(o[0], ap, mb, f0);
-      pending[0] = pending[1] = 1.0f;
-    } else {
-      pending[0] *= fac[0][0];
-      pending[1] *= fac[0][1];
+      for (int j = 0; j < kSharedGroups; ++j) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) mma16::ldmatrix_x4(ap[j][kk], pa[g0 + j] + 2 * 16 * kk);
+      }
+#pragma unroll
+      for (int p = 0; p < kONt / 2; ++p) {
+        float tile[kSharedGroups][2][4] = {};  // [group g0 + j][n-tile of the pair]
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t bf[4];
+          mma16::ldmatrix_x4_trans(bf, mb + 2 * (kk * 16 * kLd + p * 16));
+#pragma unroll
+          for (int j = 0; j < kSharedGroups; ++j) {
+            F::mma(tile[j][0], ap[j][kk], bf[0], bf[1]);
+            F::mma(tile[j][1], ap[j][kk], bf[2], bf[3]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kSharedGroups; ++j) {
+#pragma unroll
+          for (int f = 0; f < 2; ++f) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              o[g0 + j][2 * p + f][e] = fmaf(o[g0 + j][2 * p + f][e], fac[g0 + j][e / 2], tile[j][f][e]);
+            }
+          }
+        }
+      }
     }
   }
 
@@ -457,11 +507,9 @@ struct Mma16Engine {
       float* dst = a.osum + ((int64_t(grp) * a.splits + split_id) * a.Bpad + row0 + rg * 16 + g) * Dp +
                    h * kOCols + 2 * t;
 #pragma unroll
-      const float r0 = grp == 0 ? pending[0] : 1.0f, r1 = grp == 0 ? pending[1] : 1.0f;
-#pragma unroll
       for (int f = 0; f < kONt; ++f) {
-        *reinterpret_cast<float2*>(dst + f * 8) = make_float2(o[grp][f][0] * r0, o[grp][f][1] * r0);
-        *reinterpret_cast<float2*>(dst + 8 * Dp + f * 8) = make_float2(o[grp][f][2] * r1, o[grp][f][3] * r1);
+        *reinterpret_cast<float2*>(dst + f * 8) = make_float2(o[grp][f][0], o[grp][f][1]);
+        *reinterpret_cast<float2*>(dst + 8 * Dp + f * 8) = make_float2(o[grp][f][2], o[grp][f][3]);
       }
     }
   }

@@ -145,20 +145,32 @@ __device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
 }
 
 // The row phase of the 16-bit engine (E::kFastRows), in two parts around the exchange of the
-// maxima: the arithmetic of the generic row phase below, in fewer instructions per score.
-// - Eligibility (in the bank, not the query's own row) as one bit test per score: per row a mask
-//   of the tile's eligible columns, shifted to this lane's columns (bit 8 u + q: column
-//   32 h + 8 u + 2 t + q).
+// maxima: the arithmetic of the generic row phase below, in about 10 instructions per score where
+// that one takes 20 (the 16-bit engine's MMAs leave the row phase most of the tile's instructions:
+// gpu_checks/static_report.py). Per score, on the common path:
+//   rows_fast     the label comparison (2: int64), the group's maximum (1: a predicated max) and
+//                 the group's 16-bit lane mask (1)
+//   weights_fast  the group's bit (1), exp(c / T - ref) (FFMA + FMUL + MUFU: 3), the group's sum (1,
+//                 predicated), half a 16-bit pack and the mask of each plane (1.5), the stores (1)
+// - Eligibility leaves the common path: a lane whose two rows are queries, in a whole tile that
+//   holds neither row's own bank row, masks nothing; any other lane (the bank's last tile, the one
+//   tile of a row's own bank row, the padding rows of the last query block) sets its ineligible
+//   scores to -inf in a loop of its own, and -inf then weighs exactly 0 everywhere below.
 // - The maxima are taken on the raw inner products c (s = c / T is monotone in c, and so is its
-//   rounding): the lane's tile maxima are scaled once. The exponent c / T - ref is one FFMA.
-// - Non-finite scores leave the common path: one max per score (the largest |c|, NaN-propagating)
-//   tells a lane whether it holds one; such a lane flags them and replaces them by -inf in a loop
-//   of its own (rare: a NaN/inf input or an fp32 overflow of the scores).
+//   rounding) with max.NaN: a NaN score reaches its group's maximum, a score that is +inf or
+//   overflows to it makes the scaled maximum +inf, so the four scaled maxima tell a lane whether
+//   it holds a non-finite score. Such a lane flags them for their group (its lse is then NaN or
+//   +inf, whatever the rest), replaces them by -inf and takes its maxima again, in a loop of its
+//   own (rare: a NaN/inf input or an fp32 overflow of the scores).
+// - The group of a score is kept as a 16-bit lane mask per pair of columns (0xffff in the half of
+//   a same-class score), which selects the two planes' weights from one packed pair (one LOP3
+//   each) where a select per score and group and a pack per plane would take twice as many.
 // - exp(s - ref) = 2^((s - ref) log2 e) on the MUFU unit (ex2.approx.ftz: about 2 ulp, results
 //   below 2^-126 flushed to 0, which a sum with a term >= e^-8 cannot see): the weights are
 //   rounded to 8 (bf16) or 11 (fp16) bits for the weighted sums anyway, and s - ref is formed
 //   first (exactly, for the terms near the maximum), so the exponent's error stays at the level
-//   of the fp32 score's own rounding. A reference still at -inf (no member yet) counts as 0.
+//   of the fp32 score's own rounding. (Folding log2 e into 1/T would save the FMUL but overflow
+//   for finite scores above 2^127 / log2 e.) A reference still at -inf (no member yet) counts as 0.
 // tests/test_cuda_emulation.py replays this arithmetic (the MUFU's own rounding aside).
 __device__ __forceinline__ float max_nan(float x, float y) {
   float r;
@@ -166,77 +178,101 @@ __device__ __forceinline__ float max_nan(float x, float y) {
   return r;
 }
 
+// c[e / 4][e % 4] = value, without a dynamic index (which would put c in local memory).
+template <int kNt>
+__device__ __forceinline__ void set_score(float (&c)[kNt][4], int e, float value) {
+#pragma unroll
+  for (int v = 0; v < kNt * 4; ++v) {
+    if (v == e) c[v / 4][v % 4] = value;
+  }
+}
+
+// Lane 4 g + t of warp half h holds, per row i (R_i), the columns w0 + 8 u + q, w0 = 32 h + 2 t.
+// self_tile[i]: the tile of row i's own bank row (-1: none); tile: this tile; both_valid: the
+// lane's two rows are queries.
 template <int kNt, class Args>
 __device__ __forceinline__ void rows_fast(const Args& a, float (&c)[kNt][4], const int64_t* lab,
-                                          const int64_t (&label)[2], const bool (&valid)[2],
-                                          const int64_t (&self)[2], int64_t start, int n, int h, int t,
-                                          int (&flags)[2], unsigned& same_bits, float (&tmax)[2][2]) {
+                                          const int64_t (&label)[2], bool both_valid, const bool (&valid)[2],
+                                          const int64_t (&self)[2], const int (&self_tile)[2], int tile,
+                                          int64_t start, int n, int h, int t, int (&flags)[2],
+                                          uint32_t (&same_mask)[kNt][2], float (&tmax)[2][2]) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  // In 32-bit arithmetic on the lane's window of columns w0 = 32 h + 2 t.. (bit b: column w0 + b).
   const int w0 = h * 32 + 2 * t;
-  uint32_t elig[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int lim = (valid[i] ? n : 0) - w0;
-    uint32_t cols = lim >= 32 ? ~0u : lim <= 0 ? 0u : (1u << lim) - 1;
-    const int64_t own = self[i] - start - w0;
-    if (own >= 0 && own < 32) cols &= ~(1u << static_cast<int>(own));
-    elig[i] = cols;
-  }
-  // The largest |c|, NaN if a c is NaN: times 1/T it is not finite exactly when a score is not.
-  float probe = 0.0f;
-#pragma unroll
-  for (int u = 0; u < kNt; ++u) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) probe = max_nan(probe, fabsf(c[u][e]));
-  }
-  const int64_t* lab_t = lab + h * 32 + 2 * t;
-  if (!isfinite(probe * a.inv_t)) {
-    // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the rest)
-    // and kept out of the sums, which would turn them into NaN for the whole group.
+  if (!(both_valid && n == kCols && tile != self_tile[0] && tile != self_tile[1])) {
 #pragma unroll 1
     for (int e = 0; e < kNt * 4; ++e) {
-      float s = 0.0f;
-#pragma unroll
-      for (int v = 0; v < kNt * 4; ++v) {  // s = c[e / 4][e % 4] / T, without a dynamic index
-        if (v == e) s = c[v / 4][v % 4] * a.inv_t;
-      }
-      // Row i = (e % 4) / 2 by selects: a dynamic index would put these arrays in local memory.
-      const bool second = (e % 4) >= 2;
-      const int q = e % 2, u = e / 4;
-      const bool in = ((second ? elig[1] : elig[0]) >> (8 * u + q)) & 1u;
-      const bool same = lab_t[8 * u + q] == (second ? label[1] : label[0]);
-      int f = 0;
-      if (in && s != s) f = same ? kNanSame : kNanOther;
-      if (in && s == kInf) f = same ? kInfSame : kInfOther;
-      flags[0] |= second ? 0 : f;
-      flags[1] |= second ? f : 0;
-      if (s == s && s != kInf) continue;
-#pragma unroll
-      for (int v = 0; v < kNt * 4; ++v) {
-        if (v == e) c[v / 4][v % 4] = -kInf;
-      }
+      const int i = (e % 4) / 2, col = w0 + 8 * (e / 4) + e % 2;
+      const bool in = (i ? valid[1] : valid[0]) && col < n && start + col != (i ? self[1] : self[0]);
+      if (!in) set_score(c, e, -kInf);
     }
   }
+  const int64_t* lab_t = lab + w0;
 #pragma unroll
   for (int u = 0; u < kNt; ++u) {
     const longlong2 pair = *reinterpret_cast<const longlong2*>(lab_t + 8 * u);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = e / 2, q = e % 2;
-      const bool same = (q ? pair.y : pair.x) == label[i];
-      const bool in = (elig[i] >> (8 * u + q)) & 1u;
-      const float v = in ? c[u][e] : -kInf;
-      c[u][e] = v;
-      same_bits |= same ? 1u << (4 * u + e) : 0u;
-      tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
-      tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
+    for (int i = 0; i < 2; ++i) {
+      uint32_t mask = 0;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        if ((q ? pair.y : pair.x) == label[i]) {
+          tmax[0][i] = max_nan(tmax[0][i], c[u][2 * i + q]);
+          mask |= 0xffffu << (16 * q);
+        } else {
+          tmax[1][i] = max_nan(tmax[1][i], c[u][2 * i + q]);
+        }
+      }
+      same_mask[u][i] = mask;
     }
   }
+  bool finite = true;
 #pragma unroll
   for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) tmax[grp][i] *= a.inv_t;
+    for (int i = 0; i < 2; ++i) {
+      tmax[grp][i] *= a.inv_t;
+      finite &= tmax[grp][i] < kInf;  // false for NaN too; -inf: an empty group
+    }
+  }
+  if (!finite) {
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) tmax[grp][i] = -kInf;
+    }
+#pragma unroll 1
+    for (int e = 0; e < kNt * 4; ++e) {
+      float x = 0.0f;
+      uint32_t mask = 0;
+#pragma unroll
+      for (int v = 0; v < kNt * 4; ++v) {  // without a dynamic index, as set_score
+        if (v == e) {
+          x = c[v / 4][v % 4];
+          mask = same_mask[v / 4][(v % 4) / 2];
+        }
+      }
+      const float s = x * a.inv_t;
+      const bool second = (e % 4) >= 2, same = (mask >> (16 * (e % 2))) & 1u;
+      if (s != s || s == kInf) {
+        const int f = s != s ? (same ? kNanSame : kNanOther) : (same ? kInfSame : kInfOther);
+        flags[0] |= second ? 0 : f;
+        flags[1] |= second ? f : 0;
+        x = -kInf;
+        set_score(c, e, x);
+      }
+      // The selects by (group, row) keep tmax in registers.
+      const float m00 = fmaxf(tmax[0][0], x), m01 = fmaxf(tmax[0][1], x);
+      const float m10 = fmaxf(tmax[1][0], x), m11 = fmaxf(tmax[1][1], x);
+      tmax[0][0] = same && !second ? m00 : tmax[0][0];
+      tmax[0][1] = same && second ? m01 : tmax[0][1];
+      tmax[1][0] = !same && !second ? m10 : tmax[1][0];
+      tmax[1][1] = !same && second ? m11 : tmax[1][1];
+    }
+#pragma unroll
+    for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) tmax[grp][i] *= a.inv_t;
+    }
   }
 }
 
@@ -247,13 +283,12 @@ __device__ __forceinline__ float exp_fast(float x) {
 }
 
 // The weights exp(c / T - ref) of the inner products rows_fast() left in c (-inf: none), summed
-// per group into part and, with the gradient, handed to the weighted sums (E::store_weights);
-// returns whether this lane has a same-class weight that is not 0 (the weighted sums skip the
-// group when no lane of the rows has one).
+// per group into part and, with the gradient, handed to the weighted sums (E::store_weights, one
+// packed pair per row and n-tile, split between the planes by same_mask).
 template <class E, int kNt>
-__device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, const float (&c)[kNt][4],
-                                                 unsigned same_bits, const float (&ref)[2][2], float* ps,
-                                                 float* po, const int (&rows)[2], int h, int t,
+__device__ __forceinline__ void weights_fast(bool with_grad, float inv_t, const float (&c)[kNt][4],
+                                                 const uint32_t (&same_mask)[kNt][2], const float (&ref)[2][2],
+                                                 float* ps, float* po, int rg, int h, int lane,
                                                  float (&part)[2][2]) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   float base[2][2];
@@ -262,27 +297,26 @@ __device__ __forceinline__ unsigned weights_fast(bool with_grad, float inv_t, co
 #pragma unroll
     for (int i = 0; i < 2; ++i) base[grp][i] = ref[grp][i] == -kInf ? 0.0f : ref[grp][i];
   }
+  uint32_t packed[kNt][2];
 #pragma unroll
   for (int u = 0; u < kNt; ++u) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float w_same[2], w_other[2];
+      float p[2];
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        const bool same = (same_bits >> (4 * u + 2 * i + q)) & 1u;
-        const float p = exp_fast(fmaf(c[u][2 * i + q], inv_t, -(same ? base[0][i] : base[1][i])));
-        w_same[q] = same ? p : 0.0f;
-        w_other[q] = same ? 0.0f : p;
+        const bool same = (same_mask[u][i] & (q ? 0x80000000u : 1u)) != 0;  // one bit of its half
+        p[q] = exp_fast(fmaf(c[u][2 * i + q], inv_t, -(same ? base[0][i] : base[1][i])));
         if (same) {
-          part[0][i] += p;
+          part[0][i] += p[q];
         } else {
-          part[1][i] += p;
+          part[1][i] += p[q];
         }
       }
-      if (with_grad) E::store_weights(ps, po, rows[i], h * 32 + u * 8 + 2 * t, w_same, w_other);
+      packed[u][i] = E::F::pack(p[0], p[1]);
     }
   }
-  return part[0][0] + part[0][1] > 0.0f ? 1u : 0u;
+  if (with_grad) E::store_weights(ps, po, rg, h, lane, packed, same_mask);
 }
 
 // One function (about 200 lines) on purpose: the per-lane softmax state lives in registers across
@@ -324,6 +358,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
   int rows[2];
   bool valid[2];
   int64_t label[2], self[2];
+  int self_tile[2];            // the tile of the row's own bank row, -1 for none (rows_fast)
   float ref[2][2], sum[2][2];  // [group: same, other][i]
   int flags[2] = {0, 0};
 #pragma unroll
@@ -332,12 +367,14 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     valid[i] = row0 + rows[i] < a.B;
     label[i] = valid[i] ? a.labels[row0 + rows[i]] : int64_t(0);
     self[i] = valid[i] ? a.self_rows[row0 + rows[i]] : int64_t(-1);
+    self_tile[i] = self[i] >= 0 ? static_cast<int>(self[i] / kCols) : -1;
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
       ref[grp][i] = -kInf;
       sum[grp][i] = 0.0f;
     }
   }
+  const bool both_valid = valid[0] && valid[1];
   int tile_begin, tile_end;
   split_range(a.num_tiles, a.splits, split_id, &tile_begin, &tile_end);
 
@@ -346,7 +383,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     const int n = static_cast<int>(min(int64_t(kCols), a.N - start));
     __syncthreads();  // the previous tile is done with ms, ps, po, xchg
     if (!E::kStagesLabels && tid < kCols) labs[tid] = tid < n ? a.bank_labels[start + tid] : int64_t(0);
-    if (tid < kRows / 16) same_chunks[tid] = 0;
+    if (E::kSkipsEmptySame && tid < kRows / 16) same_chunks[tid] = 0;
     const bool fix = __syncthreads_or(eng.load_tile(a, start, n)) != 0;
     const int64_t* lab = labs;  // this tile's bank labels
     if constexpr (E::kStagesLabels) lab = eng.tile_labels();
@@ -365,10 +402,12 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     }
 
     // Scores, eligibility, group, non-finite flags, this lane's maxima.
-    unsigned same_bits = 0;  // bit 4 u + e: value c[u][e] is in the same class as its row
+    unsigned same_bits = 0;     // bit 4 u + e: value c[u][e] is in the same class as its row
+    uint32_t same_mask[kNt][2];  // rows_fast's form of it: 0xffff in the half of a same-class value
     float tmax[2][2] = {{-kInf, -kInf}, {-kInf, -kInf}};
     if constexpr (E::kFastRows) {
-      rows_fast<kNt>(a, c, lab, label, valid, self, start, n, h, t, flags, same_bits, tmax);
+      rows_fast<kNt>(a, c, lab, label, both_valid, valid, self, self_tile, tile, start, n, h, t, flags,
+                     same_mask, tmax);
     } else {
   #pragma unroll
       for (int u = 0; u < kNt; ++u) {
@@ -405,21 +444,24 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     // The lazy move of the reference maxima (the same decision in every lane holding the row).
     // The 16-bit engine keeps the running maximum itself (engine_mma16.cuh: its rescales ride on
     // FFMAs it does anyway, and the largest weight is then exactly 1 before its 16-bit rounding).
-    constexpr float kMargin = E::kFastRows ? 0.0f : kLazyRescale;
     float fac[2][2];
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const float tile_max = fmaxf(xchg[grp * kRows + rows[i]], xchg[(2 + grp) * kRows + rows[i]]);
-        fac[grp][i] = 1.0f;
-        if (tile_max > ref[grp][i] + kMargin) {
-          if constexpr (E::kFastRows) {
-            fac[grp][i] = ref[grp][i] == -kInf ? 0.0f : exp_fast(ref[grp][i] - tile_max);
-          } else {
+        if constexpr (E::kFastRows) {
+          // Without a branch: the factor is exactly 1 where the maximum stays (both -inf too), and
+          // exp(-inf) = 0 where the group had no member yet.
+          const float moved = fmaxf(ref[grp][i], tile_max);
+          fac[grp][i] = moved == ref[grp][i] ? 1.0f : exp_fast(ref[grp][i] - moved);
+          ref[grp][i] = moved;
+        } else {
+          fac[grp][i] = 1.0f;
+          if (tile_max > ref[grp][i] + kLazyRescale) {
             fac[grp][i] = rescale_factor(ref[grp][i], tile_max);
+            ref[grp][i] = tile_max;
           }
-          ref[grp][i] = tile_max;
         }
       }
     }
@@ -427,7 +469,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     unsigned chunks = 0;  // bit 4 h + u: a same-class weight in bank rows 32 h + 8 u..
     if constexpr (E::kFastRows) {
-      chunks = weights_fast<E>(a.with_grad, a.inv_t, c, same_bits, ref, ps, po, rows, h, t, part);
+      weights_fast<E>(a.with_grad, a.inv_t, c, same_mask, ref, ps, po, rg, h, lane, part);
     } else {
   #pragma unroll
       for (int u = 0; u < kNt; ++u) {
@@ -444,13 +486,17 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
         }
       }
     }
+    // The running sums: the fast row phase keeps one per lane (the reference is the same in the
+    // lanes of a row) and adds the 4 lanes of a row at the end; the other adds them every tile.
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         float p = part[grp][i];
-        p += __shfl_xor_sync(kFullMask, p, 1);
-        p += __shfl_xor_sync(kFullMask, p, 2);
+        if constexpr (!E::kFastRows) {
+          p += __shfl_xor_sync(kFullMask, p, 1);
+          p += __shfl_xor_sync(kFullMask, p, 2);
+        }
         sum[grp][i] = sum[grp][i] * fac[grp][i] + p;
       }
     }
@@ -465,8 +511,10 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
           }
         }
       }
-      chunks = __reduce_or_sync(kFullMask, chunks);
-      if (lane == 0 && chunks != 0) atomicOr(&same_chunks[rg], static_cast<int>(chunks));
+      if constexpr (E::kSkipsEmptySame) {
+        chunks = __reduce_or_sync(kFullMask, chunks);
+        if (lane == 0 && chunks != 0) atomicOr(&same_chunks[rg], static_cast<int>(chunks));
+      }
       __syncthreads();
       eng.accumulate(ps, po, fac, same_chunks);
     }
@@ -475,6 +523,13 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    if constexpr (E::kFastRows) {
+#pragma unroll
+      for (int grp = 0; grp < 2; ++grp) {
+        sum[grp][i] += __shfl_xor_sync(kFullMask, sum[grp][i], 1);
+        sum[grp][i] += __shfl_xor_sync(kFullMask, sum[grp][i], 2);
+      }
+    }
     int f = flags[i];
     f |= __shfl_xor_sync(kFullMask, f, 1);
     f |= __shfl_xor_sync(kFullMask, f, 2);
@@ -513,9 +568,11 @@ __global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_partial_kernel(co
   }
 }
 
-// The same with the top-k in the pass (tensor-core engine only).
+// The same with the top-k in the pass (tensor-core engines only), compiled for one block an SM
+// whatever the engine: at D = 64 the 16-bit engine's top-k pass spilled within the 128 registers
+// of two (stream_launch.cuh asks the occupancy of the compiled kernel).
 template <class E>
-__global__ void __launch_bounds__(kThreads, E::kMinBlocks) lse_topk_partial_kernel(const typename E::Args a) {
+__global__ void __launch_bounds__(kThreads, 1) lse_topk_partial_kernel(const typename E::Args a) {
   lse_tiles_in_registers<E, true>(a);
 }
 
