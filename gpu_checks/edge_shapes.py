@@ -11,8 +11,8 @@ above the streaming limit (1025), queries without a bank row (-1), gradients, an
 contract (a NaN bank row; an inf feature, which gives +inf and -inf scores: each group's lse is the
 IEEE log-sum-exp of its scores; NaN ranks first in the top-k). The last cases are large enough for
 a split to stream many tiles: the streaming top-k at k = 300 and 1024 (candidate buffers merged
-mid-split), and 1,000 classes (the same-class products skipped where a tile has no same-class
-weight, the lazy rescale over many tiles). snca_stats with a top-k runs it inside the lse pass
+mid-split), and 1,000 classes (the fp32 engine skips the same-class products where a tile has no
+same-class weight; the lazy rescale over many tiles). snca_stats with a top-k runs it inside the lse pass
 where it fits (every tensor-core case here on an H200), bank_topk as a pass of its own. Two more
 kinds of case rerun tensor-core shapes: "l2" with SNCA_EXT_SMEM_OPTIN=101376, so that any GPU runs
 the configurations of the GPUs with 99 KB of shared memory per block (sm_86/89/120: at D = 128 the

@@ -58,13 +58,16 @@
 // Why 8 warps of 16 x 32 scores and 16 x Dp/2 accumulators each, one block per SM at D = 128: the
 // two groups' weighted-sum accumulators take 2 x Dp/2 x 16 / 32 = 64 registers per thread at
 // D = 128, the two groups' chunks of a tile 16 more and their weights' A fragments 32 (shared B
-// fragments, accumulate()); with the scores (16), the class masks (8) and the softmax state the
-// lse kernel uses about 222 registers (static_report.py), so it is compiled for one block of 8
-// warps per SM at D = 128 (kMinBlocks: two would cap it at 128 registers), and for two at D = 64
-// (128 registers, 75,648 bytes of shared memory). Inside a block the pipeline hides the bank's
-// latency: the report puts the tile at about 780 warp-instructions per warp, ~1,560 issue cycles
-// per SM for 8 warps on 4 schedulers, against ~1,300 cycles to stream its 17 KB at an SM's share
-// of an H100's HBM bandwidth; 2 tiles in flight cover the latency (a GPU run must confirm it).
+// fragments, accumulate()); with the scores (16), the class masks (8), the queries' A fragments
+// (32: kept in registers for the whole split at D = 128, 8 ldmatrix a tile fewer) and the softmax
+// state the lse kernel uses about 250 registers (static_report.py), so it is compiled for one
+// block of 8 warps per SM at D = 128 (kMinBlocks: two would cap it at 128 registers), and for two
+// at D = 64 (128 registers, 75,648 bytes of shared memory: there the queries' fragments are read
+// from shared memory each tile, and the top-k pass, which spilled, is compiled for one block).
+// Inside a block the pipeline hides the bank's latency: the report puts the tile at about 765
+// warp-instructions per warp, ~1,530 issue cycles per SM for 8 warps on 4 schedulers, against
+// ~1,300 cycles to stream its 17 KB at an SM's share of an H100's HBM bandwidth; 2 tiles in flight
+// cover the latency (a GPU run must confirm it).
 //
 // Non-finite values: the contract of the fp32 engine (stream_common.cuh). The MMAs see finite
 // operands only: non-finite queries are stored as 0 (queries_bad), and every thread checks the
@@ -235,6 +238,9 @@ struct Mma16Engine {
   bool direct;             // cp.async path (the bank's dtype, whole aligned vectors)
   bool queries_bad;        // a query of this block holds a non-finite value
   float o[2][kONt][4];     // C fragments of the weighted sums (same class, other classes)
+  // At D = 128 (255 registers) the queries' A fragments stay in registers for the whole split.
+  static constexpr bool kQueryFragments = Dp == 128;
+  uint32_t qf[kQueryFragments ? Dp / 16 : 1][4];
 
   __device__ feat_t* tile_at(int s) const { return tiles + s * kCols * kLd; }
   __device__ const int64_t* tile_labels() const { return labels + stage * kCols; }
@@ -334,6 +340,10 @@ struct Mma16Engine {
       qs[r * kLd + d] = feat_t(finite ? x : 0.0f);
     }
     queries_bad = __syncthreads_or(bad) != 0;
+    if constexpr (kQueryFragments) {
+#pragma unroll
+      for (int k = 0; k < Dp; k += 16) mma16::ldmatrix_x4(qf[k / 16], query_fragments_address() + 2 * k);
+    }
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
@@ -381,6 +391,13 @@ struct Mma16Engine {
     return bad != 0;
   }
 
+  // Lane l's ldmatrix address for the queries' A fragments (k-step 0): row l % 8 (+ 8 for
+  // matrices 1 and 3) of the warp's 16 rows, column 8 (l / 16).
+  __device__ uint32_t query_fragments_address() const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    return mma16::smem_address(qs + ((warp / 2) * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * kLd + 8 * (lane / 16));
+  }
+
   // S = Q M^T (raw inner products) in C fragments: c[u] holds rows 16 (w / 2) + g (c[u][0..1]) and
   // + 8 (c[u][2..3]), columns 32 (w % 2) + 8 u + 2 t (+ 1) of the tile, for warp w, lane 4 g + t.
   // fix: the tile holds a non-finite bank value (see the file's comment).
@@ -411,7 +428,12 @@ struct Mma16Engine {
 #pragma unroll
     for (int k = 0; k < Dp; k += 16) {
       uint32_t af[4];
-      mma16::ldmatrix_x4(af, qa + 2 * k);
+      if constexpr (kQueryFragments) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) af[r] = qf[k / 16][r];
+      } else {
+        mma16::ldmatrix_x4(af, qa + 2 * k);
+      }
 #pragma unroll
       for (int p = 0; p < kSNt / 2; ++p) {
         uint32_t bf[4];
