@@ -5,13 +5,14 @@
     python -m experiments.fidelity --dataset digits --experiments novel
     python -m experiments.fidelity --dataset omniglot --data ../shared/data/omniglot
 
-Experiments (``--experiments``, comma-separated), each run with ``--loss snca`` and ``--loss
-softmax`` (the same network and schedule with a linear classifier on the embedding) once per seed,
-through ``python -m snca_ext.train``:
+Experiments (``--experiments``, comma-separated), each run with ``--loss snca``, ``--loss softmax``
+(the same network and schedule with a linear classifier on the embedding) and ``--loss
+cosine-softmax`` (the normalised softmax: cosine logits over the same T, the tuned baseline) once
+per seed (``--losses`` picks among them), through ``python -m snca_ext.train``:
 
 - ``classes``: train on every class; kNN top-1 (K = 30) against the bank recomputed from the final
-  network and against the memory bank (the original's protocol), and the softmax run's own
-  classifier head.
+  network and against the memory bank (the original's protocol), and the softmax runs' own
+  classifier heads.
 - ``coarse``: sub-category discovery: train on the coarse classes (``--train-labels coarse``) and
   report kNN top-1 with the fine classes, which the features were never told.
 - ``novel``: hold out the last half of the classes (``--holdout-classes``); kNN top-1 on them
@@ -47,7 +48,7 @@ from snca_ext.apps.features import compute_features
 from snca_ext.apps.models import build_model
 from snca_ext.apps.train.config import COMMON_DEFAULTS, RECIPES
 
-LOSSES = ("snca", "softmax")
+LOSSES = ("snca", "softmax", "cosine-softmax")
 EXPERIMENTS = ("classes", "coarse", "novel")
 COLUMNS = {
     "classes": (
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         help="classes,coarse,novel (default: all; digits: classes,novel; omniglot: novel,classes)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
+    parser.add_argument(
+        "--losses", default=",".join(LOSSES), help=f"comma-separated, among {', '.join(LOSSES)} (all)"
+    )
     parser.add_argument("--epochs", type=int, help="default: the data set's recipe")
     parser.add_argument("--lr-step", type=int, help="default: the data set's recipe")
     parser.add_argument("--train-limit", type=int, help="train on the first N training examples")
@@ -225,15 +229,18 @@ def main(argv: list[str] | None = None) -> int:
             f"got {sorted(unknown) or 'coarse'}"
         )
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    losses = [loss for loss in args.losses.split(",") if loss]
+    if not losses or set(losses) - set(LOSSES):
+        parser.error(f"--losses must be among {', '.join(LOSSES)}, got {args.losses!r}")
     num_classes = build_data(args.dataset, args.data).num_classes
-    methods = ("snca", "softmax", "untrained network", "raw pixels")
+    methods = (*losses, "untrained network", "raw pixels")
     rows: dict[str, dict[str, list[float]]] = {method: {} for method in methods}
-    seconds: dict[str, list[float]] = {loss: [] for loss in LOSSES}
+    seconds: dict[str, list[float]] = {loss: [] for loss in losses}
     with tempfile.TemporaryDirectory() as scratch:
         runs = Path(args.runs or scratch)
         for experiment in experiments:
             for seed in seeds:
-                for loss in LOSSES:
+                for loss in losses:
                     figures, taken = _train(experiment, loss, seed, num_classes, args, runs)
                     seconds[loss].append(taken)
                     for key, value in figures.items():

@@ -1,10 +1,11 @@
 """Embedding networks: a ``dim`` linear head and L2 normalisation on a backbone.
 
 ``forward(x)`` returns the normalised features. A model built with ``classes > 0`` also has a
-``classifier`` (``Linear(dim, classes)`` on the embedding before normalisation, the softmax
-baseline of ``--loss softmax``); ``forward(x, logits=True)`` then returns ``(features, logits)``, so
-both the features and the classifier's logits come out of one call of the module (a DDP wrapper
-sees the whole forward).
+``classifier`` on the embedding before normalisation: ``Linear(dim, classes)``, the softmax
+baseline of ``--loss softmax``, or with ``cosine_temperature`` a ``CosineClassifier`` (the
+normalised softmax of ``--loss cosine-softmax``: cosine logits / T); ``forward(x, logits=True)``
+then returns ``(features, logits)``, so both the features and the classifier's logits come out of
+one call of the module (a DDP wrapper sees the whole forward).
 
 The ResNets are torchvision's with ``fc`` replaced by a ``Linear(features, dim)``, so their
 ``state_dict`` keys are torchvision's, which are also the original SNCA project's: its
@@ -43,12 +44,33 @@ def _outputs(embedding: Tensor, classifier: nn.Module | None, logits: bool) -> T
     return features, classifier(embedding)
 
 
+class CosineClassifier(nn.Module):
+    """The head of the normalised softmax (``--loss cosine-softmax``): logits cos(x, w_c) / T,
+    the cosine between the embedding and each class's weight vector over a temperature, the
+    classifier counterpart of SNCA's exp(cos / T) (and the baseline that a tuned softmax is:
+    NormFace, Wang et al. 2017). Its weights are a ``weight`` of ``[classes, dim]``, initialised
+    as ``nn.Linear``'s, so that checkpoints name them as the linear head does."""
+
+    def __init__(self, dim: int, classes: int, temperature: float) -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.weight = nn.Parameter(nn.Linear(dim, classes, bias=False).weight.detach().clone())
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        return F.normalize(embedding, dim=1) @ F.normalize(self.weight, dim=1).T / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, classes={self.weight.shape[0]}, temperature={self.temperature}"
+
+
 class EmbeddingResNet(resnet.ResNet):
     """torchvision ResNet whose ``fc`` outputs ``dim`` features, L2-normalised."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.classifier: nn.Linear | None = None
+        self.classifier: nn.Module | None = None
 
     def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         return _outputs(super().forward(x), self.classifier, logits)
@@ -79,7 +101,7 @@ class _ConvEmbedding(nn.Module):
         super().__init__()
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, dim)
-        self.classifier: nn.Linear | None = None
+        self.classifier: nn.Module | None = None
 
     def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         return _outputs(self.fc(self.features(x)), self.classifier, logits)
@@ -169,7 +191,7 @@ class TimmEmbedding(nn.Module):
                     f"{', ...' if len(missing) > 3 else ''})"
                 )
         self.fc = nn.Linear(self.backbone.num_features, dim)
-        self.classifier: nn.Linear | None = None
+        self.classifier: nn.Module | None = None
 
     def forward(self, x: Tensor, logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         return _outputs(self.fc(self.backbone(x)), self.classifier, logits)
@@ -206,10 +228,12 @@ def build_model(
     *,
     in_channels: int | None = None,
     weights: str | None = None,
+    cosine_temperature: float | None = None,
 ) -> nn.Module:
     """The embedding network ``arch`` (one of ``ARCHS``, or ``timm:<name>``) with a ``dim``
-    normalised output and, when ``classes > 0``, a linear classifier head on the embedding (the
-    softmax baseline). ``in_channels`` (None: 3 for timm models, the network's own otherwise) is
+    normalised output and, when ``classes > 0``, a classifier head on the embedding: linear (the
+    softmax baseline), or with ``cosine_temperature`` a ``CosineClassifier`` (the normalised
+    softmax). ``in_channels`` (None: 3 for timm models, the network's own otherwise) is
     checked against this package's networks, which take a fixed number, and sets a timm model's
     stem; ``weights`` (a local file of the backbone's weights) are for timm models."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -240,6 +264,12 @@ def build_model(
                 f"channel(s): choose an --arch for them ({', '.join(CHANNELS_OF_ARCH.get(in_channels, ()))}, "
                 "or timm:<name>)"
             )
+    if cosine_temperature is not None and not classes:
+        raise ValueError("cosine_temperature is the temperature of a classifier head: it needs classes > 0")
     if classes:
-        model.classifier = nn.Linear(dim, classes)
+        model.classifier = (
+            nn.Linear(dim, classes)
+            if cosine_temperature is None
+            else CosineClassifier(dim, classes, cosine_temperature)
+        )
     return model

@@ -64,11 +64,13 @@ def load_trained_model(
     if dataset is not None:
         args["dataset"] = dataset
     classifier = weights.get("classifier.weight")
+    cosine = classifier is not None and args.get("loss") == "cosine-softmax"
     model = build_model(
         args["arch"],
         int(args["low_dim"]),
         classes=0 if classifier is None else len(classifier),
         in_channels=input_channels(weights),
+        cosine_temperature=float(args["temperature"]) if cosine else None,
     )
     try:
         model.load_state_dict(weights)

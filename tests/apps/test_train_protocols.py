@@ -1,6 +1,6 @@
 """The evaluation protocols of a run, each checked against an independent computation: both kNN
 banks, sub-category discovery (train on coarse labels, kNN with the fine ones), the softmax
-baseline's classifier head, and --iter-size against one batch of the same size."""
+baselines' classifier heads (linear and normalised), and --iter-size against one batch of the same size."""
 
 from __future__ import annotations
 
@@ -48,18 +48,33 @@ def test_coarse_labels_need_a_data_set_that_has_them(capsys):
     assert "--train-labels coarse needs a data set with coarse classes" in capsys.readouterr().err
 
 
-def test_the_softmax_baseline_reports_its_classifier_head(tmp_path):
-    out = tmp_path / "softmax"
-    assert run(["--loss", "softmax", "--epochs", "1", "--out", str(out), *FAST]) == EXIT_OK
+@pytest.mark.parametrize("loss", ["softmax", "cosine-softmax"])
+def test_the_softmax_baselines_report_their_classifier_head(tmp_path, loss):
+    out = tmp_path / loss
+    assert run(["--loss", loss, "-t", "0.2", "--epochs", "1", "--out", str(out), *FAST]) == EXIT_OK
     summary = json.loads((out / "summary.json").read_text())
     model, _ = load_trained_model(out)
     data = build_data("digits")
     with torch.no_grad():
         images = torch.stack([data.test[i][0] for i in range(len(data.test))])
-        predicted = model.eval()(images, logits=True)[1].argmax(dim=1)
-    expected = 100.0 * float((predicted == data.test.targets).double().mean())
+        features, logits = model.eval()(images, logits=True)
+    expected = 100.0 * float((logits.argmax(dim=1) == data.test.targets).double().mean())
     assert summary["classifier_head"]["top1"] == pytest.approx(expected)
     assert summary["classifier_head"]["count"] == 450
+    assert summary["loss"] == loss and summary["classifier_head"]["top1"] > 20  # chance: 10 %
+    # The normalised softmax's logits are cosines over the run's T (its head kept through the
+    # checkpoint): in [-1/T, 1/T], and blind to the length of a class's weight vector, where the
+    # linear head's logits scale with it.
+    head = model.classifier
+    with torch.no_grad():
+        embedding = model.fc(model.features(images))
+        head.weight[0] *= 3.0
+        scaled = head(embedding)
+    if loss == "cosine-softmax":
+        assert head.temperature == 0.2 and logits.abs().max() <= 1 / 0.2 + 1e-5
+        torch.testing.assert_close(scaled, logits)
+    else:
+        assert not torch.allclose(scaled[:, 0], logits[:, 0])
 
 
 class _Linear(nn.Module):

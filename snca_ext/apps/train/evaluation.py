@@ -108,7 +108,8 @@ def classifier_accuracy(
     batch_size: int = 256,
     workers: int = 0,
 ) -> KnnResult:
-    """Top-1 / top-5 accuracy of the model's classifier head (``--loss softmax``) on ``dataset``;
+    """Top-1 / top-5 accuracy of the model's classifier head (``--loss softmax`` or
+    ``cosine-softmax``) on ``dataset``;
     ``head_of_class[c]`` is the head output of class c. Summed over processes like the kNN."""
     logits, labels = _block_features(
         model, dataset, device, 0, batch_size=batch_size, workers=workers, logits=True

@@ -161,9 +161,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--low-dim", type=POSITIVE_INT, help="feature dimension (128)")
     model.add_argument(
         "--loss",
-        choices=("snca", "softmax"),
-        help="snca (default), or softmax: the baseline, a linear classifier on the embedding trained by "
-        "cross-entropy, evaluated on the same normalised embedding",
+        choices=("snca", "softmax", "cosine-softmax"),
+        help="snca (default), or a baseline evaluated on the same normalised embedding: softmax, a "
+        "linear classifier on the embedding trained by cross-entropy; cosine-softmax, the normalised "
+        "softmax: cross-entropy of cosine logits cos(x, w_c) / T, with -t's T",
     )
     model.add_argument(
         "-t",

@@ -361,11 +361,11 @@ def _evaluate(
         "knn_recomputed_bank": asdict(by_protocol[True]),
         "train_seconds_this_invocation": round(train_seconds, 2),
     }
-    if config.loss == "softmax":
+    if config.loss != "snca":
         head = trainer.head_accuracy()
         summary["classifier_head"] = asdict(head)
         log.info(
-            f"classifier head (softmax) on {head.count} test examples: top-1 {head.top1:.2f}%  "
+            f"classifier head ({config.loss}) on {head.count} test examples: top-1 {head.top1:.2f}%  "
             f"top-5 {head.top5:.2f}%"
         )
     if fine is not None:

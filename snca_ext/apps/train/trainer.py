@@ -74,15 +74,20 @@ class Trainer:
         self.data = data
         self.device = env.device
         self.out = Path(config.out)
-        # --loss softmax: a classifier over the classes present in training (all but the held-out
-        # ones), so head_labels maps a class id to its output.
+        # --loss softmax / cosine-softmax: a classifier over the classes present in training (all
+        # but the held-out ones), so head_labels maps a class id to its output.
         seen = torch.unique(data.train_labels)
         head_labels = torch.full((data.num_classes,), -1, dtype=torch.long)
         head_labels[seen] = torch.arange(len(seen))
         self.head_labels = head_labels.to(self.device)
-        head = len(seen) if config.loss == "softmax" else 0
+        head = len(seen) if config.loss != "snca" else 0
         self.model = build_model(
-            config.arch, config.low_dim, classes=head, in_channels=data.channels, weights=config.pretrained
+            config.arch,
+            config.low_dim,
+            classes=head,
+            in_channels=data.channels,
+            weights=config.pretrained,
+            cosine_temperature=config.temperature if config.loss == "cosine-softmax" else None,
         ).to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
@@ -247,9 +252,10 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def step_loss(self, images: torch.Tensor, indices: torch.Tensor, margin_logits: float):
-        """The step's features and loss: SNCA against the bank, or with --loss softmax the
-        cross-entropy of the classifier head (the bank then only serves the kNN monitor)."""
-        if self.config.loss == "softmax":
+        """The step's features and loss: SNCA against the bank, or with --loss softmax or
+        cosine-softmax the cross-entropy of the classifier head (the bank then only serves the kNN
+        monitor)."""
+        if self.config.loss != "snca":
             features, logits = self.forward(images, logits=True)
             return features, F.cross_entropy(logits, self.head_labels[self.memory.labels[indices]])
         features = self.forward(images)
@@ -422,7 +428,8 @@ class Trainer:
         )
 
     def head_accuracy(self) -> KnnResult:
-        """Top-1 / top-5 of the classifier head of ``--loss softmax`` on the test set."""
+        """Top-1 / top-5 of the classifier head (``--loss softmax`` or ``cosine-softmax``) on the
+        test set."""
         return classifier_accuracy(
             self.model, self.data.test, self.head_labels, device=self.device, **self.loader_options
         )
