@@ -318,7 +318,7 @@ def test_non_finite_scores_follow_the_contract():
 
 K16 = 16  # the k of one 16-bit MMA (mma.sync m16n8k16)
 LOG2E = float(torch.tensor(math.log2(math.e), dtype=torch.float32))  # the kernel's fp32 constant
-SUM_STEPS16 = 4  # k-steps of 16 bank rows per chunk of the weighted sums: one tile (accumulate_group)
+SUM_STEPS16 = 4  # k-steps of 16 bank rows per chunk of the weighted sums: one tile (accumulate())
 
 
 def to_fp32(v: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@
 // in [1, e^8] with a mantissa that bf16 rounds by up to 2^-8. In the emulation at T = 0.005 that
 // made the gradient's error twice autocast's; with the running maximum it is a sixth of it. The
 // extra rescales cost nothing on the common path: the weighted sums fold each tile in with an
-// FFMA by the factor (accumulate_group) and the sums take it in their FFMA.
+// FFMA by the factor (accumulate()) and the sums take it in their FFMA.
 //
 // Tensor-core rounding (stream_common.cuh). The scores start from zero in every tile and carry
 // their accumulator through D only (8 k-steps at D = 128, 4 at D <= 64): a biased rounding of the
@@ -238,7 +238,7 @@ struct Mma16Engine {
   bool direct;             // cp.async path (the bank's dtype, whole aligned vectors)
   bool queries_bad;        // a query of this block holds a non-finite value
   float o[2][kONt][4];     // C fragments of the weighted sums (same class, other classes)
-  // At D = 128 (255 registers) the queries' A fragments stay in registers for the whole split.
+  // At D = 128 (one block an SM: up to 255 registers) the queries' A fragments stay in registers.
   static constexpr bool kQueryFragments = Dp == 128;
   uint32_t qf[kQueryFragments ? Dp / 16 : 1][4];
 
