@@ -57,7 +57,7 @@ def test_the_softmax_baselines_report_their_classifier_head(tmp_path, loss):
     data = build_data("digits")
     with torch.no_grad():
         images = torch.stack([data.test[i][0] for i in range(len(data.test))])
-        features, logits = model.eval()(images, logits=True)
+        _, logits = model.eval()(images, logits=True)
     expected = 100.0 * float((logits.argmax(dim=1) == data.test.targets).double().mean())
     assert summary["classifier_head"]["top1"] == pytest.approx(expected)
     assert summary["classifier_head"]["count"] == 450
