@@ -402,7 +402,7 @@ struct Mma16Engine {
   // + 8 (c[u][2..3]), columns 32 (w % 2) + 8 u + 2 t (+ 1) of the tile, for warp w, lane 4 g + t.
   // fix: the tile holds a non-finite bank value (see the file's comment).
   __device__ void scores_frag(const Args& a, int64_t start, int n, bool fix, float (&c)[kSNt][4]) const {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int rg = warp / 2, h = warp % 2;
     feat_t* ms = tile_at(stage);
     if (fix) {
@@ -442,26 +442,7 @@ struct Mma16Engine {
         F::mma(c[2 * p + 1], af, bf[2], bf[3]);
       }
     }
-    if (fix || queries_bad) {
-      const int64_t row0 = int64_t(blockIdx.x) * kRows;
-      const int D = static_cast<int>(a.D);
-#pragma unroll 1
-      for (int e = 0; e < kSNt * 4; ++e) {
-        const int r = rg * 16 + g + ((e % 4) >= 2 ? 8 : 0), col = h * 32 + (e / 4) * 8 + 2 * t + (e % 2);
-        if (row0 + r >= a.B || col >= n) continue;
-        const feat_t* f = a.features + (row0 + r) * a.D;
-        const bank_t* m = a.bank + (start + col) * a.D;
-        float s = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          s = fmaf(static_cast<float>(f[d]), static_cast<float>(feat_t(static_cast<float>(m[d]))), s);
-        }
-        if (isfinite(s)) continue;
-#pragma unroll
-        for (int v = 0; v < kSNt * 4; ++v) {  // c[e / 4][e % 4] = s, without a dynamic index
-          if (v == e) c[v / 4][v % 4] = s;
-        }
-      }
-    }
+    if (fix || queries_bad) ieee_scores_where_not_finite<feat_t>(a, start, n, c);
   }
 
   // O = O * fac + P M for both groups, P = the 16-bit weights store_weights() left in ps, po.
@@ -522,18 +503,7 @@ struct Mma16Engine {
   }
 
   __device__ void store(const Args& a, int split_id, int64_t row0) const {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int rg = warp / 2, h = warp % 2;
-#pragma unroll
-    for (int grp = 0; grp < 2; ++grp) {
-      float* dst = a.osum + ((int64_t(grp) * a.splits + split_id) * a.Bpad + row0 + rg * 16 + g) * Dp +
-                   h * kOCols + 2 * t;
-#pragma unroll
-      for (int f = 0; f < kONt; ++f) {
-        *reinterpret_cast<float2*>(dst + f * 8) = make_float2(o[grp][f][0], o[grp][f][1]);
-        *reinterpret_cast<float2*>(dst + 8 * Dp + f * 8) = make_float2(o[grp][f][2], o[grp][f][3]);
-      }
-    }
+    store_weighted_sums<Dp>(a, split_id, row0, o);
   }
 };
 

@@ -178,15 +178,6 @@ __device__ __forceinline__ float max_nan(float x, float y) {
   return r;
 }
 
-// c[e / 4][e % 4] = value, without a dynamic index (which would put c in local memory).
-template <int kNt>
-__device__ __forceinline__ void set_score(float (&c)[kNt][4], int e, float value) {
-#pragma unroll
-  for (int v = 0; v < kNt * 4; ++v) {
-    if (v == e) c[v / 4][v % 4] = value;
-  }
-}
-
 // Lane 4 g + t of warp half h holds, per row i (R_i), the columns w0 + 8 u + q, w0 = 32 h + 2 t.
 // self_tile[i]: the tile of row i's own bank row (-1: none); tile: this tile; both_valid: the
 // lane's two rows are queries.

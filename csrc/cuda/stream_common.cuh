@@ -195,6 +195,59 @@ constexpr size_t topk_common_bytes() {
   return tile::topk_common_bytes(sizeof(acc_t));
 }
 
+// ----------------------------------------------------------------------------- fragments
+
+// c[e / 4][e % 4] = value for the score e of a lane's C fragments, without a dynamic index (which
+// would put c in local memory).
+template <int kNt>
+__device__ __forceinline__ void set_score(float (&c)[kNt][4], int e, float value) {
+#pragma unroll
+  for (int v = 0; v < kNt * 4; ++v) {
+    if (v == e) c[v / 4][v % 4] = value;
+  }
+}
+
+// The rare path of the tensor-core engines' scores (the file's "Non-finite values"): each lane's
+// scores c (rows 16 (w / 2) + g (+ 8), columns 32 (w % 2) + 8 u + 2 t (+ 1) of the tile, warp w,
+// lane 4 g + t) recomputed as IEEE fp32 inner products of the raw inputs, the bank rounded to
+// operand_t (the engine's operand dtype: float, or the 16-bit features' dtype), and kept where
+// they are not finite.
+template <typename operand_t, int kNt, class Args>
+__device__ void ieee_scores_where_not_finite(const Args& a, int64_t start, int n, float (&c)[kNt][4]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const int D = static_cast<int>(a.D);
+#pragma unroll 1
+  for (int e = 0; e < kNt * 4; ++e) {
+    const int r = (warp / 2) * 16 + g + ((e % 4) >= 2 ? 8 : 0), col = (warp % 2) * 32 + (e / 4) * 8 + 2 * t + (e % 2);
+    if (row0 + r >= a.B || col >= n) continue;
+    const auto* f = a.features + (row0 + r) * a.D;
+    const auto* m = a.bank + (start + col) * a.D;
+    float s = 0.0f;
+    for (int d = 0; d < D; ++d) {
+      s = fmaf(static_cast<float>(f[d]), static_cast<float>(operand_t(static_cast<float>(m[d]))), s);
+    }
+    if (!isfinite(s)) set_score(c, e, s);
+  }
+}
+
+// The weighted-sum accumulators o[group][n-tile] (C fragments: warp w holds rows 16 (w / 2).. and
+// columns (Dp / 2) (w % 2).. of the block's 64 x Dp sums) into the split's workspace rows.
+template <int Dp, int kONt, class Args>
+__device__ void store_weighted_sums(const Args& a, int split_id, int64_t row0, const float (&o)[2][kONt][4]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int grp = 0; grp < 2; ++grp) {
+    float* dst = a.osum + ((int64_t(grp) * a.splits + split_id) * a.Bpad + row0 + (warp / 2) * 16 + g) * Dp +
+                 (warp % 2) * (Dp / 2) + 2 * t;
+#pragma unroll
+    for (int f = 0; f < kONt; ++f) {
+      *reinterpret_cast<float2*>(dst + f * 8) = make_float2(o[grp][f][0], o[grp][f][1]);
+      *reinterpret_cast<float2*>(dst + 8 * Dp + f * 8) = make_float2(o[grp][f][2], o[grp][f][3]);
+    }
+  }
+}
+
 // The tiles of split split_id: the first num_tiles % splits splits get one more. 32-bit
 // arithmetic on purpose: a 64-bit division is a subroutine call, around which ptxas spills.
 __device__ __forceinline__ void split_range(int num_tiles, int splits, int split_id, int* begin,
