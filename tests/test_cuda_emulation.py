@@ -118,6 +118,39 @@ def combine_splits(partials, B, dp, D):
     return out[0][0], out[1][0], out[0][1], out[1][1]
 
 
+def tile_scores_and_groups(scores, features, operand_bank, labels, indices, bank_labels, temperature):
+    """What both engines do with a tile's raw scores [T, B, COLS]: the IEEE fp32 inner product of
+    the inputs (the bank as the engine's operands hold it) where that is not finite (the rare path,
+    ieee_scores_where_not_finite), the scores s = c / T in fp32, and each group's members (eligible:
+    in the bank, not the query's own row). Returns (c, s, {"same": ..., "other": ...})."""
+    num_tiles, B = scores.shape[0], features.shape[0]
+    N = operand_bank.shape[0]
+    ieee = torch.zeros(num_tiles * COLS, B)
+    ieee[:N] = operand_bank.float() @ features.float().T
+    ieee = ieee.view(num_tiles, COLS, B).mT
+    c = torch.where(ieee.isfinite(), scores, ieee)
+    inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
+    s_all = round_to_fp32(c.double() * inv_t, "rn")
+    cols = torch.arange(num_tiles * COLS).view(num_tiles, 1, COLS)
+    eligible = (cols < N) & (cols != indices[None, :, None])
+    tile_labels = torch.full((num_tiles * COLS,), -1, dtype=torch.long)
+    tile_labels[:N] = bank_labels
+    same = tile_labels.view(num_tiles, 1, COLS) == labels[None, :, None]
+    return c, s_all, {"same": eligible & same, "other": eligible & ~same}
+
+
+def split_tiles(num_tiles: int, splits: int) -> list[range]:
+    """The tiles of each split (split_range in stream_common.cuh)."""
+    q, r = divmod(num_tiles, splits)
+    return [range(s * q + min(s, r), s * q + min(s, r) + q + (s < r)) for s in range(splits)]
+
+
+def non_finite_flags(member, s_all, tiles: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query: a NaN, a +inf score among the group's members in these tiles."""
+    member, s = member[tiles.start : tiles.stop], s_all[tiles.start : tiles.stop]
+    return (member & s.isnan()).any(2).any(0), (member & (s == math.inf)).any(2).any(0)
+
+
 def emulate_forward(
     features, labels, indices, bank, bank_labels, temperature, *, mode, splits=1, carry=False
 ):
@@ -150,34 +183,14 @@ def emulate_forward(
         )
     else:
         scores = add_steps(torch.zeros(num_tiles, B, COLS), mma_steps(terms, mode, SCORE_CHUNK))  # [T, B, C]
-    # The rare path of a tile or a block of queries holding a non-finite value: where the IEEE fp32
-    # inner product is not finite, it replaces the tensor-core score.
-    ieee = torch.zeros(num_tiles * COLS, B)
-    ieee[:N] = bank.float() @ features.float().T
-    ieee = ieee.view(num_tiles, COLS, B).mT
-    scores = torch.where(ieee.isfinite(), scores, ieee)
-    inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
-    s_all = round_to_fp32(scores.double() * inv_t, "rn")
-    cols = torch.arange(num_tiles * COLS).view(num_tiles, 1, COLS)
-    eligible = (cols < N) & (cols != indices[None, :, None])
-    tile_labels = torch.full((num_tiles * COLS,), -1, dtype=torch.long)
-    tile_labels[:N] = bank_labels
-    same = tile_labels.view(num_tiles, 1, COLS) == labels[None, :, None]
+    _, s_all, members = tile_scores_and_groups(
+        scores, features, bank, labels, indices, bank_labels, temperature
+    )
     partials = []
-    for s in range(splits):
-        q, r = divmod(num_tiles, splits)  # split_range in stream_common.cuh
-        first = s * q + min(s, r)
-        tiles = range(first, first + q + (s < r))
+    for tiles in split_tiles(num_tiles, splits):
         result = {}
-        for g, member_all in (("same", eligible & same), ("other", eligible & ~same)):
-            nan = (
-                (member_all[tiles.start : tiles.stop] & s_all[tiles.start : tiles.stop].isnan()).any(2).any(0)
-            )
-            inf = (
-                (member_all[tiles.start : tiles.stop] & (s_all[tiles.start : tiles.stop] == math.inf))
-                .any(2)
-                .any(0)
-            )
+        for g, member_all in members.items():
+            nan, inf = non_finite_flags(member_all, s_all, tiles)
             # The kernel keeps a running sum per half of the tile's columns (the two warps that
             # hold a row), both rescaled by the same factors, and adds them at the end.
             ref, halves = torch.full((B,), NEG_INF), torch.zeros(2, B)
@@ -383,28 +396,15 @@ def emulate_forward16(
     m = torch.where(m.isfinite(), m, 0.0).view(num_tiles, COLS, dp)
     # Scores: one chunk from zero per tile, carried through Dp (dp / 16 MMAs).
     c = mma16_chunks(q, m.mT, mode, dp // K16)[..., 0, :, :]  # [T, B, COLS]
-    # The rare path: the IEEE fp32 inner product where it is not finite.
-    ieee = torch.zeros(num_tiles * COLS, B)
-    ieee[:N] = bank.to(dt).float() @ features.float().T
-    ieee = ieee.view(num_tiles, COLS, B).mT
-    c = torch.where(ieee.isfinite(), c, ieee)
+    c, s_all, members = tile_scores_and_groups(
+        c, features, bank.to(dt), labels, indices, bank_labels, temperature
+    )
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
-    s_all = to_fp32(c.double() * inv_t)
-    cols = torch.arange(num_tiles * COLS).view(num_tiles, 1, COLS)
-    eligible = (cols < N) & (cols != indices[None, :, None])
-    tile_labels = torch.full((num_tiles * COLS,), -1, dtype=torch.long)
-    tile_labels[:N] = bank_labels
-    same = tile_labels.view(num_tiles, 1, COLS) == labels[None, :, None]
     partials = []
-    for sp in range(splits):
-        qq, r = divmod(num_tiles, splits)  # split_range in stream_common.cuh
-        first = sp * qq + min(sp, r)
-        tiles = range(first, first + qq + (sp < r))
+    for tiles in split_tiles(num_tiles, splits):
         state = {}
-        for g, member_all in (("same", eligible & same), ("other", eligible & ~same)):
-            sl = slice(tiles.start, tiles.stop)
-            nan = (member_all[sl] & s_all[sl].isnan()).any(2).any(0)
-            inf = (member_all[sl] & (s_all[sl] == math.inf)).any(2).any(0)
+        for g, member_all in members.items():
+            nan, inf = non_finite_flags(member_all, s_all, tiles)
             state[g] = {
                 "member": member_all,
                 "nan": nan,
