@@ -123,7 +123,7 @@ def snca_partials_autocast_reference(
     own = _self_mask(indices, bank.shape[0])
     out = []
     for member in (same & ~own, ~same & ~own):
-        lse = torch.logsumexp(logits.masked_fill(~member, _NEG_INF), dim=1)
+        lse = _masked_logsumexp(logits, member)
         weights = torch.where(member & (lse[:, None] > _NEG_INF), torch.exp(logits - lse[:, None]), 0.0)
         out.append((lse, weights.to(dtype).float() @ bank16))
     (lse_same, wmean_same), (lse_other, wmean_other) = out
