@@ -282,8 +282,10 @@ class LoopCount:
     unexplained_mma_loops: int = 0  # left-out loops holding MMAs: the source does not match the binary
 
 
-def tile_loop_count(fn: Function, dp: int) -> LoopCount | None:
-    """Warp-instructions and MMAs per tile in the outermost loop holding MMAs (see the module doc)."""
+def _tile_loop_weights(fn: Function, dp: int) -> tuple[int, int, list[int], int, int, int] | None:
+    """The outermost loop holding MMAs, (first, last) instruction index, and how many times each
+    instruction runs per trip of it (inner loops by their trip count, 0 for the rare ones), with
+    the inner loops counted, left out, and left out although they hold MMAs."""
     loops = _loops(fn)
     with_mma = [
         (a, b, ins) for a, b, ins in loops if any(_is_mma(x.opcode) for x in fn.instructions[a : b + 1])
@@ -309,13 +311,46 @@ def tile_loop_count(fn: Function, dp: int) -> LoopCount | None:
             factor = trips
         for i in range(a, b + 1):
             weight[i] *= factor
-    instructions = sum(weight[a0 : b0 + 1])
-    mma = sum(
-        w
-        for w, ins in zip(weight[a0 : b0 + 1], fn.instructions[a0 : b0 + 1], strict=True)
-        if _is_mma(ins.opcode)
-    )
+    return a0, b0, weight, counted, rare, unexplained
+
+
+def tile_loop_count(fn: Function, dp: int) -> LoopCount | None:
+    """Warp-instructions and MMAs per tile in the outermost loop holding MMAs (see the module doc)."""
+    found = _tile_loop_weights(fn, dp)
+    if found is None:
+        return None
+    a0, b0, weight, counted, rare, unexplained = found
+    body = list(zip(weight[a0 : b0 + 1], fn.instructions[a0 : b0 + 1], strict=True))
+    instructions = sum(w for w, _ in body)
+    mma = sum(w for w, ins in body if _is_mma(ins.opcode))
     return LoopCount(instructions, mma, counted, rare, unexplained)
+
+
+@dataclass
+class ProfileLine:
+    count: int  # warp-instructions per tile from this source line
+    file: str | None
+    line: int | None
+    opcodes: dict[str, int]  # opcode (without modifiers) -> warp-instructions per tile
+
+
+def tile_loop_profile(fn: Function, dp: int) -> list[ProfileLine]:
+    """The main loop's warp-instructions per tile by source line (nvdisasm -g), most first: where a
+    tile's instructions come from, the tool behind RESULTS.md's breakdowns. Their sum is
+    tile_loop_count()'s figure; lines the disassembly does not attribute are (None, None)."""
+    found = _tile_loop_weights(fn, dp)
+    if found is None:
+        return []
+    a0, b0, weight, *_ = found
+    by_line: dict[tuple[str | None, int | None], ProfileLine] = {}
+    for w, ins in zip(weight[a0 : b0 + 1], fn.instructions[a0 : b0 + 1], strict=True):
+        if not w:
+            continue
+        entry = by_line.setdefault((ins.file, ins.line), ProfileLine(0, ins.file, ins.line, {}))
+        entry.count += w
+        op = ins.opcode.split(".")[0]
+        entry.opcodes[op] = entry.opcodes.get(op, 0) + w
+    return sorted(by_line.values(), key=lambda p: (-p.count, p.file or "", p.line or 0))
 
 
 # ----------------------------------------------------------------------------- building
@@ -484,6 +519,81 @@ def estimate_ms(count: LoopCount, features: str, bank: str, device: str) -> dict
     }
 
 
+def _disassembled(code: int, work: Path, compile_missing: bool) -> tuple[dict, dict[str, Function]]:
+    """The ptxas resource entries and the disassembled functions of sm_<code>'s cubins in `work`
+    (compiled there first when missing and compile_missing)."""
+    if compile_missing and not (work / f"snca_forward_sm{code}.cubin").exists():
+        build_cubins(code, work)
+    ptxas: dict = {}
+    functions: dict[str, Function] = {}
+    for source in ("snca_forward", "bank_topk"):
+        log = work / f"{source}_sm{code}.ptxas.txt"
+        if log.exists():
+            ptxas.update(parse_ptxas(log.read_text()))
+        else:
+            ptxas.update(parse_res_usage((work / f"{source}_sm{code}.resusage.txt").read_text(), code))
+        text = subprocess.run(
+            [_tool("nvdisasm"), "-g", "-c", str(work / f"{source}_sm{code}.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        functions.update(parse_nvdisasm(text))
+    return ptxas, functions
+
+
+def profile(arch: int, work: Path, built: list[int] | None, features: str = "bf16", top: int = 30) -> str:
+    """The main loop of the forward with gradient at D = 128 (lse kernel, `features` / bf16 bank)
+    on sm_<arch> by source line, its `top` lines with their source text, and the balance of issue
+    slots against tensor-core time (an m16n8k16 keeps a scheduler's tensor core busy 4 cycles at
+    the dense peak, an m16n8k8 TF32 one 4 at the TF32 peak, while the scheduler issues one
+    warp-instruction a cycle: the loop is tensor-bound only with <= 4 instructions per MMA)."""
+    code = arch if built is None else _machine_code_arch(arch, built)
+    if code is None:
+        raise SystemExit(f"sm_{arch}: the library has no machine code for it")
+    _, functions = _disassembled(code, work, compile_missing=built is None)
+    cfg = next(
+        c for c in auto_configs(arch) if c["features"] == features and c["bank"] == "bf16" and c["dp"] == 128
+    )
+    _, fn = _find(functions, "lse_partial_kernel", cfg["engine"])
+    if fn is None:
+        raise SystemExit(f"sm_{arch}: lse_partial_kernel {cfg['engine']} not in the cubin")
+    count = tile_loop_count(fn, 128)
+    lines = profile_lines(tile_loop_profile(fn, 128), count, top)
+    scores = 16 * 32 // 32  # a warp's 16 x 32 scores of the tile, per lane
+    head = (
+        f"sm_{arch} (code sm_{code}), {features} / bf16, {cfg['label']}, lse kernel with the gradient: "
+        f"{count.instructions} warp-instructions per 64 x 64 tile and warp, {count.mma} MMAs "
+        f"({100 * count.mma / count.instructions:.0f} %); per lane-score ({scores} a lane): "
+        f"{count.instructions / scores:.1f} instructions, {count.mma / scores:.1f} MMAs; tensor-bound "
+        f"needs <= {4 * count.mma} a tile ({4 * count.mma / scores:.0f} a lane-score, the MMAs included)."
+    )
+    return head + "\n\n" + lines
+
+
+def profile_lines(rows: list[ProfileLine], count: LoopCount, top: int) -> str:
+    """A markdown table of the `top` source lines of a tile_loop_profile(), with their source."""
+    out = [
+        "| per tile | share | source | opcodes | code |",
+        "|---:|---:|---|---|---|",
+    ]
+    for row in rows[:top]:
+        text = ""
+        if row.file and row.line and Path(row.file).exists():
+            source = Path(row.file).read_text(errors="replace").splitlines()
+            if 0 < row.line <= len(source):
+                text = source[row.line - 1].strip().replace("|", "\\|")[:90]
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(row.opcodes.items(), key=lambda kv: -kv[1])[:4])
+        where = f"{Path(row.file).name}:{row.line}" if row.file else "(no line)"
+        share = 100 * row.count / count.instructions
+        out.append(f"| {row.count} | {share:.1f} % | {where} | {ops} | `{text}` |")
+    rest = sum(r.count for r in rows[top:])
+    if rest:
+        share = 100 * rest / count.instructions
+        out.append(f"| {rest} | {share:.1f} % | {len(rows) - top} other lines | | |")
+    return "\n".join(out)
+
+
 def report(
     targets: list[int], cubin_dir: Path | None, built: list[int] | None = None, triton: bool = True
 ) -> tuple[str, list[str], list[str]]:
@@ -507,23 +617,7 @@ def report(
         if code is None:
             failures.append(f"sm_{arch}: the library has no machine code for it")
             continue
-        if built is None and not (work / f"snca_forward_sm{code}.cubin").exists():
-            build_cubins(code, work)
-        ptxas = {}
-        functions = {}
-        for source in ("snca_forward", "bank_topk"):
-            log = work / f"{source}_sm{code}.ptxas.txt"
-            if log.exists():
-                ptxas.update(parse_ptxas(log.read_text()))
-            else:
-                ptxas.update(parse_res_usage((work / f"{source}_sm{code}.resusage.txt").read_text(), code))
-            text = subprocess.run(
-                [_tool("nvdisasm"), "-g", "-c", str(work / f"{source}_sm{code}.cubin")],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            functions.update(parse_nvdisasm(text))
+        ptxas, functions = _disassembled(code, work, compile_missing=built is None)
         for cfg in auto_configs(arch):
             kernels = [("lse_partial_kernel", cfg["lse_smem"])]
             if not cfg["stages"]:  # 16-bit features: the top-k pass is the fp32 rows' kernel
@@ -611,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-triton", action="store_true", help="leave out the Triton rows (their compilation takes minutes)"
     )
+    parser.add_argument(
+        "--profile",
+        choices=("bf16", "fp32"),
+        help="instead of the report: the main loop of the <features> / bf16 forward with gradient at "
+        "D = 128 by source line (on the first --arch, default sm_90)",
+    )
     args = parser.parse_args(argv)
     built = None
     if args.so:
@@ -621,6 +721,10 @@ def main(argv: list[str] | None = None) -> int:
         built = extract_so(Path(_C.__file__), args.cubin_dir)
     elif args.cubin_dir:
         args.cubin_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        work = args.cubin_dir or Path(tempfile.mkdtemp(prefix="snca_static_"))
+        print(profile((args.arch or [90])[0], work, built, args.profile))
+        return 0
     table, failures, speed = report(args.arch or sorted(OPTIN), args.cubin_dir, built, not args.no_triton)
     print(table)
     print()

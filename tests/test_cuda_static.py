@@ -114,6 +114,12 @@ def test_the_built_main_loop_meets_its_target(tmp_path):
     assert len(counts) == 2 * len(targets), speed
     assert max(v for (_, f), v in counts.items() if f == "fp32") <= sr.TARGET_INSTRUCTIONS, speed
     assert max(v for (_, f), v in counts.items() if f == "bf16") <= sr.TARGET_INSTRUCTIONS16, speed
+    # The profile by source line (--profile) reads the same loop: its headline is the count above,
+    # its lines hold the MMAs where the engine issues them.
+    arch = max(targets)
+    text = sr.profile(arch, tmp_path, built, "bf16")
+    assert f"{counts[(f'sm_{arch}', 'bf16')]} warp-instructions per 64 x 64 tile" in text, text
+    assert "engine_mma16.cuh" in text.split("HMMA")[0].splitlines()[-1], text
 
 
 SMALL_KERNEL = r"""
@@ -157,3 +163,8 @@ def test_the_tile_loop_count_reads_trip_counts_from_the_source(tmp_path):
     assert count.mma == 8 * 4
     assert count.inner_loops == 1 and count.rare_loops == 0
     assert count.instructions > 8 * 4 + 8 * 2
+    # The same loop by source line: every instruction counted once, with its inner loop's trips.
+    rows = sr.tile_loop_profile(fn, dp=64)
+    assert sum(r.count for r in rows) == count.instructions
+    assert sum(r.opcodes.get("HMMA", 0) for r in rows) == count.mma
+    assert any(r.file and Path(r.file).name == "tiles.cu" for r in rows), rows  # lines from -lineinfo
