@@ -5,6 +5,7 @@
     python -m gpu_checks.static_report --cubin-dir DIR      # keep the cubins there, reuse them next time
     python -m gpu_checks.static_report --so                 # the built snca_ext._C (its archs)
     python -m gpu_checks.static_report --so --arch 90 --no-triton   # one arch, CUDA only: seconds
+    python -m gpu_checks.static_report --so --profile bf16  # bf16 / bf16 main loop by source line
 
 For every kernel configuration that ``auto`` can choose (tile_config.h through the op
 snca_ext::_cuda_tile_config, per architecture's opt-in shared memory) it prints one markdown table:

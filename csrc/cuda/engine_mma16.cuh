@@ -130,14 +130,16 @@ __device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, int by
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
-// Until at most `pending` of this thread's groups are in flight (an immediate in PTX).
+// Until at most `pending` of this thread's groups are in flight (an immediate in PTX). The
+// "memory" clobber keeps the compiler from moving a read of the copied bytes above the wait:
+// load_tile() reads a thread's own chunks right after it, with no barrier between.
 __device__ __forceinline__ void cp_async_wait(int pending) {
   if (pending >= 2) {
-    asm volatile("cp.async.wait_group 2;\n" ::);
+    asm volatile("cp.async.wait_group 2;\n" ::: "memory");
   } else if (pending == 1) {
-    asm volatile("cp.async.wait_group 1;\n" ::);
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
   } else {
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   }
 }
 
