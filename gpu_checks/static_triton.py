@@ -53,6 +53,7 @@ _POINTER_TYPES = {"fp32": "*fp32", "fp64": "*fp64", "bf16": "*bf16", "fp16": "*f
 _MMA = re.compile(r"\b(HMMA|HGMMA|DMMA)\b")
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"\bBRA\b.*?(0x[0-9a-f]+)")
+_EXIT = re.compile(r"EXIT\b")  # unpredicated (a predicated one reads "@P0 EXIT")
 # An MMA opcode and its shape: HMMA.16816 (m16n8k16), HMMA.1688, DMMA.884, HGMMA.64x32x16.
 _MMA_SHAPE = re.compile(r"\b(HMMA|DMMA)\.(16|8)(8)(16|8|4)\b|\bHGMMA\.(\d+)x(\d+)x(\d+)\b")
 
@@ -121,7 +122,13 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
 
 def main_loop(sass: str) -> list[str]:
     """The instructions of one warp in one pass of the main loop: the outermost backward branch
-    whose body holds tensor-core MMAs (an inner loop, the top-k insertion, counts once)."""
+    whose body holds tensor-core MMAs (an inner loop, the top-k insertion, counts once).
+
+    A span that holds an unconditional EXIT is no loop: ptxas lays the divergent-warp copies of
+    the code around warp shuffles (the targets of ``BRA.DIV``, each SHFL a CALL) after the
+    kernel's EXIT, each ending in a branch back into the main body. Such a branch looks
+    backward, and its span (the loop's tail, the epilogue, the EXIT and the copies, whose MMAs
+    are a copy's) outgrew the tile loop on sm_80: half the MMAs were counted."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
     loops = []
     for address, text in instructions:
@@ -129,7 +136,7 @@ def main_loop(sass: str) -> list[str]:
         if branch and int(branch.group(1), 16) <= address:
             begin = int(branch.group(1), 16)
             body = [op for at, op in instructions if begin <= at <= address]
-            if any(_MMA.search(op) for op in body):
+            if any(_MMA.search(op) for op in body) and not any(_EXIT.match(op) for op in body):
                 loops.append(body)
     return max(loops, key=len, default=[])
 

@@ -58,6 +58,24 @@ def test_wide_rows_with_gradient_compile_without_spills():
         assert row["mma_per_tile"], row  # tensor cores, not FMAs
 
 
+def test_split_and_tf32_score_tiles_issue_each_product_once():
+    """8 warps split a [16, 32] score tile (4 m16n8 MMA tiles) and repeated its products: 4.0
+    multiply-adds per product for the split's 3 (fp32 bank) with the gradient at D = 128, 3.0 for
+    its 2 (bf16 bank) at D = 256, 1.333 for tf32's 1. 4 warps issue each product once; the split's
+    D = 128 gradient takes them on sm_90 alone (its accumulators spilled on sm_80)."""
+    cases = [
+        (triton_configs.kernel_config(128, "fp32", "fp32", True, True, 0, "split", 90), 90, 3.0),
+        (triton_configs.kernel_config(128, "fp32", "fp32", True, True, 0, "tf32"), 80, 1.0),
+        (triton_configs.kernel_config(256, "fp32", "bf16", True, True, 0, "split"), 86, 2.0),
+    ]
+    assert [config.num_warps for config, _, _ in cases] == [4, 4, 4]
+    assert triton_configs.kernel_config(128, "fp32", "fp32", True, True, 0, "split", 80).num_warps == 8
+    for config, arch, macs in cases:
+        (row,) = static_triton.triton_static_rows([config], [arch], jobs=1)
+        assert static_triton.fits(row), row
+        assert row["mma_macs_per_product"] == macs, row
+
+
 def check_row(config, row):
     assert row["config"] == config.name and row["target"] == "sm_90"
     assert row["spills_bytes"] == 0, row
@@ -84,6 +102,32 @@ def test_main_loop_counts_read_the_loop_with_mmas():
     assert static_triton.main_loop_counts(sass) == (7, 2)
     # Two m16n8k8 MMAs in each of 8 warps.
     assert static_triton.mma_macs(static_triton.main_loop(sass), 8) == 2 * 16 * 8 * 8 * 8
+
+
+def test_main_loop_leaves_out_the_divergent_copies_after_exit():
+    """ptxas places the divergent-warp copy of the code around a warp shuffle (BRA.DIV's target,
+    the SHFL a CALL) after the kernel's EXIT and branches back into the loop from there. That
+    branch is no loop: its span (the EXIT and the copy with its MMAs) outgrew the tile loop on
+    sm_80 and halved the MMAs counted (1.333 multiply-adds per product for the split's 2)."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0020*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*0030*/                   BRA.DIV ~URZ, 0xa0 ;
+        /*0040*/                   SHFL.BFLY PT, R5, R4, 0x1, 0x1f ;
+        /*0050*/                   FADD R5, R5, R6 ;
+        /*0060*/               @P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+        /*0090*/                   NOP;
+        /*00a0*/                   MOV R40, 0xc0 ;
+        /*00b0*/                   CALL.REL.NOINC 0x100 ;
+        /*00c0*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;
+        /*00d0*/                   FADD R5, R5, R6 ;
+        /*00e0*/                   BRA 0x50 ;
+    """
+    # The loop 0x10..0x60 (6 instructions, 2 MMAs), not the span 0x50..0xe0 (10, 1).
+    assert static_triton.main_loop_counts(sass) == (6, 2)
 
 
 def test_mma_macs_reads_each_shape():

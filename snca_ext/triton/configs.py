@@ -91,7 +91,8 @@ def kernel_config(
     """The tile shape of one launch. Every configuration fits the opt-in shared memory of the
     targets it is for without spills (checked ahead of time for each of sm_80/86/89/90 by
     gpu_checks/static_triton.py and tests/test_triton_static.py). The device enters only through
-    ``arch`` (its SM version; 0 for the interpreter), and only for the 16-bit gradient tiles."""
+    ``arch`` (its SM version; 0 for the interpreter), and only for the gradient tiles of the
+    16-bit features and of the split at D = 128."""
     # tl.dot needs every side >= 16; narrow rows are padded to 64 columns, a few wasted MMAs
     # against one compiled kernel fewer per width.
     block_d = max(64, triton.next_power_of_2(dim))
@@ -117,6 +118,18 @@ def kernel_config(
     grad_d = 128 if with_grad and wide_rows else 0
     # fp64 values take two registers each: 8 warps share them even at D = 64.
     num_warps = 8 if block_d >= 128 or features == "fp64" else 4
+    # 8 warps split a [16, 32] score tile (4 m16n8 mma.sync tiles) or a [16, 16] one (2), the
+    # spare warps repeating its products: 4.0 multiply-adds per product for the split's 3 (fp32
+    # bank) at D = 128, 6.0 at D = 256, 7.5 for the [16, 16] tile (4.5 at 4 warps; 2 spilled on
+    # sm_80). 4 warps, as _config_16bit's [<= 32, 32] tiles; except the split with the gradient
+    # at D = 128, whose two [16, 128] accumulators then spilled (sm_80; beside a top-k and an fp32
+    # bank every target; 16 x 64 tiles at 8 warps as well): there only sm_90 takes 4 warps, where
+    # no top-k sits beside an fp32 bank.
+    score_tiles = (block_b // 16) * (block_n // 8)
+    split_grad = precision == "split" and with_grad and block_d == 128
+    hopper = arch == 90 and split_grad and score_tiles < 8 and (topk == 0 or not wide_bank)
+    if features != "fp64" and score_tiles < 8 and (not split_grad or hopper):
+        num_warps = 4
     # Pipelined bank tiles in shared memory: two stages for wide banks and rows, three otherwise;
     # one for fp64 at D > 128 with the gradient (two took 102,656 bytes, 1,280 over sm_86/89's).
     if features == "fp64" and grad_d:
@@ -136,6 +149,7 @@ def kernel_config(
         num_warps,
         num_stages,
         grad_d,
+        90 if hopper else 0,
     )
 
 
