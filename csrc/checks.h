@@ -11,6 +11,15 @@
 
 namespace snca_ext {
 
+// The kernels scale the scores by 1 / T in float32: T outside these bounds makes it +inf or a
+// subnormal down to 0 (0 * -inf = NaN for an ineligible score), not a temperature anyone trains at.
+constexpr double kMinTemperature = 2.94e-39;  // 1 / FLT_MAX, rounded up
+constexpr double kMaxTemperature = 8.5e37;    // 1 / FLT_MIN (the smallest normal float), rounded down
+
+inline bool temperature_inverse_is_normal(double temperature) {
+  return temperature >= kMinTemperature && temperature <= kMaxTemperature;
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& like, const char* name,
                               const char* like_name) {
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), " like ",
@@ -52,8 +61,9 @@ inline void check_label_inputs(const at::Tensor& features, const at::Tensor& lab
                                double temperature) {
   check_same_device(labels, features, "labels", "features");
   check_same_device(bank_labels, features, "bank_labels", "features");
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "temperature must be a finite number > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0 && temperature_inverse_is_normal(temperature),
+              "temperature must be a finite number > 0 whose inverse is a normal float32 (", kMinTemperature,
+              " to ", kMaxTemperature, "), got ", temperature);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0) &&
                   labels.scalar_type() == at::kLong,
               "labels must be int64 with B=", features.size(0), " entries, got ",

@@ -82,12 +82,23 @@ def check_rows_in_bank(rows: Tensor, name: str, bank_rows: int) -> None:
         raise ValueError(f"{name} must be in [-1, N={bank_rows}), got {bad}")
 
 
+# The kernels scale the scores by 1 / T in float32 (csrc/checks.h): beyond these bounds it is +inf
+# or a subnormal down to 0 (0 * -inf = NaN for an ineligible score).
+MIN_TEMPERATURE = 2.94e-39  # 1 / FLT_MAX, rounded up
+MAX_TEMPERATURE = 8.5e37  # 1 / FLT_MIN, rounded down
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(
+            "temperature must be a finite number > 0 whose inverse is a normal float32 "
+            f"({MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}), got {temperature}"
+        )
     return temperature
 
 

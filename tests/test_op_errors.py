@@ -31,6 +31,13 @@ BAD_LOSS_INPUTS = [
     (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0, got nan"),
     (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0, got inf"),
     (dict(temperature="0.05"), TypeError, "temperature must be a number, got str"),
+    # 1 / T in float32 would be 0 (then 0 * -inf = NaN for an ineligible score) or +inf.
+    (
+        dict(temperature=1e46),
+        ValueError,
+        r"whose inverse is a normal float32 \(2.94e-39 to 8.5e\+37\), got 1e\+46",
+    ),
+    (dict(temperature=1e-40), ValueError, "whose inverse is a normal float32"),
     (
         dict(features=torch.randn(4, 8, 1)),
         ValueError,
@@ -164,6 +171,20 @@ def test_direct_op_call_checks_bounds_in_cpp():
         torch.ops.snca_ext.snca_forward(
             args["features"], labels, args["indices"], args["bank"], args["bank_labels"], 0.0, False, 0
         )
+    for temperature in (1e46, 1e-40):
+        with pytest.raises(
+            RuntimeError, match="temperature must be a finite number > 0 whose inverse is a normal"
+        ):
+            torch.ops.snca_ext.snca_forward(
+                args["features"],
+                labels,
+                args["indices"],
+                args["bank"],
+                args["bank_labels"],
+                temperature,
+                False,
+                0,
+            )
     with pytest.raises(RuntimeError, match=r"k must be in \[0, N=50\], got 99"):
         torch.ops.snca_ext.bank_topk(args["features"], args["bank"], 99, args["indices"])
 
