@@ -72,7 +72,10 @@ BANKS16 = {
     ("fp16", "bf16"): "NS3_8BFloat16EE",
     ("fp16", "fp32"): "fE",
 }
-TARGET_INSTRUCTIONS = 3000  # fp32 features / bf16 bank, D = 128 (tensor-core fp32 engine)
+# fp32 features / bf16 bank, D = 128 (tensor-core fp32 engine): the target was 3,000; held
+# at what its row phase on rows_fast reaches (2,465 on sm_90, 2,420 on sm_80, 2026-12-07) with room
+# for compiler noise, so that the previous row phase (2,934) fails tests/test_cuda_static.py.
+TARGET_INSTRUCTIONS = 2600
 # bf16 features / bf16 bank, D = 128 (16-bit engine): the target was 1,000; held at what
 # the row phase of 2026-12-07 reaches (762 on sm_90, 767 on sm_80) with room for compiler noise,
 # so that a change that loses it fails tests/test_cuda_static.py.

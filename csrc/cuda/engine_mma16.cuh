@@ -224,7 +224,7 @@ struct Mma16Engine {
   static constexpr bool kPaddedQueries = false;
   static constexpr bool kFragmentSoftmax = true;
   static constexpr bool kStagesLabels = true;  // each stage holds its tile's labels
-  static constexpr bool kFastRows = true;      // the lse kernel's rows_fast() / weights_fast()
+  static constexpr bool kFastWeights = true;   // the lse kernel's weights_fast(), exp_fast, lane sums
   static constexpr bool kSkipsEmptySame = false;  // accumulate() does both groups every tile
   static constexpr int kMinBlocks = Dp == 64 ? 2 : 1;
   static int64_t acc_cols(int64_t) { return Dp; }

@@ -67,7 +67,7 @@ struct TensorCoreEngine {
   static int64_t acc_cols(int64_t) { return Dp; }
   static size_t smem_bytes(int64_t, int) { return tile::tensor_core_bytes(Dp, kQueriesInSmem); }
   static constexpr bool kStagesLabels = false;  // the lse kernel loads each tile's labels
-  static constexpr bool kFastRows = false;      // the lse kernel's row phase with expf (fp32 contract)
+  static constexpr bool kFastWeights = false;   // the lse kernel's weights with expf (fp32 contract)
   static constexpr bool kSkipsEmptySame = true;  // accumulate() skips chunks without a same-class weight
 
   // The lse kernel's softmax hands this lane's weights of row `row`, tile columns col and col + 1,

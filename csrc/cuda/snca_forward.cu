@@ -144,10 +144,12 @@ __device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
   if (a.with_grad) eng.store(a, split_id, row0);
 }
 
-// The row phase of the 16-bit engine (E::kFastRows), in two parts around the exchange of the
-// maxima: the arithmetic of the generic row phase below, in about 10 instructions per score where
-// that one takes 20 (the 16-bit engine's MMAs leave the row phase most of the tile's instructions:
-// gpu_checks/static_report.py). Per score, on the common path:
+// The row phase, in two parts around the exchange of the maxima: rows_fast (both tensor-core
+// engines) and weights_fast (the 16-bit engine, E::kFastWeights; the fp32 engine's weights take
+// expf on s = c / T in the tile loop, for its fp32 contract). About 10 instructions per score where
+// the per-score tests of eligibility and non-finite values took 20 (the 16-bit engine's MMAs leave
+// the row phase most of the tile's instructions: gpu_checks/static_report.py --profile). Per score,
+// on the common path:
 //   rows_fast     the label comparison (2: int64), the group's maximum (1: a predicated max) and
 //                 the group's 16-bit lane mask (1)
 //   weights_fast  the group's bit (1), exp(c / T - ref) (FFMA + FMUL + MUFU: 3), the group's sum (1,
@@ -392,34 +394,13 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
       topk.tile_rows(a, po, split_id, row0, start, n);
     }
 
-    // Scores, eligibility, group, non-finite flags, this lane's maxima.
-    unsigned same_bits = 0;     // bit 4 u + e: value c[u][e] is in the same class as its row
-    uint32_t same_mask[kNt][2];  // rows_fast's form of it: 0xffff in the half of a same-class value
+    // Scores, eligibility, group, non-finite flags, this lane's maxima (both engines: the values
+    // the row phase leaves are the same whichever way they are computed, so the fp32 engine's
+    // arithmetic, which its weights below take on, is unchanged).
+    uint32_t same_mask[kNt][2];  // 0xffff in the half of a same-class value (rows_fast)
     float tmax[2][2] = {{-kInf, -kInf}, {-kInf, -kInf}};
-    if constexpr (E::kFastRows) {
-      rows_fast<kNt>(a, c, lab, label, both_valid, valid, self, self_tile, tile, start, n, h, t, flags,
-                     same_mask, tmax);
-    } else {
-  #pragma unroll
-      for (int u = 0; u < kNt; ++u) {
-  #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e / 2, col = h * 32 + u * 8 + 2 * t + (e % 2);
-          const float s = c[u][e] * a.inv_t;
-          const bool in = valid[i] && col < n && start + col != self[i];
-          const bool same = lab[col] == label[i];
-          // NaN and +inf are flagged for their group (its lse is then NaN or +inf, whatever the
-          // rest) and kept out of the sums, which would turn them into NaN for the whole group.
-          if (in && s != s) flags[i] |= same ? kNanSame : kNanOther;
-          if (in && s == kInf) flags[i] |= same ? kInfSame : kInfOther;
-          const float v = (in && s == s && s != kInf) ? s : -kInf;
-          c[u][e] = v;
-          same_bits |= same ? 1u << (4 * u + e) : 0u;
-          tmax[0][i] = fmaxf(tmax[0][i], same ? v : -kInf);
-          tmax[1][i] = fmaxf(tmax[1][i], same ? -kInf : v);
-        }
-      }
-    }
+    rows_fast<kNt>(a, c, lab, label, both_valid, valid, self, self_tile, tile, start, n, h, t, flags, same_mask,
+                   tmax);
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
@@ -441,7 +422,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const float tile_max = fmaxf(xchg[grp * kRows + rows[i]], xchg[(2 + grp) * kRows + rows[i]]);
-        if constexpr (E::kFastRows) {
+        if constexpr (E::kFastWeights) {
           // Without a branch: the factor is exactly 1 where the maximum stays (both -inf too), and
           // exp(-inf) = 0 where the group had no member yet.
           const float moved = fmaxf(ref[grp][i], tile_max);
@@ -459,32 +440,48 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     // One exp per score: a score is in one group only.
     float part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
     unsigned chunks = 0;  // bit 4 h + u: a same-class weight in bank rows 32 h + 8 u..
-    if constexpr (E::kFastRows) {
+    if constexpr (E::kFastWeights) {
       weights_fast<E>(a.with_grad, a.inv_t, c, same_mask, ref, ps, po, rg, h, lane, part);
     } else {
+      // A reference still at -inf (its group has no member yet, so every value of the group is
+      // -inf) counts as 0: exp(-inf - 0) = 0 without a branch.
+      float base[2][2];
+  #pragma unroll
+      for (int grp = 0; grp < 2; ++grp) {
+  #pragma unroll
+        for (int i = 0; i < 2; ++i) base[grp][i] = ref[grp][i] == -kInf ? 0.0f : ref[grp][i];
+      }
   #pragma unroll
       for (int u = 0; u < kNt; ++u) {
+        // A chunk of 8 bank rows with a same-class value of this lane's rows (an ineligible one,
+        // or a weight that underflowed, only costs its exact zero products).
+        chunks |= (same_mask[u][0] | same_mask[u][1]) != 0 ? 1u << (4 * h + u) : 0u;
   #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e / 2;
-          const bool same = (same_bits >> (4 * u + e)) & 1u;
-          const float v = c[u][e];
-          const float p = v == -kInf ? 0.0f : exp_acc(v - (same ? ref[0][i] : ref[1][i]));
+          const bool same = (same_mask[u][i] & (e % 2 ? 0x80000000u : 1u)) != 0;  // one bit of its half
+          // s = c / T rounded to fp32 (-inf: ineligible or flagged), then s - base rounded again:
+          // __fmul_rn keeps the compiler from fusing the two into one FFMA (one rounding).
+          const float v = __fmul_rn(c[u][e], a.inv_t);
+          const float p = exp_acc(v - (same ? base[0][i] : base[1][i]));
           c[u][e] = p;
-          part[0][i] += same ? p : 0.0f;
-          part[1][i] += same ? 0.0f : p;
-          chunks |= (same && p != 0.0f) ? 1u << (4 * h + u) : 0u;
+          if (same) {
+            part[0][i] += p;
+          } else {
+            part[1][i] += p;
+          }
         }
       }
     }
-    // The running sums: the fast row phase keeps one per lane (the reference is the same in the
-    // lanes of a row) and adds the 4 lanes of a row at the end; the other adds them every tile.
+    // The running sums: the 16-bit weights (kFastWeights) keep one per lane (the reference is the
+    // same in the lanes of a row) and add the 4 lanes of a row at the end; the fp32 engine adds
+    // them every tile.
 #pragma unroll
     for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         float p = part[grp][i];
-        if constexpr (!E::kFastRows) {
+        if constexpr (!E::kFastWeights) {
           p += __shfl_xor_sync(kFullMask, p, 1);
           p += __shfl_xor_sync(kFullMask, p, 2);
         }
@@ -492,12 +489,12 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
       }
     }
     if (a.with_grad) {
-      if constexpr (!E::kFastRows) {
+      if constexpr (!E::kFastWeights) {
 #pragma unroll
         for (int u = 0; u < kNt; ++u) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const bool s0 = (same_bits >> (4 * u + 2 * i)) & 1u, s1 = (same_bits >> (4 * u + 2 * i + 1)) & 1u;
+            const bool s0 = same_mask[u][i] & 1u, s1 = same_mask[u][i] >> 31;
             E::put_weights(ps, po, rows[i], h * 32 + u * 8 + 2 * t, c[u][2 * i], c[u][2 * i + 1], s0, s1);
           }
         }
@@ -514,7 +511,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    if constexpr (E::kFastRows) {
+    if constexpr (E::kFastWeights) {
 #pragma unroll
       for (int grp = 0; grp < 2; ++grp) {
         sum[grp][i] += __shfl_xor_sync(kFullMask, sum[grp][i], 1);
