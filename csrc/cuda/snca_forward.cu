@@ -174,6 +174,9 @@ __device__ __forceinline__ void lse_tiles_by_rows(const typename E::Args& a) {
 //   of the fp32 score's own rounding. (Folding log2 e into 1/T would save the FMUL but overflow
 //   for finite scores above 2^127 / log2 e.) A reference still at -inf (no member yet) counts as 0.
 // tests/test_cuda_emulation.py replays this arithmetic (the MUFU's own rounding aside).
+// Whether value q (0, 1) of a pair is in its row's class: one bit of its half of rows_fast()'s mask.
+__device__ __forceinline__ bool same_class(uint32_t mask, int q) { return (mask & (q ? 0x80000000u : 1u)) != 0; }
+
 __device__ __forceinline__ float max_nan(float x, float y) {
   float r;
   asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(x), "f"(y));
@@ -245,7 +248,7 @@ __device__ __forceinline__ void rows_fast(const Args& a, float (&c)[kNt][4], con
         }
       }
       const float s = x * a.inv_t;
-      const bool second = (e % 4) >= 2, same = (mask >> (16 * (e % 2))) & 1u;
+      const bool second = (e % 4) >= 2, same = same_class(mask, e % 2);
       if (s != s || s == kInf) {
         const int f = s != s ? (same ? kNanSame : kNanOther) : (same ? kInfSame : kInfOther);
         flags[0] |= second ? 0 : f;
@@ -275,6 +278,27 @@ __device__ __forceinline__ float exp_fast(float x) {
   return y;
 }
 
+// The exponent's base per group and row: the reference, or 0 while it is still -inf (the group has
+// no member yet, so each of its values is -inf, and exp(-inf - 0) = 0 without a branch).
+__device__ __forceinline__ void exp_bases(const float (&ref)[2][2], float (&base)[2][2]) {
+#pragma unroll
+  for (int grp = 0; grp < 2; ++grp) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      base[grp][i] = ref[grp][i] == -std::numeric_limits<float>::infinity() ? 0.0f : ref[grp][i];
+    }
+  }
+}
+
+// A weight into its group's running sum of row i (a predicated add each).
+__device__ __forceinline__ void add_to_group(float (&part)[2][2], bool same, int i, float p) {
+  if (same) {
+    part[0][i] += p;
+  } else {
+    part[1][i] += p;
+  }
+}
+
 // The weights exp(c / T - ref) of the inner products rows_fast() left in c (-inf: none), summed
 // per group into part and, with the gradient, handed to the weighted sums (E::store_weights, one
 // packed pair per row and n-tile, split between the planes by same_mask).
@@ -283,13 +307,8 @@ __device__ __forceinline__ void weights_fast(bool with_grad, float inv_t, const 
                                                  const uint32_t (&same_mask)[kNt][2], const float (&ref)[2][2],
                                                  float* ps, float* po, int rg, int h, int lane,
                                                  float (&part)[2][2]) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   float base[2][2];
-#pragma unroll
-  for (int grp = 0; grp < 2; ++grp) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) base[grp][i] = ref[grp][i] == -kInf ? 0.0f : ref[grp][i];
-  }
+  exp_bases(ref, base);
   uint32_t packed[kNt][2];
 #pragma unroll
   for (int u = 0; u < kNt; ++u) {
@@ -298,18 +317,39 @@ __device__ __forceinline__ void weights_fast(bool with_grad, float inv_t, const 
       float p[2];
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        const bool same = (same_mask[u][i] & (q ? 0x80000000u : 1u)) != 0;  // one bit of its half
+        const bool same = same_class(same_mask[u][i], q);
         p[q] = exp_fast(fmaf(c[u][2 * i + q], inv_t, -(same ? base[0][i] : base[1][i])));
-        if (same) {
-          part[0][i] += p[q];
-        } else {
-          part[1][i] += p[q];
-        }
+        add_to_group(part, same, i, p[q]);
       }
       packed[u][i] = E::F::pack(p[0], p[1]);
     }
   }
   if (with_grad) E::store_weights(ps, po, rg, h, lane, packed, same_mask);
+}
+
+// The fp32 engine's weights (its fp32 contract): s = c / T rounded to fp32, then expf(s - base),
+// each rounded (__fmul_rn keeps the compiler from fusing the two into one FFMA), left in c for
+// E::put_weights and summed per group into part. chunks gets bit 4 h + u for each 8 bank rows
+// with a same-class value of this lane's rows (accumulate() skips the others; an ineligible
+// same-class value or one whose weight underflowed only costs its exact zero products).
+template <int kNt>
+__device__ __forceinline__ void weights_expf(float inv_t, float (&c)[kNt][4], const uint32_t (&same_mask)[kNt][2],
+                                             const float (&ref)[2][2], int h, float (&part)[2][2],
+                                             unsigned& chunks) {
+  float base[2][2];
+  exp_bases(ref, base);
+#pragma unroll
+  for (int u = 0; u < kNt; ++u) {
+    chunks |= (same_mask[u][0] | same_mask[u][1]) != 0 ? 1u << (4 * h + u) : 0u;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e / 2;
+      const bool same = same_class(same_mask[u][i], e % 2);
+      const float p = exp_acc(__fmul_rn(c[u][e], inv_t) - (same ? base[0][i] : base[1][i]));
+      c[u][e] = p;
+      add_to_group(part, same, i, p);
+    }
+  }
 }
 
 // One function (about 200 lines) on purpose: the per-lane softmax state lives in registers across
@@ -443,35 +483,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
     if constexpr (E::kFastWeights) {
       weights_fast<E>(a.with_grad, a.inv_t, c, same_mask, ref, ps, po, rg, h, lane, part);
     } else {
-      // A reference still at -inf (its group has no member yet, so every value of the group is
-      // -inf) counts as 0: exp(-inf - 0) = 0 without a branch.
-      float base[2][2];
-  #pragma unroll
-      for (int grp = 0; grp < 2; ++grp) {
-  #pragma unroll
-        for (int i = 0; i < 2; ++i) base[grp][i] = ref[grp][i] == -kInf ? 0.0f : ref[grp][i];
-      }
-  #pragma unroll
-      for (int u = 0; u < kNt; ++u) {
-        // A chunk of 8 bank rows with a same-class value of this lane's rows (an ineligible one,
-        // or a weight that underflowed, only costs its exact zero products).
-        chunks |= (same_mask[u][0] | same_mask[u][1]) != 0 ? 1u << (4 * h + u) : 0u;
-  #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e / 2;
-          const bool same = (same_mask[u][i] & (e % 2 ? 0x80000000u : 1u)) != 0;  // one bit of its half
-          // s = c / T rounded to fp32 (-inf: ineligible or flagged), then s - base rounded again:
-          // __fmul_rn keeps the compiler from fusing the two into one FFMA (one rounding).
-          const float v = __fmul_rn(c[u][e], a.inv_t);
-          const float p = exp_acc(v - (same ? base[0][i] : base[1][i]));
-          c[u][e] = p;
-          if (same) {
-            part[0][i] += p;
-          } else {
-            part[1][i] += p;
-          }
-        }
-      }
+      weights_expf<kNt>(a.inv_t, c, same_mask, ref, h, part, chunks);
     }
     // The running sums: the 16-bit weights (kFastWeights) keep one per lane (the reference is the
     // same in the lanes of a row) and add the 4 lanes of a row at the end; the fp32 engine adds
@@ -494,6 +506,7 @@ __device__ __forceinline__ void lse_tiles_in_registers(const typename E::Args& a
         for (int u = 0; u < kNt; ++u) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
+            // same_class() of q = 0 and 1 as the bits themselves (a mask and a shift, no compares).
             const bool s0 = same_mask[u][i] & 1u, s1 = same_mask[u][i] >> 31;
             E::put_weights(ps, po, rows[i], h * 32 + u * 8 + 2 * t, c[u][2 * i], c[u][2 * i + 1], s0, s1);
           }
